@@ -1,0 +1,34 @@
+# medaug: the two commands a newcomer runs are `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build that sits on this machine's disk; installing it
+# first keeps pip from resolving an unpinned torch to a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/medaug demo --out demo-output
+
+lint: setup
+	$(BIN)/ruff check pipeline models flows medaug tests bench
+	$(BIN)/mypy
+
+test: setup lint
+	OMP_NUM_THREADS=2 $(BIN)/pytest -q tests
+
+bench: setup
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,45 @@
+"""Exception types of medaug, in one module so callers and tests can tell them apart.
+
+Every message says what was wrong, with which input (by a path relative to the input
+root or a pseudonym, never a patient identifier), and what to do.
+"""
+
+
+class MedaugError(Exception):
+    """Base class: an error the CLI reports as one clear line, without a traceback."""
+
+
+class ConfigError(MedaugError):
+    """A config file or option is invalid (names the key and the allowed values)."""
+
+
+class InputRejected(MedaugError):
+    """One input cannot be used; ingest records it in quarantine.csv with this message."""
+
+
+class GeometryError(InputRejected):
+    """Slices or a volume header have inconsistent or impossible geometry."""
+
+
+class MissingDecoderError(InputRejected):
+    """Pixel data uses a compressed transfer syntax with no decoder package installed."""
+
+
+class FatalIngestError(MedaugError):
+    """Ingest cannot run at all (unreadable input root, unwritable output folder)."""
+
+
+class WeightsMissingError(MedaugError):
+    """An optional pretrained weights file named in config does not exist."""
+
+
+class TrainingDivergedError(MedaugError):
+    """Repeated non-finite losses stopped training; the last good checkpoint is kept."""
+
+
+class GateRejected(MedaugError):
+    """The quality gate rejected a batch of synthetic data (names the failed checks)."""
+
+
+class ProvenanceError(MedaugError):
+    """Synthetic data whose generator provenance is missing or was trained on non-training subjects."""

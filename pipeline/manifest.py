@@ -1,0 +1,60 @@
+"""Manifest CSV files: the one table format every stage reads and writes.
+
+Each stage's output folder (ingest, translate, sample-tumors, gate, dataset) holds a
+`manifest.csv` with one row per file and at least a `path` column relative to the folder.
+Rows are written in a stable order with a fixed column order and "\n" line endings so the
+same content gives byte-identical files (and the same sha256).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.csv"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes.
+
+    >>> sha256_file(Path("/dev/null"))
+    'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_text(rows: Iterable[Mapping[str, object]], columns: Sequence[str]) -> str:
+    """CSV text of `rows` with exactly `columns` (missing keys become empty cells)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="raise", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
+    return buf.getvalue()
+
+
+def write_manifest(
+    folder: Path, rows: Iterable[Mapping[str, object]], columns: Sequence[str], name: str = MANIFEST_NAME
+) -> Path:
+    """Write `folder/name` atomically (temp file + rename) and return its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    tmp = folder / f".{name}.tmp"
+    tmp.write_text(manifest_text(rows, columns), encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def read_manifest(folder_or_file: Path) -> list[dict[str, str]]:
+    """Rows of a manifest.csv (given the folder that holds it, or the file itself)."""
+    path = folder_or_file / MANIFEST_NAME if folder_or_file.is_dir() else folder_or_file
+    with open(path, newline="", encoding="utf-8") as f:
+        return [dict(r) for r in csv.DictReader(f)]

@@ -43,3 +43,19 @@ class GateRejected(MedaugError):
 
 class ProvenanceError(MedaugError):
     """Synthetic data whose generator provenance is missing or was trained on non-training subjects."""
+
+
+class DatasetExistsError(MedaugError):
+    """A dataset folder already holds a different dataset (pass --overwrite to replace it)."""
+
+
+class DatasetError(MedaugError):
+    """A data folder cannot be used by a stage (no manifest, no volumes of a needed modality or split)."""
+
+
+class StageFailed(MedaugError):
+    """A stage of the `augment` flow failed with an unexpected error (names the stage and the cause)."""
+
+
+class PatchError(MedaugError):
+    """Tumor patches cannot be extracted, read, sampled or evaluated (names the folder or class and the fix)."""

@@ -1,0 +1,67 @@
+"""Serve the `mri-ct` and `tumor-patches` deployments of the `augment` flow (`medaug serve`).
+
+The deployments are defined once, in prefect.yaml at the repository root; `deployments`
+turns its entries into RunnerDeployments (flow.to_deployment) and `serve_all` serves them
+in one process (prefect.serve), so that with a server running,
+`prefect deployment run augment/mri-ct` runs the whole pipeline in a subprocess of this one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.schedules import Cron, Schedule
+
+from flows.params import REPO_ROOT
+from medaug.config import read_yaml
+from pipeline.errors import ConfigError
+
+PREFECT_YAML = REPO_ROOT / "prefect.yaml"
+DEPLOYMENT_NAMES = ("mri-ct", "tumor-patches")
+
+
+def deployment_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
+    """The `deployments:` entries of prefect.yaml; ConfigError when one of ours is missing."""
+    specs = read_yaml(path).get("deployments") or []
+    names = {s.get("name") for s in specs}
+    missing = [n for n in DEPLOYMENT_NAMES if n not in names]
+    if missing:
+        raise ConfigError(f"{path} defines no deployment named {', '.join(missing)}; expected {', '.join(DEPLOYMENT_NAMES)}")
+    return [s for s in specs if s.get("name") in DEPLOYMENT_NAMES]
+
+
+def schedules_of(spec: dict[str, Any], activate: bool | None = None) -> list[Schedule]:
+    """Cron schedules of a prefect.yaml deployment entry; `activate` overrides their `active` flag."""
+    out = []
+    for s in spec.get("schedules") or []:
+        if "cron" not in s:
+            raise ConfigError(f"deployment {spec.get('name')}: only cron schedules are supported, got {sorted(s)}")
+        active = bool(s.get("active", True)) if activate is None else activate
+        out.append(Cron(s["cron"], timezone=s.get("timezone", "UTC"), active=active))
+    return out
+
+
+def deployments(activate_schedules: bool | None = None, path: Path = PREFECT_YAML) -> list[RunnerDeployment]:
+    """One RunnerDeployment per prefect.yaml entry, with its parameters, schedules and tags."""
+    from flows.augment import augment
+
+    return [
+        cast(RunnerDeployment, augment.to_deployment(
+            name=spec["name"],
+            description=spec.get("description"),
+            tags=list(spec.get("tags") or []),
+            parameters=dict(spec.get("parameters") or {}),
+            schedules=schedules_of(spec, activate_schedules),
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ))
+        for spec in deployment_specs(path)
+    ]
+
+
+def serve_all(activate_schedules: bool | None = None, limit: int | None = None) -> None:
+    """Serve both deployments in this process until interrupted (needs PREFECT_API_URL of a server)."""
+    from prefect import serve
+
+    serve(*deployments(activate_schedules), limit=limit)

@@ -1,0 +1,209 @@
+"""Parameters of the `augment` flow and the pipeline config they resolve to.
+
+A flow run (or a deployment) is parameterised the way the CLI is: a YAML path under
+configs/ plus dotted `key=value` overrides. `AugmentParams` is what Prefect validates
+(the flow's signature mirrors it); `load_pipeline_config` turns it into a
+`PipelineConfig`, one pydantic section per stage, each loaded through
+`medaug.config.load_section` so a bad key gives the same one-line ConfigError as the CLI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from medaug.config import load_section, read_yaml
+from models.train_cyclegan import CycleGANConfig
+from models.train_tumor_gan import TumorGANConfig
+from pipeline.dataset.config import DatasetConfig, Deployment
+from pipeline.errors import ConfigError
+from pipeline.gate.config import GateConfig
+from pipeline.types import HUWindow, Modality
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The checkout that holds configs/ (relative config paths are also tried against it)."""
+
+Override = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][\w.]*=.*$")]
+"""A dotted `section.key=value` override; the value is parsed as a YAML scalar."""
+
+TaskRunnerKind = Literal["thread", "dask"]
+"""How independent tasks (ingest of several sources, generation shards) run side by side."""
+
+
+class PhantomsConfig(BaseModel):
+    """The synthetic phantom cohort a run can generate for itself (pipeline/phantoms.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="Generate a phantom cohort under OUT/phantoms and ingest it (the demo and tests); off for real data.")
+    n_subjects: int = Field(default=16, ge=2, description="Number of phantom subjects (about 85/15 round/necrotic tumors).")
+    size: int = Field(default=64, ge=16, description="In-plane size in voxels; volumes are size x size x size//2.")
+    seed: int = Field(default=0, description="Seed of the phantom cohort (same seed, same files).")
+
+
+class IngestSection(BaseModel):
+    """What the ingest stage reads: labelled sources that feed training, and DICOM trees."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[Path] = Field(default_factory=list, description="Folders or files to ingest for training (Decathlon NIfTI datasets, DICOM trees); relative to the working directory. With phantoms enabled, the phantom NIfTI datasets are added.")
+    dicom_sources: list[Path] = Field(default_factory=list, description="DICOM trees ingested on their own into OUT/ingest-dicom (de-identified volumes, not used for training). With phantoms enabled, the phantom DICOM tree is added.")
+    modality: Modality | None = Field(default=None, description="Modality of NIfTI inputs that have neither dataset.json nor a sidecar.")
+    deid_key_secret: str | None = Field(default=None, description="Name of a Prefect Secret block holding the de-identification key; None: the MEDAUG_DEID_KEY environment variable (a fixed demo key for phantom runs).")
+
+
+class SlicesSection(BaseModel):
+    """How ingested volumes become CycleGAN training slices (pipeline.slices.load_unpaired_slices).
+
+    Slice size and 2.5-D context come from the cyclegan section (image_size, in_channels).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    hu_window: HUWindow = Field(default=(-1000.0, 1000.0), description="CT window (low, high) in HU mapped to [-1, 1].")
+    mr_percentiles: tuple[float, float] = Field(default=(0.5, 99.5), description="MR foreground percentiles mapped to -1 and +1.")
+    min_foreground: float = Field(default=0.1, ge=0.0, lt=1.0, description="Keep axial slices with at least this body fraction.")
+    max_slices: int | None = Field(default=None, ge=1, description="At most this many slices per modality (seeded subset); None: all.")
+    seed: int = Field(default=0, description="Seed of the slice subset.")
+
+
+class GenerateSection(BaseModel):
+    """How synthetic data are generated from a trained generator (translate or sample-tumors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    split: str = Field(default="train", description="mri-ct: translate source volumes of this split only (synthetic data may only train).")
+    use_ema: bool = Field(default=True, description="mri-ct: translate with the EMA generator when the checkpoint has one.")
+    batch_size: int = Field(default=16, ge=1, description="Slices (mri-ct) or patches (tumor-patches) per forward pass.")
+    samples_per_class: int | None = Field(default=None, ge=1, description="tumor-patches: patches sampled per tumor class; None: what class balancing needs, times oversample.")
+    oversample: float = Field(default=1.5, ge=1.0, description="tumor-patches: sample this many times what balancing needs, since the gate drops some.")
+    min_per_class: int = Field(default=32, ge=1, description="tumor-patches: sample at least this many per class (the gate needs enough samples to score).")
+    seed: int = Field(default=0, description="Seed of the sampled latents.")
+
+
+class PatchesSection(BaseModel):
+    """How real tumor patches are cut for the tumor GAN (pipeline.patches.extract_patches).
+
+    Patch size and 2-D/3-D come from the tumor_gan section, so data and network agree.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: Modality = Field(default="CT", description="Modality the tumor GAN trains on and generates.")
+    neighbours: int = Field(default=1, ge=0, description="2-D: slices either side of the largest-lesion slice that are cut too.")
+    healthy_per_volume: int = Field(default=2, ge=0, description="Healthy-tissue patches per volume (class 'healthy').")
+    hu_window: HUWindow = Field(default=(-100.0, 200.0), description="CT window (low, high) in HU mapped to [-1, 1] for patches.")
+    min_body_fraction: float = Field(default=0.9, ge=0.0, le=1.0, description="Least fraction of body voxels inside a healthy patch.")
+    seed: int = Field(default=0, description="Seeds where healthy patches go.")
+
+
+class RuntimeConfig(BaseModel):
+    """Where and how the flow runs: output folder, device, task runner, retries, torchrun."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out_dir: Path = Field(default=Path("medaug-output"), description="Output folder of a run when the flow's `out` parameter is not given.")
+    device: str = Field(default="cpu", description="Torch device of training and generation: cpu, cuda, cuda:1, mps.")
+    task_runner: TaskRunnerKind = Field(default="thread", description="thread: a thread pool in the flow's process; dask: prefect-dask's DaskTaskRunner (a LocalCluster, or dask_address).")
+    max_workers: int = Field(default=2, ge=1, description="Threads of the thread runner, or Dask workers of a LocalCluster.")
+    dask_address: str | None = Field(default=None, description="Address of a running Dask scheduler (tcp://host:8786); None starts a LocalCluster per stage.")
+    dask_processes: bool = Field(default=False, description="LocalCluster with worker processes (True) or threads in this process (False: quick start, shared memory).")
+    nproc_per_node: int = Field(default=1, ge=1, description="Processes per node for training; >1 launches `torchrun --nproc_per_node N` as a subprocess (multi-GPU).")
+    retries: int = Field(default=2, ge=0, description="Retries of the I/O tasks (ingest, generation, dataset writing), with exponential backoff.")
+    retry_backoff_s: float = Field(default=2.0, ge=0.0, description="First retry delay in seconds; doubles on every retry.")
+    train_retries: int = Field(default=1, ge=0, description="Retries of a training task; a retry resumes from RUN_DIR/checkpoints/last.pt.")
+    cache: bool = Field(default=True, description="Reuse ingest results when the input files' content hash is unchanged.")
+
+
+class PipelineConfig(BaseModel):
+    """Every stage's section of one pipeline config file (configs/mri-ct.yaml, configs/tiny.yaml)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    phantoms: PhantomsConfig
+    ingest: IngestSection
+    slices: SlicesSection
+    cyclegan: CycleGANConfig
+    patches: PatchesSection
+    tumor_gan: TumorGANConfig
+    generate: GenerateSection
+    gate: GateConfig
+    dataset: DatasetConfig
+    runtime: RuntimeConfig
+
+    @property
+    def pipeline(self) -> Deployment:
+        """Which pipeline runs: "mri-ct" (CycleGAN translation) or "tumor-patches" (tumor GAN)."""
+        return self.dataset.deployment
+
+
+SECTIONS: dict[str, type[BaseModel]] = {
+    "phantoms": PhantomsConfig,
+    "ingest": IngestSection,
+    "slices": SlicesSection,
+    "cyclegan": CycleGANConfig,
+    "patches": PatchesSection,
+    "tumor_gan": TumorGANConfig,
+    "generate": GenerateSection,
+    "gate": GateConfig,
+    "dataset": DatasetConfig,
+    "runtime": RuntimeConfig,
+}
+"""Config file sections and the model each one is validated as."""
+
+IGNORED_SECTIONS: set[str] = set()
+"""Sections accepted in a file but not validated here (none: every stage is wired)."""
+
+
+class AugmentParams(BaseModel):
+    """The `augment` flow's parameters (what a deployment or `medaug demo` passes)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: str = Field(default="configs/mri-ct.yaml", description="Pipeline config YAML (relative to the working directory or the medaug checkout).")
+    overrides: list[Override] = Field(default_factory=list, description="Dotted overrides, e.g. ['cyclegan.steps=20', 'runtime.task_runner=dask'].")
+    pipeline: Deployment | None = Field(default=None, description="mri-ct or tumor-patches; None takes dataset.deployment from the config.")
+    out: str | None = Field(default=None, description="Output folder of the run; None takes runtime.out_dir from the config.")
+    checkpoint: str | None = Field(default=None, description="A trained generator checkpoint (last.pt) to generate with instead of training.")
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    """The config file: as given (relative to the working directory), else under the checkout.
+
+    >>> resolve_config_path("configs/tiny.yaml").name
+    'tiny.yaml'
+    """
+    path = Path(config).expanduser()
+    if path.is_file() or path.is_absolute():
+        return path
+    in_repo = REPO_ROOT / path
+    return in_repo if in_repo.is_file() else path
+
+
+def load_pipeline_config(params: AugmentParams) -> PipelineConfig:
+    """Validate every section of `params.config` (with overrides) into a PipelineConfig.
+
+    Raises ConfigError naming the file, the section and the key when a value is invalid
+    or the file holds a section no stage knows.
+    """
+    path = resolve_config_path(params.config)
+    overrides = list(params.overrides)
+    if params.pipeline is not None:
+        overrides.append(f"dataset.deployment={params.pipeline}")
+    unknown = sorted(set(read_yaml(path)) - set(SECTIONS) - IGNORED_SECTIONS)
+    if unknown:
+        allowed = ", ".join(sorted(set(SECTIONS) | IGNORED_SECTIONS))
+        raise ConfigError(f"config {path} has unknown section(s) {', '.join(unknown)}; allowed: {allowed}")
+    for item in overrides:
+        head = item.split("=", 1)[0].split(".", 1)[0]
+        if head not in SECTIONS and head not in IGNORED_SECTIONS:
+            raise ConfigError(f"override {item!r} names no config section; allowed: {', '.join(sorted(SECTIONS))}")
+    sections = {name: load_section(model, path, name, overrides) for name, model in SECTIONS.items()}
+    return PipelineConfig.model_validate(sections)
+
+
+def output_dir(params: AugmentParams, cfg: PipelineConfig) -> Path:
+    """The run's output folder (absolute): `params.out`, else runtime.out_dir."""
+    return Path(params.out if params.out is not None else cfg.runtime.out_dir).expanduser().resolve()

@@ -1,0 +1,629 @@
+"""Training loop of the class-conditional tumor-patch GAN, with the mode-collapse toolkit as switches.
+
+`train_tumor_gan(cfg, data, run_dir)` trains models/tumor_gan.py's generator and projection
+discriminator on in-memory patches (`TumorPatchData`, built by pipeline/patches.py) and writes
+RUN_DIR/checkpoints/last.pt (one dict with all state: networks, EMA, optimisers, RNG states,
+augmentation probability, step, config) with its model card last.json beside it, metrics
+(metrics.jsonl, TensorBoard), and per-class sample grids (samples/*.png). Hinge loss with
+spectral norm and two time-scale learning rates is the default (the SAGAN recipe, Zhang et al.
+2019); every remedy against mode collapse and instability is one config switch, each off by
+default: minibatch standard deviation (Karras et al. 2018), feature matching (Salimans et al.
+2016), mode seeking (Mao et al. 2019), unrolled discriminator (Metz et al. 2017), DiffAugment /
+adaptive augmentation (Zhao et al. 2020; Karras et al. 2020), R1 (Mescheder et al. 2018), EMA
+generator (Yazici et al. 2019). bf16 autocast on GPU, fp32 on CPU; resume continues exactly as
+an uninterrupted run. The loop reads top to bottom: setup, data, models, optimisers, resume,
+loop (step, log, sample, checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from models.common import (
+    EMA,
+    HealthMonitor,
+    MetricsWriter,
+    NonFiniteGuard,
+    autocast,
+    batch_diversity,
+    config_hash,
+    grad_norm,
+    gradient_penalty,
+    load_checkpoint,
+    package_versions,
+    r1_penalty,
+    rng_state,
+    save_checkpoint,
+    save_image_grid,
+    seed_everything,
+    select_device,
+    set_rng_state,
+    unwrap,
+    write_model_card,
+)
+from models.diffaug import AdaptiveAugment, Augmentation, diff_augment
+from models.losses import (
+    AdversarialLoss,
+    discriminator_loss,
+    generator_loss,
+    health_gap_max,
+    real_fake_midpoint,
+)
+from models.tumor_gan import ProjectionDiscriminator, TumorGenerator
+
+log = logging.getLogger(__name__)
+
+class TumorGANConfig(BaseModel):
+    """Options of the tumor GAN; defaults are the SAGAN recipe (hinge, SN, TTUR 1e-4/4e-4, Adam(0, 0.9)).
+
+    The mode-collapse toolkit (minibatch_std .. ema_decay) is off by default except EMA; turn on
+    what a run needs in the YAML (configs/tumor_gan.yaml).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # data
+    patch_size: int = Field(64, description="Patch side in voxels (power of two >= 8); must match the data.")
+    spatial_dims: Literal[2, 3] = Field(2, description="2 for axial patches, 3 for cubes.")
+    balanced_classes: bool = Field(True, description="Draw each class equally often (rare tumor classes are not drowned).")
+    # networks
+    latent_dim: int = Field(128, description="Length of the latent vector z.")
+    g_channels: int = Field(64, description="Generator width at full resolution (8x this at 4 voxels).")
+    d_channels: int = Field(64, description="Discriminator width at full resolution.")
+    spectral_norm: bool = Field(True, description="Spectral normalisation in D (Miyato et al. 2018); keep on.")
+    # loss
+    loss: AdversarialLoss = Field("hinge", description="Adversarial loss: hinge, vanilla (non-saturating), lsgan, or wgan (WGAN-GP).")
+    gp_weight: float = Field(10.0, description="WGAN-GP gradient penalty weight (used only with loss=wgan; Gulrajani 2017).")
+    # optimisers: two time-scale update rule (Heusel et al. 2017) -- TTUR is g_lr != d_lr
+    g_lr: float = Field(1e-4, description="Generator Adam learning rate.")
+    d_lr: float = Field(4e-4, description="Discriminator Adam learning rate (4x G's: TTUR).")
+    betas: tuple[float, float] = Field((0.0, 0.9), description="Adam betas of both networks.")
+    batch_size: int = Field(64, description="Real patches (and fakes) per step.")
+    steps: int = Field(20000, description="Training steps (one D and one G update each).")
+    seed: int = Field(0, description="Seeds weights, data order, noise and augmentation.")
+    # mode-collapse and stability toolkit
+    minibatch_std: bool = Field(False, description="Minibatch std-dev layer in D: lets D see a collapsed batch (Karras 2018).")
+    minibatch_std_group: int = Field(4, description="Group size of the minibatch std-dev layer.")
+    feature_matching_weight: float = Field(0.0, description="Weight of the feature-matching loss on D's last features (Salimans 2016); 0 = off.")
+    mode_seeking_weight: float = Field(0.0, description="Weight of the mode-seeking (diversity-sensitive) loss (Mao 2019); 0 = off.")
+    unrolled_steps: int = Field(0, description="Unrolled D: update a copy of D this many times and take G's loss from it (Metz 2017); 0 = off.")
+    diffaug: list[Augmentation] = Field([], description="DiffAugment policy for every D input, e.g. [translation, cutout] (Zhao 2020); [] = off.")
+    ada_target: float | None = Field(None, description="Adaptive augmentation: tune the DiffAugment probability so E[sign D(real)] tracks this (0.6 in Karras 2020); None = fixed p=1.")
+    ada_interval: int = Field(4, description="Steps between adaptive-augmentation updates.")
+    ada_speed_images: int = Field(500_000, description="Images over which ADA's p may go from 0 to 1 (Karras 2020); smaller reacts faster.")
+    r1_gamma: float = Field(0.0, description="R1 penalty weight gamma on real data (Mescheder 2018); 0 = off.")
+    ema_decay: float | None = Field(0.999, description="EMA of G's weights used for samples and the checkpoint's sampler; None = off.")
+    # engineering
+    amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU, which runs fp32).")
+    compile: bool = Field(False, description="torch.compile the networks (GPU runs; slow to start).")
+    max_nonfinite: int = Field(5, description="Consecutive non-finite steps before training stops.")
+    log_every: int = Field(50, description="Steps between metric lines (and health checks).")
+    sample_every: int = Field(1000, description="Steps between per-class sample grids; 0 = only at the end.")
+    checkpoint_every: int = Field(1000, description="Steps between checkpoints (always one at the end).")
+    diversity_samples: int = Field(8, description="Samples per class for the logged per-class diversity.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TumorGANConfig:
+        n = math.log2(self.patch_size / 4) if self.patch_size > 0 else -1
+        if n < 1 or 4 * 2 ** int(n) != self.patch_size:
+            raise ValueError(f"patch_size must be a power of two >= 8 (8, 16, 32, 64), got {self.patch_size}")
+        if self.mode_seeking_weight > 0 and self.batch_size % 2:
+            raise ValueError("mode_seeking_weight > 0 needs an even batch_size (fakes come in pairs)")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
+        if self.unrolled_steps < 0:
+            raise ValueError(f"unrolled_steps must be >= 0, got {self.unrolled_steps}")
+        if self.ada_target is not None and not self.diffaug:
+            raise ValueError("ada_target needs a diffaug policy to adapt (e.g. diffaug: [translation, cutout])")
+        return self
+
+
+@dataclass
+class TumorPatchData:
+    """Training patches in memory (built from files by pipeline/patches.py:to_train_data).
+
+    images, masks: (N, 1, *S) float32; images in [-1, 1], masks in {0, 1}. labels: (N,) int64
+    indices into `classes`. spacing in mm (x, y, z); train_subjects: subject pseudonyms.
+    """
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    modality: str
+    spacing: tuple[float, float, float]
+    train_subjects: list[str]
+    normalisation: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.images.shape[0]
+        if n == 0:
+            raise ValueError("TumorPatchData holds no patches")
+        if self.images.shape != self.masks.shape or self.images.shape[1] != 1:
+            raise ValueError(f"images {tuple(self.images.shape)} and masks {tuple(self.masks.shape)} must both be (N, 1, *S)")
+        if self.labels.shape != (n,):
+            raise ValueError(f"labels must be ({n},), got {tuple(self.labels.shape)}")
+        if int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes):
+            raise ValueError(f"labels must index classes {self.classes}")
+
+
+@dataclass
+class TrainResult:
+    """What a run left: checkpoint, card, steps done, the metric rows logged by this call (each with
+    "step"), health warnings, and the networks (sampler = the EMA generator when EMA is on)."""
+
+    run_dir: Path
+    checkpoint: Path
+    card: Path
+    steps: int
+    history: list[dict[str, float]]
+    warnings: list[str]
+    generator: nn.Module
+    discriminator: nn.Module
+    sampler: nn.Module
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The last logged metric row (empty when nothing was logged)."""
+        return self.history[-1] if self.history else {}
+
+
+RESUME_FREE_OPTIONS = frozenset({"steps", "log_every", "sample_every", "checkpoint_every", "compile", "max_nonfinite"})
+"""Options that may change between a run and its resume: they do not change the training maths."""
+
+
+def _resume_key(cfg: TumorGANConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_FREE_OPTIONS}
+
+
+# --- pieces of a step -----------------------------------------------------------------------
+
+
+def build_networks(cfg: TumorGANConfig, num_classes: int) -> tuple[TumorGenerator, ProjectionDiscriminator]:
+    """Generator and projection discriminator for `cfg` (on CPU, fp32)."""
+    g = TumorGenerator(num_classes, cfg.latent_dim, cfg.g_channels, cfg.patch_size, cfg.spatial_dims)
+    d = ProjectionDiscriminator(
+        num_classes,
+        in_channels=2,
+        base_channels=cfg.d_channels,
+        patch_size=cfg.patch_size,
+        spatial_dims=cfg.spatial_dims,
+        spectral_norm=cfg.spectral_norm,
+        minibatch_std=cfg.minibatch_std,
+        minibatch_std_group=cfg.minibatch_std_group,
+    )
+    return g, d
+
+
+def build_optimisers(cfg: TumorGANConfig, g: nn.Module, d: nn.Module) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+    """Adam for G (g_lr) and D (d_lr) with the same betas: the two time-scale update rule."""
+    return (
+        torch.optim.Adam(g.parameters(), lr=cfg.g_lr, betas=cfg.betas),
+        torch.optim.Adam(d.parameters(), lr=cfg.d_lr, betas=cfg.betas),
+    )
+
+
+def sample_batch(
+    data: TumorPatchData, batch_size: int, generator: torch.Generator, balanced: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A real batch (B, 2, *S) (image, mask) and its labels (B,), drawn with replacement.
+
+    With `balanced`, each class is drawn equally often (weights 1 / class count).
+    """
+    if balanced:
+        counts = torch.bincount(data.labels, minlength=len(data.classes)).float()
+        weights = (1.0 / counts.clamp(min=1.0))[data.labels]
+    else:
+        weights = torch.ones(data.labels.shape[0])
+    idx = torch.multinomial(weights, batch_size, replacement=True, generator=generator).to(data.images.device)
+    return torch.cat([data.images[idx], data.masks[idx]], dim=1), data.labels[idx]
+
+
+def make_latents(
+    cfg: TumorGANConfig, labels: torch.Tensor, generator: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (B, latent_dim) and fake labels (B,). With mode seeking, the second half repeats
+    the first half's labels so that fakes i and i + B/2 share a class but not a z."""
+    b = labels.shape[0]
+    z = torch.randn(b, cfg.latent_dim, generator=generator).to(device)
+    if cfg.mode_seeking_weight > 0:
+        half = labels[: b // 2]
+        return z, torch.cat([half, half])
+    return z, labels
+
+
+def d_view(x: torch.Tensor, cfg: TumorGANConfig, p: float) -> torch.Tensor:
+    """What D sees of a (B, 2, *S) patch: the mask channel mapped from [0, 1] to [-1, 1] (so both
+    channels have background -1, the augmentation fill), then DiffAugment with probability `p`
+    when a policy is set. Applied to real and fake alike; differentiable in x."""
+    x = torch.cat([x[:, :1], x[:, 1:] * 2.0 - 1.0], dim=1)
+    if not cfg.diffaug or p <= 0.0:
+        return x
+    return diff_augment(x, cfg.diffaug, p)
+
+
+def discriminator_step(
+    d: nn.Module,
+    opt_d: torch.optim.Optimizer,
+    real: torch.Tensor,
+    y_real: torch.Tensor,
+    fake: torch.Tensor,
+    y_fake: torch.Tensor,
+    cfg: TumorGANConfig,
+    device: torch.device,
+    aug_p: float = 1.0,
+    guard: NonFiniteGuard | None = None,
+    step: int = 0,
+    ada: AdaptiveAugment | None = None,
+) -> dict[str, float]:
+    """One D update on a real batch and a detached fake batch; returns losses, D(x), D(G(z)), grad norm.
+
+    Adds R1 on real data (gamma/2 * ||grad D(real)||^2) when r1_gamma > 0 and the WGAN-GP
+    penalty when loss is wgan. G is untouched (fakes are detached). A non-finite loss skips
+    the update (guard). D(real) feeds the adaptive augmentation controller `ada` when given.
+    Keys: loss_d, d_adv, d_r1, d_gp, d_real, d_fake, grad_d.
+    """
+    fake = fake.detach()
+    real = real.detach().requires_grad_(cfg.r1_gamma > 0)
+    opt_d.zero_grad(set_to_none=True)
+    with autocast(device, cfg.amp):
+        logits_real, _ = d(d_view(real, cfg, aug_p), y_real)
+        logits_fake, _ = d(d_view(fake, cfg, aug_p), y_fake)
+        adv = discriminator_loss(cfg.loss, logits_real.float(), logits_fake.float())
+    loss = adv
+    r1 = torch.zeros((), device=device)
+    if cfg.r1_gamma > 0:
+        r1 = r1_penalty(logits_real, real)
+        loss = loss + 0.5 * cfg.r1_gamma * r1
+    gp = torch.zeros((), device=device)
+    if cfg.loss == "wgan":
+        gp = gradient_penalty(_LogitsOf(d, y_real, cfg, aug_p), real, fake)
+        loss = loss + cfg.gp_weight * gp
+    loss.backward()
+    out = {
+        "loss_d": float(loss.detach()),
+        "d_adv": float(adv.detach()),
+        "d_r1": float(r1.detach()),
+        "d_gp": float(gp.detach()),
+        "d_real": float(logits_real.detach().float().mean()),
+        "d_fake": float(logits_fake.detach().float().mean()),
+        "grad_d": float(grad_norm(d)),
+    }
+    if guard is None or guard.check({"loss_d": out["loss_d"]}, step):
+        opt_d.step()
+    if ada is not None:
+        out["aug_p"] = ada.update(logits_real)
+    return out
+
+
+class _LogitsOf(nn.Module):
+    """D's logits for fixed labels as a one-argument module (what gradient_penalty calls)."""
+
+    def __init__(self, d: nn.Module, y: torch.Tensor, cfg: TumorGANConfig, aug_p: float) -> None:
+        super().__init__()
+        self.d, self.y, self.cfg, self.aug_p = d, y, cfg, aug_p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.d(d_view(x, self.cfg, self.aug_p), self.y)[0]
+        return logits
+
+
+def unrolled_discriminator(
+    d: nn.Module,
+    opt_d: torch.optim.Optimizer,
+    real: torch.Tensor,
+    y_real: torch.Tensor,
+    fake: torch.Tensor,
+    y_fake: torch.Tensor,
+    cfg: TumorGANConfig,
+    device: torch.device,
+    aug_p: float,
+) -> nn.Module:
+    """A copy of D (and of its optimiser state) updated `cfg.unrolled_steps` times (Metz et al. 2017).
+
+    G takes its loss from this look-ahead D, so it is penalised for moves D would answer in k
+    steps; the copy is then discarded. First-order version: G's gradient flows through the
+    copy's weights but not through its k updates. The k updates reuse this step's batch.
+    """
+    d_copy = copy.deepcopy(unwrap(d))
+    opt_copy = torch.optim.Adam(d_copy.parameters(), lr=cfg.d_lr, betas=cfg.betas)
+    opt_copy.load_state_dict(opt_d.state_dict())
+    for _ in range(cfg.unrolled_steps):
+        discriminator_step(d_copy, opt_copy, real, y_real, fake, y_fake, cfg, device, aug_p)
+    return d_copy.requires_grad_(False)
+
+
+def generator_step(
+    g: nn.Module,
+    d: nn.Module,
+    opt_g: torch.optim.Optimizer,
+    fake: torch.Tensor,
+    y_fake: torch.Tensor,
+    z: torch.Tensor,
+    real: torch.Tensor,
+    y_real: torch.Tensor,
+    cfg: TumorGANConfig,
+    device: torch.device,
+    aug_p: float = 1.0,
+    guard: NonFiniteGuard | None = None,
+    step: int = 0,
+) -> dict[str, float]:
+    """One G update from the fakes `fake = G(z, y_fake)` (with graph) judged by `d`.
+
+    Loss = adversarial + feature matching (||mean f(real) - mean f(fake)||^2 on D's last
+    features) + mode seeking (1 / (mean|G(z1)-G(z2)| / mean|z1-z2|), pairs i and i + B/2).
+    Only G's optimiser steps; D's gradients are cleared. Keys: loss_g, g_adv, g_fm, g_ms, grad_g.
+    """
+    opt_g.zero_grad(set_to_none=True)
+    d_trainable = [p.requires_grad for p in d.parameters()]
+    d.requires_grad_(False)  # G's backward needs no gradients of D's weights
+    with autocast(device, cfg.amp):
+        logits_fake, feat_fake = d(d_view(fake, cfg, aug_p), y_fake)
+        adv = generator_loss(cfg.loss, logits_fake.float())
+        fm = torch.zeros((), device=device)
+        if cfg.feature_matching_weight > 0:
+            with torch.no_grad():
+                _, feat_real = d(d_view(real, cfg, aug_p), y_real)
+            fm = F.mse_loss(feat_fake.float().mean(0), feat_real.float().mean(0))
+    ms = torch.zeros((), device=device)
+    if cfg.mode_seeking_weight > 0:
+        h = fake.shape[0] // 2
+        lz = (fake[:h].float() - fake[h:].float()).abs().mean() / (z[:h] - z[h:]).abs().mean()
+        ms = 1.0 / (lz + 1e-5)
+    loss = adv + cfg.feature_matching_weight * fm + cfg.mode_seeking_weight * ms
+    loss.backward()
+    for p, flag in zip(d.parameters(), d_trainable, strict=True):
+        p.requires_grad_(flag)
+    out = {
+        "loss_g": float(loss.detach()),
+        "g_adv": float(adv.detach()),
+        "g_fm": float(fm.detach()),
+        "g_ms": float(ms.detach()),
+        "grad_g": float(grad_norm(g)),
+    }
+    if guard is None or guard.check({"loss_g": out["loss_g"]}, step):
+        opt_g.step()
+    return out
+
+
+@torch.no_grad()
+def generate(
+    g: nn.Module, class_index: int, n: int, seed: int, latent_dim: int, device: torch.device, batch_size: int = 64
+) -> torch.Tensor:
+    """`n` patches (n, 2, *S) of one class from G in eval mode; z comes from a CPU generator
+    seeded with `seed`, so the same seed gives the same patches on any device and batch size."""
+    was_training = g.training
+    g.eval()
+    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
+    outs = []
+    for i in range(0, n, batch_size):
+        zb = z[i : i + batch_size].to(device)
+        y = torch.full((zb.shape[0],), class_index, dtype=torch.long, device=device)
+        outs.append(g(zb, y).float().cpu())
+    g.train(was_training)
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def class_diversity(g: nn.Module, classes: list[str], n: int, latent_dim: int, device: torch.device) -> dict[str, float]:
+    """Per-class diversity: batch_diversity of `n` fixed-seed samples' image channel, one per class."""
+    return {
+        f"diversity/{name}": batch_diversity(generate(g, k, n, 1000 + k, latent_dim, device)[:, :1])
+        for k, name in enumerate(classes)
+    }
+
+
+def save_class_grid(g: nn.Module, classes: list[str], n: int, latent_dim: int, device: torch.device, path: Path) -> None:
+    """PNG grid: two rows per class (images, then masks mapped to [-1, 1]), `n` fixed-seed samples each."""
+    rows = []
+    for k in range(len(classes)):
+        x = generate(g, k, n, 2000 + k, latent_dim, device)
+        if x.dim() == 5:  # 3D: show the centre axial slice
+            x = x[..., x.shape[-1] // 2]
+        rows += [x[:, :1], x[:, 1:] * 2.0 - 1.0]
+    save_image_grid(rows, path)
+
+
+def model_card(cfg: TumorGANConfig, data: TumorPatchData, step: int) -> dict[str, Any]:
+    """The metadata card written beside each checkpoint (RUN_DIR/checkpoints/last.json)."""
+    cfg_dict = cfg.model_dump(mode="json")
+    return {
+        "kind": "tumor_gan",
+        "classes": list(data.classes),
+        "patch_size": cfg.patch_size,
+        "spatial_dims": cfg.spatial_dims,
+        "latent_dim": cfg.latent_dim,
+        "modality": data.modality,
+        "normalisation": data.normalisation,
+        "hu_window": data.normalisation.get("hu_window"),
+        "spacing": list(data.spacing),
+        "config": cfg_dict,
+        "config_hash": config_hash(cfg_dict),
+        "versions": package_versions(),
+        "train_subjects": sorted(set(data.train_subjects)),
+        "n_train_patches": int(data.images.shape[0]),
+        "step": step,
+        "outputs": {"channel_0": "image in [-1, 1] (normalised units)", "channel_1": "lesion mask in [0, 1]"},
+    }
+
+
+# --- the loop ------------------------------------------------------------------------------
+
+
+def train_tumor_gan(
+    cfg: TumorGANConfig,
+    data: TumorPatchData,
+    run_dir: Path,
+    resume: bool = False,
+    device: str = "auto",
+) -> TrainResult:
+    """Train the tumor GAN for `cfg.steps` steps; newest checkpoint at RUN_DIR/checkpoints/last.pt.
+
+    With `resume`, continue from that checkpoint (same config and data) exactly as if the run had
+    not stopped. Raises TrainingDivergedError after `max_nonfinite` non-finite steps in a row
+    and ValueError when the data does not fit the config (patch size, dims) or a resumed
+    checkpoint's config differs.
+    """
+    # setup
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path, card_path = ckpt_dir / "last.pt", ckpt_dir / "last.json"
+    dev = select_device(device)
+    expected = (1,) + (cfg.patch_size,) * cfg.spatial_dims
+    if tuple(data.images.shape[1:]) != expected:
+        raise ValueError(
+            f"patches are {tuple(data.images.shape[1:])} but the config wants {expected} "
+            f"(patch_size={cfg.patch_size}, spatial_dims={cfg.spatial_dims}); re-extract or change the config"
+        )
+    seed_everything(cfg.seed)
+
+    # data: the whole patch set lives on the device (a few MB); batches are drawn by index
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    data = TumorPatchData(
+        data.images.float().to(dev), data.masks.float().to(dev), data.labels.long().to(dev),
+        list(data.classes), data.modality, (data.spacing[0], data.spacing[1], data.spacing[2]), list(data.train_subjects), dict(data.normalisation),
+    )
+
+    # models
+    g, d = build_networks(cfg, len(data.classes))
+    g, d = g.to(dev), d.to(dev)
+    ema = EMA(g, cfg.ema_decay) if cfg.ema_decay is not None else None
+    g_run: nn.Module = torch.compile(g) if cfg.compile else g  # type: ignore[assignment]
+    d_run: nn.Module = torch.compile(d) if cfg.compile else d  # type: ignore[assignment]
+
+    # optimisers
+    opt_g, opt_d = build_optimisers(cfg, g, d)
+    ada = None
+    if cfg.ada_target is not None:
+        ada = AdaptiveAugment(cfg.ada_target, cfg.ada_interval, cfg.ada_speed_images, real_fake_midpoint(cfg.loss))
+    guard_d, guard_g = NonFiniteGuard(cfg.max_nonfinite), NonFiniteGuard(cfg.max_nonfinite)
+    health = HealthMonitor(window=max(2, cfg.log_every), d_gap_max=health_gap_max(cfg.loss))
+    step = 0
+
+    # resume
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path, map_location=dev)
+        old = {k: v for k, v in state["config"].items() if k not in RESUME_FREE_OPTIONS}
+        if old != _resume_key(cfg):
+            changed = sorted(k for k in old.keys() | _resume_key(cfg).keys() if old.get(k) != _resume_key(cfg).get(k))
+            raise ValueError(f"cannot resume {ckpt_path}: it was trained with different {', '.join(changed)}")
+        if state["classes"] != data.classes:
+            raise ValueError(f"cannot resume {ckpt_path}: classes {state['classes']} differ from the data's {data.classes}")
+        g.load_state_dict(state["generator"])
+        d.load_state_dict(state["discriminator"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        if ada is not None:
+            ada.load_state_dict(state["ada"])
+        guard_d.load_state_dict(state["guard_d"])
+        guard_g.load_state_dict(state["guard_g"])
+        health.load_state_dict(state["health"])
+        data_gen.set_state(state["data_rng"])
+        noise_gen.set_state(state["noise_rng"])
+        set_rng_state(state["rng"])
+        step = int(state["step"])
+        log.info("resumed %s at step %d", ckpt_path, step)
+    elif resume:
+        log.info("no checkpoint at %s; starting from scratch", ckpt_path)
+    metrics = MetricsWriter(run_dir, resume_step=step if resume else None)
+
+    def checkpoint() -> None:
+        state: dict[str, Any] = {
+            "kind": "tumor_gan",
+            "step": step,
+            "config": cfg.model_dump(mode="json"),
+            "config_hash": config_hash(cfg.model_dump(mode="json")),
+            "classes": list(data.classes),
+            "generator": unwrap(g).state_dict(),
+            "discriminator": unwrap(d).state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "opt_g": opt_g.state_dict(),
+            "opt_d": opt_d.state_dict(),
+            "ada": ada.state_dict() if ada is not None else None,
+            "guard_d": guard_d.state_dict(),
+            "guard_g": guard_g.state_dict(),
+            "health": health.state_dict(),
+            "data_rng": data_gen.get_state(),
+            "noise_rng": noise_gen.get_state(),
+            "rng": rng_state(),
+            "card": model_card(cfg, data, step),
+        }
+        save_checkpoint(ckpt_path, state)
+        write_model_card(card_path, state["card"])
+
+    sampler = ema.module if ema is not None else g
+    history: list[dict[str, float]] = []
+    # loop
+    g_run.train()
+    d_run.train()
+    while step < cfg.steps:
+        step += 1
+        aug_p = ada.p if ada is not None else 1.0
+        # step: one fake batch per step; D learns on it detached, then G on it with its graph
+        real, y_real = sample_batch(data, cfg.batch_size, data_gen, cfg.balanced_classes)
+        z, y_fake = make_latents(cfg, y_real, noise_gen, dev)
+        with autocast(dev, cfg.amp):
+            fake = g_run(z, y_fake)
+        out = discriminator_step(d_run, opt_d, real, y_real, fake, y_fake, cfg, dev, aug_p, guard_d, step, ada)
+        d_for_g = d_run
+        if cfg.unrolled_steps > 0:
+            d_for_g = unrolled_discriminator(d, opt_d, real, y_real, fake, y_fake, cfg, dev, aug_p)
+        out |= generator_step(g_run, d_for_g, opt_g, fake, y_fake, z, real, y_real, cfg, dev, aug_p, guard_g, step)
+        if ema is not None:
+            ema.update(g)
+        health.update(**{k: out[k] for k in ("d_real", "d_fake", "grad_g", "grad_d", "loss_g", "loss_d")})
+
+        # log
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            div = class_diversity(sampler, data.classes, cfg.diversity_samples, cfg.latent_dim, dev)
+            out |= div
+            health.update(diversity=sum(div.values()) / len(div))
+            health.check(step)
+            metrics.log(step, out)
+            history.append({"step": float(step)} | out)
+            log.info(
+                "step %d  loss_d %.3f  loss_g %.3f  D(x) %.3f  D(G(z)) %.3f", step, out["loss_d"], out["loss_g"],
+                out["d_real"], out["d_fake"],
+            )
+
+        # sample
+        if (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps:
+            save_class_grid(sampler, data.classes, 8, cfg.latent_dim, dev, run_dir / "samples" / f"step_{step:06d}.png")
+
+        # checkpoint
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            checkpoint()
+
+    if not ckpt_path.is_file():  # steps already done when resumed: still leave a checkpoint
+        checkpoint()
+    metrics.write_summary({"steps": step, "last": history[-1] if history else {}, "warnings": health.warnings})
+    metrics.close()
+    return TrainResult(run_dir, ckpt_path, card_path, step, history, list(health.warnings), g, d, sampler)
+
+
+def load_tumor_generator(path: Path, device: str = "cpu") -> tuple[TumorGenerator, dict[str, Any]]:
+    """The sampling generator (EMA weights when the run kept them) in eval mode, and its card.
+
+    `path` is a checkpoint written by `train_tumor_gan` (e.g. RUN_DIR/checkpoints/last.pt).
+    Raises ValueError when it is not a tumor GAN checkpoint.
+    """
+    state = load_checkpoint(Path(path), map_location="cpu")
+    if state.get("kind") != "tumor_gan":
+        raise ValueError(f"{path} is not a tumor GAN checkpoint (kind {state.get('kind')!r})")
+    cfg = TumorGANConfig.model_validate(state["config"])
+    g, _ = build_networks(cfg, len(state["classes"]))
+    weights = state["ema"]["module"] if state.get("ema") else state["generator"]
+    g.load_state_dict(weights)
+    return g.to(select_device(device)).eval(), dict(state["card"])

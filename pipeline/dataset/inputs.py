@@ -1,0 +1,367 @@
+"""Read the dataset writer's inputs: the real manifest (ingest or real-patch folder), the
+synthetic folders (translate or sample-tumors output), gate reports and generator cards.
+
+Each becomes a list of `Item`s with absolute paths, a class, and provenance. Nothing here
+decides splits or balance (pipeline/dataset/splits.py, balance.py); the writer
+(pipeline/dataset/writer.py) puts the pieces together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.dataset.config import Deployment
+from pipeline.errors import ConfigError, GateRejected, ProvenanceError
+from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file
+
+log = logging.getLogger(__name__)
+
+GATE_REPORT = "gate_report.json"
+GATE_ACCEPTED = "accepted.csv"
+PROVENANCE_NAME = "provenance.json"  # pipeline/sample_tumors.py: {"checkpoints": {sha256: card}, ...}
+_PASS = {"accept", "accepted", "pass", "passed", "ok"}
+_FAIL = {"reject", "rejected", "fail", "failed"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image (and mask) the dataset may take.
+
+    `subject_id` is the real subject pseudonym (for a translated volume: its source
+    subject; empty for sampled patches). `explicit_split` is the split the input names.
+    `sha256` is the sha256 of the input image file (selection key and id).
+    """
+
+    path: Path
+    label_path: Path | None
+    klass: str
+    modality: str
+    synthetic: bool
+    subject_id: str
+    sha256: str
+    explicit_split: str = ""
+    checkpoint_sha256: str = ""
+    seed: str = ""
+    sample_index: str = ""
+    gate_report_id: str = ""
+    origin: str = ""  # input folder name, for messages
+
+
+@dataclass
+class GateInfo:
+    """A gate report: its id, verdict and the accepted synthetic files (resolved paths and sha256s)."""
+
+    folder: Path
+    report_id: str
+    verdict: str
+    accepted_paths: set[Path] = field(default_factory=set)
+    accepted_sha256: set[str] = field(default_factory=set)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GeneratorCard:
+    """The model card of a generator: which checkpoint and which subjects it was trained on."""
+
+    path: Path
+    checkpoint_sha256: str
+    train_subjects: frozenset[str]
+
+
+def manifest_file(folder_or_file: Path, what: str) -> Path:
+    """The manifest.csv of a folder (or the file itself); ConfigError naming `what` when missing."""
+    path = folder_or_file / MANIFEST_NAME if folder_or_file.is_dir() else folder_or_file
+    if not path.is_file():
+        raise ConfigError(f"{what} {folder_or_file} has no {MANIFEST_NAME}; pass the output folder of the stage that wrote it")
+    return path
+
+
+def _resolve(base: Path, rel: str) -> Path:
+    p = Path(rel)
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def _flag(value: str | None) -> bool:
+    return str(value or "").strip().lower() in ("1", "true", "yes")
+
+
+def read_real(manifest: Path) -> list[Item]:
+    """All rows of a real manifest (ingest folder or real-patch folder), every modality.
+
+    Rows marked synthetic=1 are skipped with a warning: real inputs must be real.
+    """
+    path = manifest_file(manifest, "real manifest")
+    rows = read_manifest(path)
+    if rows and "path" not in rows[0]:
+        raise ConfigError(f"real manifest {path} has no 'path' column")
+    base = path.parent
+    items: list[Item] = []
+    skipped = 0
+    for row in rows:
+        if _flag(row.get("synthetic")):
+            skipped += 1
+            continue
+        image = _resolve(base, row["path"])
+        if not image.is_file():
+            raise ConfigError(f"real manifest {path.name}: image {row['path']} does not exist")
+        label = _resolve(base, row["label_path"]) if row.get("label_path") else None
+        items.append(
+            Item(
+                path=image,
+                label_path=label,
+                klass=(row.get("class") or "").strip(),
+                modality=(row.get("modality") or "").strip(),
+                synthetic=False,
+                subject_id=(row.get("subject_id") or "").strip(),
+                sha256=sha256_file(image),
+                explicit_split=(row.get("split") or "").strip(),
+                origin=base.name,
+            )
+        )
+    if skipped:
+        log.warning("real manifest: %d rows marked synthetic were skipped", skipped)
+    missing_subject = sum(1 for it in items if not it.subject_id)
+    if missing_subject:
+        raise ConfigError(f"real manifest {path}: {missing_subject} rows have no subject_id; subject-level splits need one")
+    return items
+
+
+def read_gate(folder: Path) -> GateInfo:
+    """A gate output folder: gate_report.json (report_id, verdict) and accepted.csv.
+
+    Raises GateRejected when the verdict is a reject, ConfigError when files are missing.
+    """
+    report_path = folder / GATE_REPORT
+    if not report_path.is_file():
+        raise ConfigError(f"gate folder {folder} has no {GATE_REPORT}; run `medaug gate` first")
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    report_id = str(report.get("report_id") or "")
+    verdict = str(report.get("verdict") or "").strip().lower()
+    if not report_id:
+        raise ConfigError(f"gate report {report_path} has no report_id")
+    if verdict in _FAIL:
+        failed = report.get("failed_checks") or report.get("failed") or []
+        why = f" (failed: {', '.join(map(str, failed))})" if failed else ""
+        raise GateRejected(f"gate report {report_id[:12]} rejected the synthetic data{why}; fix the generator or run the gate again")
+    if verdict not in _PASS:
+        raise ConfigError(f"gate report {report_id}: unknown verdict {verdict!r}; expected one of {sorted(_PASS | _FAIL)}")
+    info = GateInfo(folder=folder, report_id=report_id, verdict=verdict)
+    info.summary = {k: report[k] for k in ("report_id", "verdict", "failed_checks", "n_accepted", "n_rejected") if k in report}
+    checks = report.get("checks")
+    if isinstance(checks, list):  # pipeline/gate/report.py CheckResult dicts; keep what the datasheet shows
+        info.summary["checks"] = [
+            {k: c.get(k) for k in ("name", "value", "threshold", "op", "passed")} for c in checks if isinstance(c, dict)
+        ]
+    accepted = folder / GATE_ACCEPTED
+    if not accepted.is_file():
+        raise ConfigError(f"gate folder {folder} has no {GATE_ACCEPTED}")
+    rows = read_manifest(accepted)
+    for row in rows:
+        if row.get("path"):
+            p = Path(row["path"])
+            info.accepted_paths.add(p.resolve() if p.is_absolute() else p)
+        if row.get("sha256"):
+            info.accepted_sha256.add(row["sha256"].strip().lower())
+    return info
+
+
+def gate_accepts(gate: GateInfo, item_path: Path, sha256: str, synthetic_dir: Path) -> bool:
+    """Whether `gate` lists this synthetic file (by sha256, or by its path taken absolute,
+    relative to the gate folder, to the synthetic folder, or to the current folder)."""
+    if sha256 in gate.accepted_sha256:
+        return True
+    for p in gate.accepted_paths:
+        if p.is_absolute():
+            if p == item_path:
+                return True
+            continue
+        for base in (gate.folder, synthetic_dir, Path.cwd()):
+            if (base / p).resolve() == item_path:
+                return True
+    return False
+
+
+def read_synthetic(
+    folder: Path,
+    deployment: Deployment,
+    real_by_sha: Mapping[str, Item],
+) -> list[Item]:
+    """The synthetic items of one translate or sample-tumors output folder.
+
+    mri-ct: a translated volume inherits the class, mask and subject of its source volume
+    (looked up by source_sha256 in the real manifest) where its own row leaves them empty,
+    because the geometry is identical. tumor-patches: each patch row must carry its class.
+    """
+    path = manifest_file(folder, "synthetic folder")
+    base = path.parent
+    items: list[Item] = []
+    for n, row in enumerate(read_manifest(path), start=2):
+        where = f"synthetic folder {base.name}, {MANIFEST_NAME} line {n}"
+        if "synthetic" in row and not _flag(row.get("synthetic")):
+            log.warning("%s: row not marked synthetic=1, skipped", where)
+            continue
+        ckpt = (row.get("checkpoint_sha256") or "").strip().lower()
+        if not ckpt:
+            raise ProvenanceError(f"{where}: no checkpoint_sha256; synthetic data without generator provenance cannot enter a dataset")
+        image = _resolve(base, row["path"])
+        if not image.is_file():
+            raise ConfigError(f"{where}: image {row['path']} does not exist")
+        label = _resolve(base, row["label_path"]) if row.get("label_path") else None
+        klass = (row.get("class") or "").strip()
+        subject = (row.get("subject_id") or "").strip()
+        match deployment:
+            case "mri-ct":
+                src = real_by_sha.get((row.get("source_sha256") or "").strip().lower())
+                if src is not None:
+                    klass = klass or src.klass
+                    label = label or src.label_path
+                    subject = subject or src.subject_id
+            case "tumor-patches":
+                pass
+            case _:
+                raise ConfigError(f"unknown deployment {deployment!r}; allowed: mri-ct, tumor-patches")
+        items.append(
+            Item(
+                path=image,
+                label_path=label,
+                klass=klass,
+                modality=(row.get("modality") or "").strip(),
+                synthetic=True,
+                subject_id=subject,
+                sha256=sha256_file(image),
+                explicit_split=(row.get("split") or "").strip(),
+                checkpoint_sha256=ckpt,
+                seed=(row.get("seed") or "").strip(),
+                sample_index=(row.get("index") or "").strip(),
+                origin=base.name,
+            )
+        )
+    return items
+
+
+def apply_gates(items: Sequence[Item], gates: Sequence[GateInfo], folder: Path) -> tuple[list[Item], int]:
+    """Items of `folder` that some gate accepts, tagged with that gate's report id; and the
+    number left out. With no gates every item passes untagged."""
+    if not gates:
+        return list(items), 0
+    kept: list[Item] = []
+    for it in items:
+        gate = next((g for g in gates if gate_accepts(g, it.path, it.sha256, folder)), None)
+        if gate is not None:
+            kept.append(replace(it, gate_report_id=gate.report_id))
+    return kept, len(items) - len(kept)
+
+
+def _card_from_file(path: Path) -> tuple[dict[str, Any], str]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"generator card {path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"generator card {path} must hold a JSON object")
+    sha = str(data.get("checkpoint_sha256") or "").strip().lower()
+    if not sha:
+        for suffix in (".pt", ".ckpt", ".pth"):
+            ckpt = path.with_suffix(suffix)
+            if ckpt.is_file():
+                sha = sha256_file(ckpt)
+                break
+    return data, sha
+
+
+def _candidate_cards(synthetic_dirs: Iterable[Path], runs_dir: Path | None) -> list[Path]:
+    """Cards found without being named: beside checkpoints named in synthetic sidecar JSONs,
+    and RUN_DIR/checkpoints/*.json under `runs_dir`."""
+    found: list[Path] = []
+    for d in synthetic_dirs:
+        for sidecar in sorted(d.rglob("*.json")):
+            try:
+                data = json.loads(sidecar.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if not isinstance(data, dict):
+                continue
+            for key, value in data.items():
+                if "checkpoint" in key and isinstance(value, str) and value.endswith((".pt", ".ckpt", ".pth")):
+                    card = Path(value).with_suffix(".json")
+                    if card.is_file() and card not in found:
+                        found.append(card)
+    if runs_dir is not None:
+        found.extend(p for p in sorted(runs_dir.glob("*/checkpoints/*.json")) if p not in found)
+        found.extend(p for p in sorted(runs_dir.glob("checkpoints/*.json")) if p not in found)
+    return found
+
+
+def find_cards(
+    checkpoint_shas: Iterable[str],
+    explicit: Sequence[Path],
+    synthetic_dirs: Sequence[Path],
+    runs_dir: Path | None = None,
+) -> dict[str, GeneratorCard]:
+    """The generator card of each checkpoint sha256.
+
+    A card names its checkpoint by a `checkpoint_sha256` key or by the checkpoint file
+    beside it (last.json beside last.pt). A card passed explicitly (`--generator-card`)
+    whose checkpoint cannot be determined is taken to describe every generator. Without
+    an explicit card, the synthetic folders' provenance.json (sample-tumors keeps each
+    checkpoint's card there), checkpoints named in sidecar JSONs and RUN_DIR/checkpoints
+    under `runs_dir` are searched.
+    Raises ProvenanceError for a generator with no card or a card without train_subjects.
+    """
+    wanted = sorted(set(checkpoint_shas))
+    cards: dict[str, GeneratorCard] = {}
+    fallback: tuple[Path, dict[str, Any]] | None = None
+    for path in explicit:
+        if not path.is_file():
+            raise ConfigError(f"generator card {path} does not exist")
+        data, sha = _card_from_file(path)
+        if sha:
+            cards.setdefault(sha, _card(path, data, sha))
+        else:
+            fallback = (path, data)
+    missing = [s for s in wanted if s not in cards]
+    if missing and fallback is None:
+        # sample-tumors copies each checkpoint's card into the synthetic folder's provenance.json
+        for d in synthetic_dirs:
+            prov = d / PROVENANCE_NAME
+            if not prov.is_file():
+                continue
+            try:
+                data = json.loads(prov.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                continue
+            for sha, card in (data.get("checkpoints") or {}).items() if isinstance(data, dict) else ():
+                if str(sha).lower() in missing and isinstance(card, dict):
+                    cards.setdefault(str(sha).lower(), _card(prov, card, str(sha).lower()))
+        missing = [s for s in wanted if s not in cards]
+    if missing and fallback is None:
+        for path in _candidate_cards(synthetic_dirs, runs_dir):
+            data, sha = _card_from_file(path)
+            if sha in missing:
+                cards.setdefault(sha, _card(path, data, sha))
+    for sha in wanted:
+        if sha in cards:
+            continue
+        if fallback is not None:
+            cards[sha] = _card(fallback[0], fallback[1], sha)
+            continue
+        raise ProvenanceError(
+            f"synthetic items from generator {sha[:12]} have no model card with train_subjects; "
+            "pass --generator-card RUN_DIR/checkpoints/last.json (or --runs-dir)"
+        )
+    return {s: cards[s] for s in wanted}
+
+
+def _card(path: Path, data: Mapping[str, Any], sha: str) -> GeneratorCard:
+    subjects = data.get("train_subjects")
+    if not isinstance(subjects, list) or not subjects:
+        raise ProvenanceError(
+            f"generator card {path.name} (checkpoint {sha[:12]}) lists no train_subjects; "
+            "its training subjects cannot be checked against the validation and test splits"
+        )
+    return GeneratorCard(path=path, checkpoint_sha256=sha, train_subjects=frozenset(str(s) for s in subjects))

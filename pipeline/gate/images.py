@@ -1,0 +1,238 @@
+"""Load a real or synthetic folder into the gate's 2-D images: (N, 1, S, S) float32 in [-1, 1].
+
+A folder is the output of `medaug ingest`, `translate`, `sample-tumors` or
+`extract-patches` (read through its manifest.csv: path, class, modality, split, ...), or a
+plain folder of NIfTI (.nii, .nii.gz) or .npy files. 3-D volumes are scored as axial
+slices: each volume is normalised per modality exactly as the generators see it
+(pipeline.preprocess: CT through an HU window, MR through its foreground percentiles),
+only slices with enough body are kept, and they are fitted into gate_size x gate_size with
+the CycleGAN's own geometry (pipeline.slices.volume_to_slices). 2-D patches (or (s, s, 1)
+volumes) are taken as they are: patch folders already hold [-1, 1] values; a patch with
+values outside [-1, 1] is in scanner units and is normalised like a volume.
+
+Each slice remembers its item (file), which is also its group: neighbours and pairs in the
+metrics are taken across items only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import NDArray
+
+from pipeline.errors import DatasetError
+from pipeline.gate.config import GateConfig
+from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from pipeline.preprocess import body_mask, ct_to_unit, foreground_fraction, mr_landmarks, mr_to_unit
+from pipeline.slices import volume_to_slices
+from pipeline.types import Modality
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".npy")
+"""Files a plain folder may hold."""
+
+CT_GUESS_HU = -500.0
+"""A volume whose 1st percentile is below this is CT (air at -1000 HU); MR air is near 0."""
+
+Role = Literal["real", "synthetic"]
+
+
+@dataclass
+class GateItem:
+    """One file of a folder: its manifest path (relative to the folder), sha256, class and modality.
+
+    `kind` is "volume" (scored as axial slices) or "patch" (one 2-D image). `skipped` says
+    why no slice of it is scored ("" when some are).
+    """
+
+    path: str
+    abs_path: Path
+    sha256: str
+    klass: str
+    modality: str
+    kind: str
+    row: dict[str, str]
+    skipped: str = ""
+
+
+@dataclass
+class GateSet:
+    """The scored images of one folder and where each came from.
+
+    images (N, 1, S, S) float32 in [-1, 1]; item_of (N,) index into `items` (the group);
+    slice_of (N,) axial slice index in its volume (0 for patches); classes (N,).
+    """
+
+    folder: Path
+    items: list[GateItem]
+    images: torch.Tensor
+    item_of: NDArray[np.int64]
+    slice_of: NDArray[np.int64]
+    columns: list[str] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        """Class name of each slice (its item's class; "" when unlabelled)."""
+        return [self.items[i].klass for i in self.item_of]
+
+    @property
+    def modalities(self) -> list[str]:
+        """Sorted modalities of the items with scored slices."""
+        return sorted({self.items[i].modality for i in set(self.item_of.tolist())})
+
+    def content_sha256(self) -> str:
+        """sha256 over the sorted sha256s of the items: names the input by content, not by path."""
+        h = hashlib.sha256()
+        for s in sorted(it.sha256 for it in self.items):
+            h.update(s.encode())
+        return h.hexdigest()
+
+    def subset(self, keep: NDArray[np.int64]) -> GateSet:
+        """The same set restricted to slices `keep` (indices into the N slices)."""
+        k = torch.as_tensor(np.asarray(keep, np.int64))
+        return GateSet(self.folder, self.items, self.images[k], self.item_of[keep], self.slice_of[keep], self.columns)
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (N, 1, H, W) -> (N, 1, size, size), bilinear with anti-aliasing when shrinking."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
+                        antialias=size < max(images.shape[-2:]))
+    return out.clamp(-1.0, 1.0)
+
+
+def _rows(folder: Path) -> tuple[list[dict[str, str]], list[str]]:
+    if not folder.is_dir():
+        raise DatasetError(f"gate input {folder} is not a folder; pass an ingest, translate or sample-tumors output folder")
+    if (folder / MANIFEST_NAME).is_file():
+        rows = read_manifest(folder)
+        if rows and "path" not in rows[0]:
+            raise DatasetError(f"{folder / MANIFEST_NAME} has no 'path' column; is it a medaug manifest?")
+        return rows, list(rows[0].keys()) if rows else ["path"]
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise DatasetError(f"{folder} has neither a {MANIFEST_NAME} nor NIfTI/.npy files")
+    return [{"path": p.relative_to(folder).as_posix()} for p in files], ["path"]
+
+
+def _read_array(path: Path) -> NDArray[np.float32]:
+    if path.name.endswith(".npy"):
+        arr = np.load(path, allow_pickle=False)
+    else:
+        arr = np.asarray(nib.as_closest_canonical(nib.load(str(path))).dataobj)
+    arr = np.asarray(arr, dtype=np.float32)
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise DatasetError(f"{path.name}: expected a 2-D patch or a 3-D volume, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise DatasetError(f"{path.name}: holds NaN or infinite values")
+    return arr
+
+
+def _modality(row: dict[str, str], raw: NDArray[np.float32], cfg: GateConfig) -> Modality:
+    value = (row.get("modality") or "").strip().upper()
+    if not value:
+        value = cfg.modality
+    match value:
+        case "CT":
+            return "CT"
+        case "MR" | "MRI":
+            return "MR"
+        case "AUTO":
+            return "CT" if float(np.percentile(raw, 1.0)) < CT_GUESS_HU else "MR"
+        case _:
+            raise DatasetError(f"modality {value!r} is not one of CT, MR")
+
+
+def _normalise(raw: NDArray[np.float32], modality: Modality, cfg: GateConfig) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
+    """Volume (x, y, z) -> values in [-1, 1] and its body mask, as pipeline.slices does."""
+    mask = body_mask(raw, modality)
+    match modality:
+        case "CT":
+            unit = ct_to_unit(raw, cfg.hu_window)
+        case "MR":
+            unit = mr_to_unit(raw, mr_landmarks(raw, mask, cfg.mr_percentiles))
+    return unit, mask
+
+
+def load_gate_set(folder: Path, cfg: GateConfig, role: Role, modalities: set[str] | None = None) -> GateSet:
+    """Read `folder` into a GateSet of scored slices (see the module doc).
+
+    role "real" keeps rows of `cfg.real_split` (and rows with an empty split) and, when
+    `modalities` is given and some rows match it, only rows of those modalities (the
+    synthetic set's). At most `cfg.max_slices` slices are kept (seeded subset).
+    Raises DatasetError for unreadable folders or files.
+    """
+    rows, columns = _rows(folder)
+    if role == "real" and cfg.real_split and rows and "split" in rows[0]:
+        picked = [r for r in rows if (r.get("split") or "").strip() in ("", cfg.real_split)]
+        if picked:
+            rows = picked
+        else:
+            log.warning("real folder %s has no rows of split %r; all %d rows are the reference", folder.name, cfg.real_split, len(rows))
+    if role == "real" and modalities and rows and "modality" in rows[0]:
+        picked = [r for r in rows if (r.get("modality") or "").strip().upper() in modalities]
+        if picked:
+            rows = picked
+    if role == "synthetic" and rows and "synthetic" in rows[0]:
+        rows = [r for r in rows if (r.get("synthetic") or "1").strip() not in ("0", "false", "False")]
+    if not rows:
+        raise DatasetError(f"{folder} lists no usable {role} items")
+
+    items: list[GateItem] = []
+    stacks: list[torch.Tensor] = []
+    item_of: list[NDArray[np.int64]] = []
+    slice_of: list[NDArray[np.int64]] = []
+    patch_sizes: set[tuple[int, int]] = set()
+    for row in rows:
+        rel = row["path"]
+        path = folder / rel
+        if not path.is_file():
+            raise DatasetError(f"{folder.name}/{MANIFEST_NAME} lists {rel} but the file is missing")
+        raw = _read_array(path)
+        modality = _modality(row, raw, cfg)
+        item = GateItem(rel, path, (row.get("sha256") or "").strip().lower() or sha256_file(path),
+                        (row.get("class") or "").strip(), modality, "patch" if raw.ndim == 2 else "volume", dict(row))
+        idx = len(items)
+        items.append(item)
+        if raw.ndim == 2:
+            unit = np.clip(raw, -1.0, 1.0) if float(np.abs(raw).max()) <= 1.001 else _normalise(raw[..., None], modality, cfg)[0][..., 0]
+            stacks.append(torch.as_tensor(unit, dtype=torch.float32)[None, None])
+            patch_sizes.add((int(unit.shape[0]), int(unit.shape[1])))
+            item_of.append(np.array([idx], np.int64))
+            slice_of.append(np.array([0], np.int64))
+            continue
+        unit, mask = _normalise(raw, modality, cfg)
+        keep = np.flatnonzero(foreground_fraction(mask) >= cfg.min_foreground)
+        if len(keep) == 0:
+            item.skipped = f"no axial slice has {cfg.min_foreground:.0%} body or more"
+            continue
+        stacks.append(volume_to_slices(unit[..., keep], cfg.gate_size)[:, :1])
+        item_of.append(np.full(len(keep), idx, np.int64))
+        slice_of.append(keep.astype(np.int64))
+
+    if not stacks:
+        raise DatasetError(f"{folder}: no {role} item has a scored slice (all near-empty)")
+    # 2-D patches of one common size keep it; anything else goes to gate_size
+    native = next(iter(patch_sizes)) if len(patch_sizes) == 1 else None
+    size = native[0] if native and native[0] == native[1] and all(s.shape[-1] == native[0] for s in stacks) else cfg.gate_size
+    images = torch.cat([resize_images(s, size) for s in stacks])
+    out = GateSet(folder, items, images, np.concatenate(item_of), np.concatenate(slice_of), columns)
+    if len(out.item_of) > cfg.max_slices:
+        rng = np.random.default_rng([cfg.seed, 0 if role == "real" else 1])
+        out = out.subset(np.sort(rng.choice(len(out.item_of), cfg.max_slices, replace=False)))
+    log.info("gate %s: %d items, %d scored slices of %dx%d", role, len(items), len(out.item_of), size, size)
+    return out

@@ -1,0 +1,343 @@
+"""The quality gate: score a synthetic folder against the real training folder, decide, report.
+
+`run_gate(real, synthetic, out, cfg) -> GateReport` is what `medaug gate` and the Prefect
+flow call. It reads both folders into 2-D images (pipeline/gate/images.py), embeds them
+(pipeline/gate/features.py), computes the metrics (pipeline/gate/metrics.py), runs the
+batch checks (any failure rejects the batch, each failure named), filters samples (near-
+copies of training images and outliers are dropped, each with its reason) and writes
+gate_report.json, gate_report.md, PNG figures and accepted.csv (pipeline/gate/report.py).
+
+The checks (thresholds in GateConfig):
+  modality      the synthetic items' modalities appear in the real reference;
+  intensity     pixel-value Wasserstein-1 distance (wrong modality, window or scaling);
+  fid           FID relative to a real-vs-real baseline (two subject-disjoint halves), and absolute;
+  kid           KID (absolute; off by default);
+  precision     realism: synthetic samples inside real k-NN balls (noise fails);
+  recall, coverage  the real distribution is covered (mode collapse fails);
+  diversity     mean pairwise MS-SSIM of synthetic minus real (mode collapse raises it);
+  memorization  share of synthetic slices that are near-copies of training slices.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from pipeline.errors import DatasetError
+from pipeline.gate import metrics as M
+from pipeline.gate.config import CHECKS, GateConfig
+from pipeline.gate.features import build_extractor
+from pipeline.gate.images import GateSet, load_gate_set, resize_images
+from pipeline.gate.report import (
+    FIG_ACCEPTED,
+    FIG_COPIES,
+    FIG_REJECTED,
+    CheckResult,
+    GateReport,
+    SampleDecision,
+    image_grid,
+    report_id,
+    write_accepted,
+    write_json,
+    write_markdown,
+)
+
+log = logging.getLogger(__name__)
+
+F64 = NDArray[np.float64]
+
+
+def _rng(cfg: GateConfig, stream: int) -> np.random.Generator:
+    """An independent seeded generator per use, so adding a metric does not shift the others."""
+    return np.random.default_rng([cfg.seed, stream])
+
+
+def _metric(value: float, ci: tuple[float, float] | None = None, **extra: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"value": value}
+    if ci is not None:
+        out["ci_low"], out["ci_high"] = ci
+    out.update(extra)
+    return out
+
+
+def _real_halves(groups: NDArray[np.int64], seed: int) -> tuple[NDArray[np.int64], NDArray[np.int64]] | None:
+    """Slice indices of two item-disjoint halves of the real set (None with fewer than 4 items)."""
+    items = np.unique(groups)
+    if len(items) < 4:
+        return None
+    perm = np.random.default_rng([seed, 7]).permutation(items)
+    a = set(perm[: len(perm) // 2].tolist())
+    mask = np.isin(groups, list(a))
+    return np.flatnonzero(mask), np.flatnonzero(~mask)
+
+
+def _memorization(real: GateSet, syn: GateSet, fr: F64, fs: F64) -> dict[str, F64]:
+    """Nearest training slice of each synthetic slice in pixel and feature space, and the
+    ratios of those distances to the median real-to-real (other item) nearest-neighbour distance."""
+    pr = real.images.reshape(len(real.item_of), -1).double().numpy()
+    ps = syn.images.reshape(len(syn.item_of), -1).double().numpy()
+    d_pix, i_pix = M.nearest(ps, pr)
+    d_feat, i_feat = M.nearest(fs, fr)
+    rr_pix, _ = M.nearest(pr, pr, real.item_of, real.item_of)
+    rr_feat, _ = M.nearest(fr, fr, real.item_of, real.item_of)
+    med_pix = float(np.median(rr_pix[np.isfinite(rr_pix)])) if np.isfinite(rr_pix).any() else float("nan")
+    med_feat = float(np.median(rr_feat[np.isfinite(rr_feat)])) if np.isfinite(rr_feat).any() else float("nan")
+    return {
+        "pixel_dist": d_pix, "pixel_idx": i_pix.astype(np.float64), "feature_dist": d_feat,
+        "pixel_ratio": d_pix / max(med_pix, 1e-12), "feature_ratio": d_feat / max(med_feat, 1e-12),
+        "median_rr_pixel": np.array([med_pix]), "median_rr_feature": np.array([med_feat]),
+    }
+
+
+def _duplicates(ref: GateSet, syn: GateSet, fs: F64, mem: dict[str, F64], cfg: GateConfig) -> F64:
+    """Per synthetic slice (of a subset no larger than the real set, so nearest-neighbour
+    distances are comparable): 1.0 when its nearest synthetic slice from another item is a
+    near-copy by the same rule as memorization (ratios to the median real-to-real distance)."""
+    _, si = M.equal_size_indices(len(ref.item_of), len(syn.item_of), _rng(cfg, 10))
+    ps = syn.images[si].reshape(len(si), -1).double().numpy()
+    d_pix, _ = M.nearest(ps, ps, syn.item_of[si], syn.item_of[si])
+    d_feat, _ = M.nearest(fs[si], fs[si], syn.item_of[si], syn.item_of[si])
+    pix = d_pix / max(float(mem["median_rr_pixel"][0]), 1e-12)
+    feat = d_feat / max(float(mem["median_rr_feature"][0]), 1e-12)
+    return ((pix < cfg.copy_ratio_pixel) | (feat < cfg.copy_ratio_feature)).astype(np.float64)
+
+
+def _diversity(s: GateSet, idx: NDArray[np.int64], cfg: GateConfig, stream: int) -> F64:
+    """MS-SSIM of random pairs of slices from different items at the same slice index (volumes) or
+    any two patches: slices of one anatomical level are compared, so the measure is between-subject
+    diversity rather than the (much larger) difference between levels of the head."""
+    return M.mean_pairwise_ms_ssim(s.images[idx], s.item_of[idx], cfg.max_pairs, _rng(cfg, stream), strata=s.slice_of[idx])
+
+
+def _prdc(fr: F64, fs: F64, rg: NDArray[np.int64], sg: NDArray[np.int64], k: int, rng: np.random.Generator) -> M.PRDC:
+    """PRDC on equal-size sets (the larger subsampled); per-sample indicators of the subsample."""
+    ri, si = M.equal_size_indices(len(fr), len(fs), rng)
+    return M.prdc(fr[ri], fs[si], min(k, len(ri) - 1), rg[ri], sg[si])
+
+
+def _class_metrics(real: GateSet, syn: GateSet, fr: F64, fs: F64, copies: NDArray[np.bool_], cfg: GateConfig) -> dict[str, dict[str, Any]]:
+    """Metrics restricted to each class with at least cfg.min_class_samples slices in both sets."""
+    out: dict[str, dict[str, Any]] = {}
+    rc, sc = np.array(real.classes), np.array(syn.classes)
+    for k, cls in enumerate(sorted(set(sc.tolist()))):
+        ri, si = np.flatnonzero(rc == cls), np.flatnonzero(sc == cls)
+        entry: dict[str, Any] = {"n_real": len(ri), "n_synthetic": len(si)}
+        if len(ri) < cfg.min_class_samples or len(si) < cfg.min_class_samples:
+            entry["note"] = f"fewer than {cfg.min_class_samples} slices in a set: not scored"
+            out[cls] = entry
+            continue
+        p = _prdc(fr[ri], fs[si], real.item_of[ri], syn.item_of[si], cfg.nearest_k, _rng(cfg, 400 + k))
+        entry.update(
+            fid=M.fid(fr[ri], fs[si]),
+            kid=M.kid(fs[si], fr[ri], max(1, cfg.kid_subsets // 5), cfg.kid_subset_size, _rng(cfg, 100 + k)).mean,
+            precision=p.precision, recall=p.recall, density=p.density, coverage=p.coverage,
+            ms_ssim_synthetic=float(np.mean(v)) if len(v := _diversity(syn, si, cfg, 200 + k)) else float("nan"),
+            ms_ssim_real=float(np.mean(v)) if len(v := _diversity(real, ri, cfg, 300 + k)) else float("nan"),
+            copy_fraction=float(copies[si].mean()),
+        )
+        out[cls] = entry
+    return out
+
+
+def _check(name: str, value: float | None, threshold: float | None, op: str, detail: str) -> CheckResult | None:
+    if threshold is None:
+        return None
+    if value is None or not np.isfinite(value):
+        return CheckResult(name, value, threshold, op, False, f"{detail} (could not be computed)")
+    passed = value <= threshold if op == "<=" else value >= threshold
+    return CheckResult(name, float(value), float(threshold), op, bool(passed), detail)
+
+
+def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = None) -> GateReport:
+    """Score `synthetic` against `real` (folders; see pipeline/gate/images.py), write the report under `out`.
+
+    Returns the GateReport (verdict "accept" or "reject", failed checks named). Raises
+    DatasetError for unusable folders or too few samples, WeightsMissingError for missing
+    weights, ConfigError for a bad extractor plug-in.
+    """
+    cfg = cfg or GateConfig()
+    out.mkdir(parents=True, exist_ok=True)
+
+    # data
+    syn = load_gate_set(synthetic, cfg, "synthetic")
+    ref = load_gate_set(real, cfg, "real", modalities=set(syn.modalities))
+    if ref.images.shape[-1] != syn.images.shape[-1]:
+        ref.images, syn.images = resize_images(ref.images, cfg.gate_size), resize_images(syn.images, cfg.gate_size)
+    for name, s in (("real", ref), ("synthetic", syn)):
+        if len(s.item_of) < cfg.min_samples:
+            raise DatasetError(f"{name} folder {s.folder.name} has {len(s.item_of)} scored slices; the gate needs at least "
+                               f"{cfg.min_samples} (gate.min_samples)")
+
+    # features
+    extractor = build_extractor(cfg, ref.images, out)
+    fr, fs = extractor(ref.images), extractor(syn.images)
+    log.info("gate features: %s, %d-d", extractor.name, fr.shape[1])
+
+    # metrics
+    k = min(cfg.nearest_k, len(ref.item_of) - 1, len(syn.item_of) - 1)
+    all_r, all_s = np.arange(len(ref.item_of)), np.arange(len(syn.item_of))
+    nb, lvl = cfg.n_bootstrap, cfg.ci_level
+    pix_r = ref.images.flatten().numpy()
+    pix_s = syn.images.flatten().numpy()
+    rng_pix = _rng(cfg, 1)
+    w1 = M.intensity_w1(rng_pix.choice(pix_s, min(len(pix_s), 400_000), replace=False),
+                        rng_pix.choice(pix_r, min(len(pix_r), 400_000), replace=False))
+    fid = M.fid(fs, fr)
+    fid_ci = M.bootstrap_two_sample_ci(lambda a, b: M.fid(fs[a], fr[b]), len(fs), len(fr), nb, lvl, _rng(cfg, 2))
+    halves = _real_halves(ref.item_of, cfg.seed)
+    fid_base = M.fid(fr[halves[0]], fr[halves[1]]) if halves is not None else float("nan")
+    kid = M.kid(fs, fr, cfg.kid_subsets, cfg.kid_subset_size, _rng(cfg, 3))
+    p = _prdc(fr, fs, ref.item_of, syn.item_of, k, _rng(cfg, 8))
+    ms_syn = _diversity(syn, all_s, cfg, 4)
+    ms_real = _diversity(ref, all_r, cfg, 5)
+    ms_s, ms_r = (float(v.mean()) if len(v) else float("nan") for v in (ms_syn, ms_real))
+    mem = _memorization(ref, syn, fr, fs)
+    copies = (mem["pixel_ratio"] < cfg.copy_ratio_pixel) | (mem["feature_ratio"] < cfg.copy_ratio_feature)
+    outliers = mem["feature_ratio"] > cfg.outlier_ratio
+    dups = _duplicates(ref, syn, fs, mem, cfg)
+    rng_b = _rng(cfg, 6)
+    metrics: dict[str, Any] = {
+        "intensity_w1": _metric(w1),
+        "fid": _metric(fid, fid_ci),
+        "fid_real_baseline": _metric(fid_base),
+        "fid_ratio": _metric(fid / fid_base if fid_base > 0 else float("nan")),
+        "kid": _metric(kid.mean, M.percentile_ci(kid.values, lvl), std=kid.std),
+        "precision": _metric(p.precision, M.bootstrap_mean_ci(p.in_real_ball, nb, lvl, rng_b)),
+        "recall": _metric(p.recall, M.bootstrap_mean_ci(p.real_recalled, nb, lvl, rng_b)),
+        "density": _metric(p.density, M.bootstrap_mean_ci(p.real_balls_hit, nb, lvl, rng_b)),
+        "coverage": _metric(p.coverage, M.bootstrap_mean_ci(p.real_covered, nb, lvl, rng_b)),
+        "ms_ssim_synthetic": _metric(ms_s, M.bootstrap_mean_ci(ms_syn, nb, lvl, rng_b)),
+        "ms_ssim_real": _metric(ms_r, M.bootstrap_mean_ci(ms_real, nb, lvl, rng_b)),
+        "duplicate_fraction": _metric(float(dups.mean()), M.bootstrap_mean_ci(dups, nb, lvl, rng_b)),
+        "copy_fraction": _metric(float(copies.mean()), M.bootstrap_mean_ci(copies.astype(np.float64), nb, lvl, rng_b)),
+        "outlier_fraction": _metric(float(outliers.mean()), M.bootstrap_mean_ci(outliers.astype(np.float64), nb, lvl, rng_b)),
+        "median_real_nn_pixel": _metric(float(mem["median_rr_pixel"][0])),
+        "median_real_nn_feature": _metric(float(mem["median_rr_feature"][0])),
+        "nearest_k": k,
+    }
+
+    # batch checks
+    missing = sorted(set(syn.modalities) - set(ref.modalities))
+    checks = [
+        CheckResult("modality", float(len(missing)), 0.0, "<=", len(missing) == 0,
+                    f"synthetic {'/'.join(syn.modalities)} vs real {'/'.join(ref.modalities)}"
+                    + (f": no real {', '.join(missing)} to compare with" if missing else "")),
+        _check("intensity", w1, cfg.intensity_max, "<=", "Wasserstein-1 of pixel values in [-1, 1]"),
+        _check("fid", fid / fid_base if fid_base > 0 else None, cfg.fid_max_ratio, "<=",
+               f"FID {fid:.4g} / real-vs-real baseline {fid_base:.4g}"),
+        _check("fid", fid, cfg.fid_max, "<=", "absolute FID"),
+        _check("kid", kid.mean, cfg.kid_max, "<=", f"KID +- {kid.std:.3g} over {cfg.kid_subsets} subsets"),
+        _check("precision", p.precision, cfg.precision_min, ">=", f"synthetic samples inside real {k}-NN balls"),
+        _check("recall", p.recall, cfg.recall_min, ">=", f"real samples inside synthetic {k}-NN balls"),
+        _check("coverage", p.coverage, cfg.coverage_min, ">=", f"real {k}-NN balls holding a synthetic sample"),
+        _check("diversity", ms_s - ms_r, cfg.diversity_max_excess, "<=",
+               f"pairwise MS-SSIM synthetic {ms_s:.3f} minus real {ms_r:.3f}"),
+        _check("duplicates", float(dups.mean()), cfg.max_duplicate_fraction, "<=",
+               "share of synthetic slices that are near-copies of another synthetic item (mode collapse)"),
+        _check("memorization", float(copies.mean()), cfg.max_copy_fraction, "<=",
+               f"share of slices nearer a training image than {cfg.copy_ratio_pixel} x (pixels) or "
+               f"{cfg.copy_ratio_feature} x (features) the typical real-to-real distance"),
+    ]
+    done = [c for c in checks if c is not None]
+    done.sort(key=lambda c: CHECKS.index(c.name))
+    failed = list(dict.fromkeys(c.name for c in done if not c.passed))
+    verdict = "reject" if failed else "accept"
+
+    # per-sample filtering
+    samples = _decide_samples(ref, syn, mem, copies, outliers, cfg)
+    n_acc = sum(s.decision == "accept" for s in samples)
+    report = GateReport(
+        verdict=verdict,
+        failed_checks=failed,
+        checks=done,
+        metrics=metrics,
+        per_class=_class_metrics(ref, syn, fr, fs, copies, cfg),
+        samples=samples,
+        feature_extractor={"name": extractor.name, "sha256": extractor.sha256, "dim": int(fr.shape[1])},
+        inputs={
+            "real": {"content_sha256": ref.content_sha256(), "n_items": len(ref.items), "n_slices": len(ref.item_of),
+                     "modalities": ref.modalities},
+            "synthetic": {"content_sha256": syn.content_sha256(), "n_items": len(syn.items), "n_slices": len(syn.item_of),
+                          "modalities": syn.modalities},
+            "image_size": int(syn.images.shape[-1]),
+        },
+        config=cfg.model_dump(mode="json"),
+        n_accepted=n_acc,
+        n_rejected=len(samples) - n_acc,
+        out=out,
+    )
+    report.report_id = report_id(report)
+
+    # files
+    figures = _write_figures(report, ref, syn, mem, copies, cfg, out)
+    write_json(report, out)
+    write_markdown(report, out, figures)
+    write_accepted(report, [it.row for it in syn.items], syn.columns, out)
+    log.info("gate %s%s: %d of %d synthetic items pass the per-sample filter (report %s)", verdict.upper(),
+             f" (failed: {', '.join(failed)})" if failed else "", n_acc, len(samples), report.report_id[:12])
+    return report
+
+
+def _decide_samples(ref: GateSet, syn: GateSet, mem: dict[str, F64], copies: NDArray[np.bool_],
+                    outliers: NDArray[np.bool_], cfg: GateConfig) -> list[SampleDecision]:
+    """One decision per synthetic item: drop near-copies and outliers (share of its slices over cfg.item_share)."""
+    decisions = []
+    for idx, item in enumerate(syn.items):
+        sl = np.flatnonzero(syn.item_of == idx)
+        if item.skipped or len(sl) == 0:
+            reason = item.skipped or "no slice in the scored subset (gate.max_slices)"
+            decisions.append(SampleDecision(item.path, item.sha256, item.klass, "reject" if item.skipped else "accept",
+                                            [reason] if item.skipped else [], 0))
+            continue
+        reasons = []
+        copy_share, out_share = float(copies[sl].mean()), float(outliers[sl].mean())
+        j = sl[int(np.argmin(mem["pixel_ratio"][sl]))]
+        nn = int(mem["pixel_idx"][j])
+        nearest = f"{ref.items[ref.item_of[nn]].path}#z{int(ref.slice_of[nn])}"
+        if copy_share > cfg.item_share or (len(sl) == 1 and copy_share > 0):
+            reasons.append(f"near-copy of training image {nearest}: pixel distance {mem['pixel_ratio'][j]:.2f} x, "
+                           f"feature distance {float(mem['feature_ratio'][sl].min()):.2f} x the typical real-to-real distance "
+                           f"({copy_share:.0%} of its slices)")
+        if out_share > cfg.item_share or (len(sl) == 1 and out_share > 0):
+            reasons.append(f"outlier: feature distance to the nearest real image {float(np.median(mem['feature_ratio'][sl])):.2f} x "
+                           f"the typical real-to-real distance, over {cfg.outlier_ratio} ({out_share:.0%} of its slices)")
+        decisions.append(SampleDecision(
+            item.path, item.sha256, item.klass, "reject" if reasons else "accept", reasons, len(sl),
+            pixel_ratio=float(mem["pixel_ratio"][sl].min()), feature_ratio=float(mem["feature_ratio"][sl].min()),
+            outlier_share=out_share, nearest_real=nearest,
+        ))
+    return decisions
+
+
+def _write_figures(report: GateReport, ref: GateSet, syn: GateSet, mem: dict[str, F64], copies: NDArray[np.bool_],
+                   cfg: GateConfig, out: Path) -> list[str]:
+    """Accepted samples, rejected samples, near-copy pairs (synthetic | nearest training slice) as PNGs."""
+    n = cfg.figure_samples
+    if n == 0:
+        return []
+    rng = _rng(cfg, 9)
+    by_path = {s.path: s for s in report.samples}
+    acc_slices = [i for i in range(len(syn.item_of)) if by_path[syn.items[syn.item_of[i]].path].decision == "accept"]
+    rej_slices = [i for i in range(len(syn.item_of)) if by_path[syn.items[syn.item_of[i]].path].decision != "accept"]
+    written = []
+    for name, pool in ((FIG_ACCEPTED, acc_slices), (FIG_REJECTED, rej_slices)):
+        if not pool:
+            continue
+        pick = sorted(rng.choice(len(pool), min(n, len(pool)), replace=False).tolist())
+        idx = [pool[i] for i in pick]
+        caps = [f"{syn.items[syn.item_of[i]].klass or '-'} z{int(syn.slice_of[i])}" for i in idx]
+        image_grid([[syn.images[i]] for i in idx], caps, out / name)
+        written.append(name)
+    copy_idx = np.flatnonzero(copies)
+    if len(copy_idx):
+        order = copy_idx[np.argsort(mem["pixel_ratio"][copy_idx])][:n]
+        tiles = [[syn.images[i], ref.images[int(mem["pixel_idx"][i])]] for i in order]
+        caps = [f"ratio {mem['pixel_ratio'][i]:.2f}" for i in order]
+        image_grid(tiles, caps, out / FIG_COPIES)
+        written.append(FIG_COPIES)
+    return written

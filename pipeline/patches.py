@@ -1,0 +1,422 @@
+"""Tumor and healthy-tissue patches cut from ingested volumes: the tumor GAN's training data.
+
+Reads ingest folders (manifest.csv with path,label_path,subject_id,modality,spacing,sha256,
+class,split), normalises each volume to [-1, 1] (CT through an HU window, MR through robust
+foreground percentiles; pipeline/preprocess.py), and cuts lesion-centred patches per tumor
+class plus healthy-tissue patches (class "healthy") from the body away from the lesion,
+each with its mask. 2D patches (default) come from the axial slice of largest lesion area
+and its neighbours that still hold lesion; 3D patches are cubes around the lesion centroid.
+Extraction is deterministic: the only randomness (where healthy patches go) comes from a
+generator seeded with (seed, source sha256), so the same inputs and seed give the same
+patches in any order. `write_patch_folder` writes patches/*.nii.gz, masks/*.nii.gz and a
+manifest.csv (synthetic=0) that the gate and dataset writer read like any other folder;
+models/train_tumor_gan.py trains on the arrays (`to_train_data`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import nibabel as nib
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from pipeline.errors import PatchError
+from pipeline.manifest import read_manifest, write_manifest
+from pipeline.preprocess import body_mask, to_unit
+from pipeline.types import HUWindow, Modality
+
+log = logging.getLogger(__name__)
+
+HEALTHY = "healthy"
+"""Class name of patches of brain tissue away from any lesion."""
+
+DEFAULT_TUMOR_HU_WINDOW: HUWindow = (-100.0, 200.0)
+"""HU window of tumor patches: fat to enhancing tissue; brain contrast survives, bone clips to +1."""
+
+PATCH_COLUMNS = (
+    "path",
+    "label_path",
+    "class",
+    "subject_id",
+    "split",
+    "modality",
+    "synthetic",
+    "source_sha256",
+    "centre",
+    "spacing",
+    "patch_size",
+)
+PARAMS_NAME = "patches.json"
+
+
+@dataclass
+class PatchSet:
+    """Patches in memory: images (N, *S) float32 in [-1, 1], masks (N, *S) uint8 {0, 1}.
+
+    `rows[i]` holds patch i's manifest fields (class, subject_id, split, modality,
+    source_sha256, centre, spacing, patch_size; `path`/`label_path` once written or read),
+    `affines[i]` its 4x4 voxel-to-RAS+ matrix in mm. S is (s, s) for 2D, (s, s, s) for 3D.
+    """
+
+    images: NDArray[np.float32]
+    masks: NDArray[np.uint8]
+    rows: list[dict[str, str]]
+    affines: list[NDArray[np.float64]]
+    params: dict[str, Any] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def counts(self) -> dict[str, int]:
+        """Patches per class, sorted by class name."""
+        return dict(sorted(Counter(r["class"] for r in self.rows).items()))
+
+
+# --- extraction ----------------------------------------------------------------------------
+
+
+def _load(path: Path) -> nib.Nifti1Image:
+    """A NIfTI image (typed for mypy; nibabel's load returns the generic image class)."""
+    return cast(nib.Nifti1Image, nib.load(path))
+
+
+def _crop(arr: NDArray[Any], lower: Sequence[int], size: Sequence[int], fill: float) -> NDArray[Any]:
+    """`arr[lower : lower + size]` on every axis, padded with `fill` where it leaves the array."""
+    out = np.full(tuple(size), fill, dtype=arr.dtype)
+    src, dst = [], []
+    for lo, n, dim in zip(lower, size, arr.shape, strict=True):
+        a, b = max(lo, 0), min(lo + n, dim)
+        if b <= a:
+            return out
+        src.append(slice(a, b))
+        dst.append(slice(a - lo, b - lo))
+    out[tuple(dst)] = arr[tuple(src)]
+    return out
+
+
+def _translate(affine: NDArray[np.float64], lower: Sequence[int]) -> NDArray[np.float64]:
+    """Affine of a crop whose first voxel is voxel `lower` (x, y, z) of the source."""
+    shift = np.eye(4)
+    shift[:3, 3] = np.asarray(lower, dtype=np.float64)
+    return np.asarray(affine @ shift, dtype=np.float64)
+
+
+def _centroid(mask: NDArray[np.bool_]) -> tuple[int, ...]:
+    return tuple(int(round(c)) for c in ndimage.center_of_mass(mask))
+
+
+def _healthy_centres(
+    lesion: NDArray[np.bool_],
+    body: NDArray[np.bool_],
+    patch_size: int,
+    n: int,
+    rng: np.random.Generator,
+    dims: int,
+    min_body_fraction: float,
+) -> list[tuple[int, int, int]]:
+    """Up to `n` distinct patch centres (x, y, z) whose patch holds no lesion and mostly body.
+
+    2D: the patch is an axial (x, y) square, so only lesion in the same slice is avoided.
+    """
+    s = patch_size
+    if dims == 2:
+        forbidden = ndimage.maximum_filter(lesion, size=(s + 2, s + 2, 1), mode="constant")
+        fraction = ndimage.uniform_filter(body.astype(np.float32), size=(s, s, 1), mode="constant")
+    else:
+        forbidden = ndimage.maximum_filter(lesion, size=s + 2, mode="constant")
+        fraction = ndimage.uniform_filter(body.astype(np.float32), size=s, mode="constant")
+    # Centres need the whole patch inside the volume in-plane (and in z for 3D).
+    inside = np.zeros_like(body)
+    h = s // 2
+    lo = [h, h, h if dims == 3 else 0]
+    hi = [dim - (s - h) for dim in body.shape[:2]] + [body.shape[2] - (s - h) if dims == 3 else body.shape[2] - 1]
+    if any(b < a for a, b in zip(lo, hi, strict=True)):
+        return []
+    inside[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1] = True
+    ok = body & inside & ~forbidden & (fraction >= min_body_fraction)
+    candidates = np.argwhere(ok)
+    if len(candidates) == 0:
+        return []
+    picks = rng.choice(len(candidates), size=min(n, len(candidates)), replace=False)
+    return [(int(a), int(b), int(c)) for a, b, c in candidates[np.sort(picks)]]
+
+
+def extract_patches(
+    ingest_dirs: Sequence[Path],
+    patch_size: int = 64,
+    seed: int = 0,
+    dims: int = 2,
+    neighbours: int = 1,
+    healthy_per_volume: int = 2,
+    hu_window: HUWindow = DEFAULT_TUMOR_HU_WINDOW,
+    min_body_fraction: float = 0.9,
+) -> PatchSet:
+    """Cut lesion and healthy patches from every labelled volume in `ingest_dirs`.
+
+    Args:
+        ingest_dirs: ingest output folders (each with manifest.csv, volumes/, labels/).
+        patch_size: patch side in voxels (2D: s x s axial; 3D: s^3).
+        seed: seeds where healthy patches go (with each volume's sha256).
+        dims: 2 for axial patches, 3 for cubes.
+        neighbours: 2D only: slices either side of the largest-lesion slice to cut too.
+        healthy_per_volume: healthy-tissue patches per volume (fewer when they do not fit).
+        hu_window: CT window (low, high) in HU mapped to [-1, 1].
+        min_body_fraction: least fraction of body voxels inside a healthy patch.
+
+    Volumes without a label file are skipped (where the lesion is is unknown); a volume with
+    an empty mask gives healthy patches only; a lesion with an empty class is "tumor".
+    Returns a PatchSet; `skipped` says which volumes gave nothing and why (by file name).
+    """
+    if dims not in (2, 3):
+        raise PatchError(f"patch dims must be 2 or 3, got {dims}")
+    if patch_size < 4:
+        raise PatchError(f"patch size must be at least 4 voxels, got {patch_size}")
+    images: list[NDArray[np.float32]] = []
+    masks: list[NDArray[np.uint8]] = []
+    rows: list[dict[str, str]] = []
+    affines: list[NDArray[np.float64]] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+    size = [patch_size] * 2 + [1 if dims == 2 else patch_size]
+    for folder in ingest_dirs:
+        manifest = folder / "manifest.csv"
+        if not manifest.is_file():
+            raise PatchError(f"{folder} is not an ingest folder: it has no manifest.csv (run `medaug ingest` first)")
+        for row in sorted(read_manifest(manifest), key=lambda r: (r.get("sha256", ""), r["path"])):
+            name = Path(row["path"]).name
+            sha = row.get("sha256") or ""
+            if sha and sha in seen:
+                continue
+            seen.add(sha)
+            if not row.get("label_path"):
+                skipped.append(f"{name}: no tumor mask, so lesion and healthy tissue cannot be told apart")
+                continue
+            modality = row.get("modality", "")
+            if modality not in ("CT", "MR"):
+                skipped.append(f"{name}: modality {modality!r} is not CT or MR")
+                continue
+            img = _load(folder / row["path"])
+            volume = np.asarray(img.dataobj, dtype=np.float32)
+            lesion = np.asarray(_load(folder / row["label_path"]).dataobj) > 0
+            if volume.ndim != 3 or lesion.shape != volume.shape:
+                skipped.append(f"{name}: volume {volume.shape} and mask {lesion.shape} must be the same 3-D shape")
+                continue
+            unit, _ = to_unit(volume, _modality(modality), hu_window)
+            body = body_mask(volume, _modality(modality))
+            affine = np.asarray(img.affine, dtype=np.float64)
+            spacing = "x".join(f"{float(z):g}" for z in img.header.get_zooms()[:3])
+            rng = np.random.default_rng([seed, int(sha[:15], 16) if sha else 0])
+            base = {
+                "subject_id": row.get("subject_id", ""),
+                "split": row.get("split", ""),
+                "modality": modality,
+                "synthetic": "0",
+                "source_sha256": sha,
+                "spacing": spacing,
+                "patch_size": str(patch_size),
+            }
+            centres: list[tuple[str, tuple[int, int, int]]] = []
+            if lesion.any():
+                cls = row.get("class") or "tumor"
+                if dims == 2:
+                    areas = lesion.sum(axis=(0, 1))
+                    z0 = int(np.argmax(areas))
+                    for z in range(z0 - neighbours, z0 + neighbours + 1):
+                        if 0 <= z < lesion.shape[2] and areas[z] > 0:
+                            cx, cy = _centroid(lesion[:, :, z])
+                            centres.append((cls, (cx, cy, z)))
+                else:
+                    cx, cy, cz = _centroid(lesion)
+                    centres.append((cls, (cx, cy, cz)))
+            healthy = _healthy_centres(lesion, body, patch_size, healthy_per_volume, rng, dims, min_body_fraction)
+            centres += [(HEALTHY, c) for c in healthy]
+            if not centres:
+                skipped.append(f"{name}: no lesion and no room for a {patch_size}-voxel healthy patch")
+                continue
+            stem = name.removesuffix(".nii.gz").removesuffix(".nii")
+            for k, (cls, centre) in enumerate(centres):
+                lower = [centre[0] - patch_size // 2, centre[1] - patch_size // 2]
+                lower.append(centre[2] if dims == 2 else centre[2] - patch_size // 2)
+                images.append(_crop(unit, lower, size, -1.0))
+                masks.append(_crop(lesion.astype(np.uint8), lower, size, 0))
+                affines.append(_translate(affine, lower))
+                rows.append(
+                    base | {"class": cls, "centre": "x".join(str(c) for c in centre), "name": f"{stem}_{cls}_{k:02d}"}
+                )
+    if not rows:
+        raise PatchError(
+            f"no patches from {len(ingest_dirs)} ingest folder(s): "
+            + ("; ".join(skipped[:3]) if skipped else "the manifests list no volumes")
+        )
+    stack = np.stack(images)
+    stack_m = np.stack(masks)
+    if dims == 2:
+        stack, stack_m = stack[..., 0], stack_m[..., 0]
+    params = {
+        "patch_size": patch_size,
+        "dims": dims,
+        "seed": seed,
+        "neighbours": neighbours,
+        "healthy_per_volume": healthy_per_volume,
+        "min_body_fraction": min_body_fraction,
+        "normalisation": {"CT": {"hu_window": [float(hu_window[0]), float(hu_window[1])]}, "MR": "foreground percentiles (0.5, 99.5) -> [-1, 1]"},
+        "intensity": "normalised [-1, 1]",
+    }
+    patch_set = PatchSet(stack, stack_m, rows, affines, params, skipped)
+    log.info("extracted %d patches %s; %d volume(s) skipped", len(patch_set), patch_set.counts(), len(skipped))
+    return patch_set
+
+
+def _modality(value: str) -> Modality:
+    match value:
+        case "CT":
+            return "CT"
+        case "MR":
+            return "MR"
+        case _:
+            raise PatchError(f"modality must be one of CT, MR; got {value!r}")
+
+
+# --- folders -------------------------------------------------------------------------------
+
+
+def write_patch_folder(patch_set: PatchSet, out: Path) -> Path:
+    """Write patches/<name>.nii.gz, masks/<name>.nii.gz, manifest.csv and patches.json under `out`.
+
+    2D patches are stored as (s, s, 1) NIfTI with the source affine shifted to the patch, so
+    they overlay their source volume. Returns the manifest path.
+    """
+    (out / "patches").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    out_rows = []
+    for i, row in enumerate(patch_set.rows):
+        name = row.get("name") or f"patch_{i:05d}"
+        img, msk = patch_set.images[i], patch_set.masks[i]
+        if img.ndim == 2:
+            img, msk = img[..., None], msk[..., None]
+        rel_img, rel_msk = f"patches/{name}.nii.gz", f"masks/{name}.nii.gz"
+        nib.save(nib.Nifti1Image(img.astype(np.float32), patch_set.affines[i]), out / rel_img)
+        nib.save(nib.Nifti1Image(msk.astype(np.uint8), patch_set.affines[i]), out / rel_msk)
+        row["path"], row["label_path"] = rel_img, rel_msk
+        out_rows.append({c: row.get(c, "") for c in PATCH_COLUMNS})
+    out_rows.sort(key=lambda r: r["path"])
+    (out / PARAMS_NAME).write_text(
+        json.dumps(patch_set.params | {"counts": patch_set.counts(), "skipped": patch_set.skipped}, indent=2, sort_keys=True)
+        + "\n",
+        encoding="utf-8",
+    )
+    return write_manifest(out, out_rows, PATCH_COLUMNS)
+
+
+def read_patch_folder(folder: Path, synthetic: bool | None = None) -> PatchSet:
+    """Load a patch folder (real from `write_patch_folder`, or synthetic from sample-tumors).
+
+    2D patches stored as (s, s, 1) come back as (s, s). `synthetic` keeps only rows with that
+    flag. Raises PatchError when the folder has no manifest or a listed file is missing.
+    """
+    manifest = folder / "manifest.csv"
+    if not manifest.is_file():
+        raise PatchError(f"{folder} has no manifest.csv: pass a folder written by `medaug extract-patches` or `sample-tumors`")
+    rows = read_manifest(manifest)
+    if synthetic is not None:
+        rows = [r for r in rows if (r.get("synthetic", "0") == "1") == synthetic]
+    images, masks, affines = [], [], []
+    for r in rows:
+        p = folder / r["path"]
+        if not p.is_file():
+            raise PatchError(f"{folder}: manifest lists {r['path']} but the file is missing")
+        img = _load(p)
+        arr = np.asarray(img.dataobj, dtype=np.float32)
+        m = np.asarray(_load(folder / r["label_path"]).dataobj) > 0 if r.get("label_path") else np.zeros_like(arr, bool)
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr, m = arr[..., 0], m[..., 0]
+        images.append(arr)
+        masks.append(m.astype(np.uint8))
+        affines.append(np.asarray(img.affine, dtype=np.float64))
+    if not rows:
+        raise PatchError(f"{folder}: manifest.csv lists no patches")
+    shapes = {a.shape for a in images}
+    if len(shapes) != 1:
+        raise PatchError(f"{folder}: patches have different shapes {sorted(shapes)}; one patch size per folder")
+    params_path = folder / PARAMS_NAME
+    params = json.loads(params_path.read_text(encoding="utf-8")) if params_path.is_file() else {}
+    return PatchSet(np.stack(images), np.stack(masks), rows, affines, params)
+
+
+def load_patches(dirs: Sequence[Path], **extract_kwargs: Any) -> PatchSet:
+    """Patches from folders that are either patch folders (patches.json) or ingest folders.
+
+    Patch folders are read as written; ingest folders are extracted with `extract_kwargs`.
+    """
+    sets = []
+    ingest = [d for d in dirs if not (d / PARAMS_NAME).is_file()]
+    sets += [read_patch_folder(d, synthetic=False) for d in dirs if (d / PARAMS_NAME).is_file()]
+    if ingest:
+        sets.append(extract_patches(ingest, **extract_kwargs))
+    if len({s.images.shape[1:] for s in sets}) > 1:
+        raise PatchError(f"patch folders and ingest folders give different patch shapes: {[s.images.shape[1:] for s in sets]}")
+    return PatchSet(
+        np.concatenate([s.images for s in sets]),
+        np.concatenate([s.masks for s in sets]),
+        [r for s in sets for r in s.rows],
+        [a for s in sets for a in s.affines],
+        sets[0].params,
+        [k for s in sets for k in s.skipped],
+    )
+
+
+def to_train_data(patch_set: PatchSet, modality: str | None = None, splits: Sequence[str] = ("train",)) -> Any:
+    """The tumor GAN's training data (models.train_tumor_gan.TumorPatchData) from a PatchSet.
+
+    Keeps patches of `splits` (subjects with no split are used only when no patch has one of
+    `splits`, with a warning) and of one `modality` (default: the one with most patches).
+    Classes are sorted by name; `train_subjects` lists the subject pseudonyms used.
+    """
+    import torch
+
+    from models.train_tumor_gan import TumorPatchData
+
+    keep = [i for i, r in enumerate(patch_set.rows) if r.get("split", "") in splits]
+    if not keep:
+        keep = [i for i, r in enumerate(patch_set.rows) if not r.get("split")]
+        if keep:
+            log.warning("no patch is from a %s subject; training on %d patches of subjects without a split", "/".join(splits), len(keep))
+    if not keep:
+        raise PatchError(f"no patches from {'/'.join(splits)} subjects to train on (found splits {sorted({r.get('split', '') for r in patch_set.rows})})")
+    by_modality = Counter(patch_set.rows[i]["modality"] for i in keep)
+    if modality is None:
+        modality = sorted(by_modality.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+        if len(by_modality) > 1:
+            log.warning("patches of %s found; training on %s (pass a modality to choose)", dict(sorted(by_modality.items())), modality)
+    elif modality not in by_modality:
+        raise PatchError(f"no {modality} training patches; the data holds {dict(sorted(by_modality.items()))}")
+    keep = [i for i in keep if patch_set.rows[i]["modality"] == modality]
+    rows = [patch_set.rows[i] for i in keep]
+    classes = sorted({r["class"] for r in rows})
+    index = {c: k for k, c in enumerate(classes)}
+    spacing_text = Counter(r.get("spacing", "") for r in rows).most_common(1)[0][0]
+    try:
+        spacing = tuple(float(v) for v in spacing_text.split("x"))
+    except ValueError:
+        spacing = (1.0, 1.0, 1.0)
+    if len(spacing) != 3:
+        spacing = (1.0, 1.0, 1.0)
+    norm = patch_set.params.get("normalisation", {}).get(modality, {})
+    normalisation: dict[str, Any] = {"modality": modality, "intensity": "[-1, 1]"}
+    normalisation |= norm if isinstance(norm, dict) else {"method": norm}
+    images = torch.from_numpy(np.ascontiguousarray(patch_set.images[keep], dtype=np.float32)).unsqueeze(1)
+    masks = torch.from_numpy(np.ascontiguousarray(patch_set.masks[keep], dtype=np.float32)).unsqueeze(1)
+    labels = torch.tensor([index[r["class"]] for r in rows], dtype=torch.long)
+    return TumorPatchData(
+        images, masks, labels, classes, modality, (spacing[0], spacing[1], spacing[2]),
+        sorted({r.get("subject_id", "") for r in rows} - {""}), normalisation,
+    )

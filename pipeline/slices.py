@@ -1,0 +1,350 @@
+"""Unpaired MRI and CT slices for the CycleGAN, read from ingest folders.
+
+Reads the ingest manifest(s), tells MRI from CT by the manifest's `modality`, keeps the
+rows of one split (rows with an empty split count as train), normalises each volume to
+[-1, 1] (pipeline.preprocess: CT by an HU window, MR by its foreground percentiles),
+keeps the axial slices with enough body in them, and fits each slice into a square
+image_size x image_size (symmetric pad with -1, i.e. air, then MONAI Resize). With
+`context` > 0 a sample is 2.5-D: the 2*context+1 neighbouring slices as channels, the
+centre slice in the middle channel (edge slices repeat). The result is a
+models.train_cyclegan.UnpairedData: side a = MRI, side b = CT, and `meta`, which the
+trainer stores in the checkpoint and the generator's model card so translation can undo
+the normalisation and the gate can check that no test subject was trained on.
+
+`volume_to_slices` / `slices_to_volume` are the same geometry both ways and are what
+pipeline.translate uses, so training and inference see identical inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.transforms import Resize, SpatialCrop, SpatialPad
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, model_validator
+from torch.utils.data import Dataset
+
+from pipeline.errors import DatasetError
+from pipeline.manifest import MANIFEST_NAME, read_manifest
+from pipeline.preprocess import (
+    DEFAULT_HU_WINDOW,
+    DEFAULT_MR_PERCENTILES,
+    body_mask,
+    ct_to_unit,
+    foreground_fraction,
+    mr_landmarks,
+    mr_to_unit,
+)
+from pipeline.types import HUWindow, Modality
+
+if TYPE_CHECKING:
+    from models.train_cyclegan import UnpairedData
+
+log = logging.getLogger(__name__)
+
+SIDE_MODALITY: dict[str, Modality] = {"a": "MR", "b": "CT"}
+"""Which modality each CycleGAN side holds: a = MRI, b = CT (so G_ab is MRI->CT)."""
+
+
+# --- slice geometry, shared with pipeline.translate ---------------------------------------
+
+
+def volume_to_slices(unit_volume: NDArray[np.floating], image_size: int, context: int = 0) -> torch.Tensor:
+    """A normalised (x, y, z) volume -> network inputs (z, 2*context+1, image_size, image_size).
+
+    Each axial slice is padded to a square with -1 (air) symmetrically, then resized with
+    MONAI Resize (bilinear, anti-aliased when shrinking). Channel `context` is the slice
+    itself, the others its neighbours (clamped at the volume's ends).
+
+    >>> volume_to_slices(np.zeros((6, 4, 3)), 8, context=1).shape
+    torch.Size([3, 3, 8, 8])
+    """
+    vol = torch.as_tensor(np.asarray(volume_as_3d(unit_volume), dtype=np.float32))
+    x, y, z = vol.shape
+    side = max(x, y)
+    # (z, x, y): slices as channels, so one Resize call does the whole volume
+    stack = vol.permute(2, 0, 1)
+    stack = SpatialPad((side, side), method="symmetric", mode="constant", value=-1.0)(stack)
+    if side != image_size:
+        stack = Resize((image_size, image_size), mode="bilinear", anti_aliasing=image_size < side)(stack)
+    stack = torch.as_tensor(stack).float().clamp(-1.0, 1.0)
+    idx = torch.arange(z)[:, None] + torch.arange(-context, context + 1)[None, :]
+    return stack[idx.clamp(0, z - 1)].contiguous()
+
+
+def slices_to_volume(slices: torch.Tensor | NDArray[np.floating], shape: Sequence[int]) -> NDArray[np.float32]:
+    """Network outputs (z, image_size, image_size) -> a (x, y, z) volume of in-plane `shape`.
+
+    The inverse geometry of `volume_to_slices`: resize to the padded square, crop the pad.
+
+    >>> v = np.random.default_rng(0).uniform(-1, 1, (6, 4, 3)).astype(np.float32)
+    >>> np.allclose(slices_to_volume(volume_to_slices(v, 6)[:, 0], v.shape), v)
+    True
+    """
+    t = torch.as_tensor(np.asarray(slices, dtype=np.float32)) if not isinstance(slices, torch.Tensor) else slices
+    t = t.detach().float().cpu()
+    if t.ndim != 3:
+        raise ValueError(f"slices must be (z, H, W), got shape {tuple(t.shape)}")
+    x, y = int(shape[0]), int(shape[1])
+    side = max(x, y)
+    if t.shape[-1] != side or t.shape[-2] != side:
+        t = torch.as_tensor(Resize((side, side), mode="bilinear")(t)).float()
+    # SpatialPad "symmetric" puts the odd pixel after; crop the same way
+    start = ((side - x) // 2, (side - y) // 2)
+    t = torch.as_tensor(SpatialCrop(roi_start=start, roi_end=(start[0] + x, start[1] + y))(t))
+    return t.permute(1, 2, 0).numpy().astype(np.float32)
+
+
+def volume_as_3d(volume: NDArray[Any]) -> NDArray[Any]:
+    """A 3-D view of a volume; a 4-D one with a single frame is squeezed, anything else refused.
+
+    >>> volume_as_3d(np.zeros((2, 3, 4, 1))).shape
+    (2, 3, 4)
+    """
+    arr = np.asarray(volume)
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise ValueError(f"expected a 3-D volume (x, y, z), got shape {arr.shape}")
+    return arr
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+class SliceConfig(BaseModel):
+    """How slices are cut from ingest volumes for the CycleGAN (YAML section `cyclegan_data:`).
+
+    The network options (image_size, in_channels) live in CycleGANConfig; these are the
+    data-side ones.
+    """
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    hu_window: tuple[float, float] = DEFAULT_HU_WINDOW
+    """CT window (low, high) in HU mapped to [-1, 1]; translated CT comes out inside it. Widen the top for dense bone."""
+    mr_percentiles: tuple[float, float] = DEFAULT_MR_PERCENTILES
+    """Foreground percentiles of each MR volume mapped to -1 and +1 (robust to scanner gain and outliers)."""
+    min_foreground: float = 0.1
+    """Keep axial slices with at least this body fraction (0..1); drops empty slices above and below the head."""
+    max_slices: int | None = None
+    """At most this many slices per modality (seeded random subset); None = all. Bounds memory on large cohorts."""
+    seed: int = 0
+    """Seed of the `max_slices` subset."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SliceConfig:
+        if not self.hu_window[1] > self.hu_window[0]:
+            raise ValueError(f"hu_window must be (low, high) with high > low, got {self.hu_window}")
+        if not 0.0 <= self.mr_percentiles[0] < self.mr_percentiles[1] <= 100.0:
+            raise ValueError(f"mr_percentiles must be (low, high) in 0..100 with low < high, got {self.mr_percentiles}")
+        if not 0.0 <= self.min_foreground < 1.0:
+            raise ValueError(f"min_foreground must be in [0, 1), got {self.min_foreground}")
+        return self
+
+
+# --- datasets ------------------------------------------------------------------------------
+
+
+class SliceStack(Dataset[torch.Tensor]):
+    """Slices of one modality held in memory: item i is a float tensor (C, H, W) in [-1, 1].
+
+    `foreground` is each slice's body fraction (usable as sampling weights) and `subject`
+    the pseudonym it came from.
+    """
+
+    def __init__(self, slices: torch.Tensor, foreground: Sequence[float], subject: Sequence[str]) -> None:
+        if slices.ndim != 4:
+            raise ValueError(f"slices must be (N, C, H, W), got shape {tuple(slices.shape)}")
+        if not len(foreground) == len(subject) == slices.shape[0]:
+            raise ValueError("foreground and subject need one entry per slice")
+        self.slices = slices
+        self.foreground = torch.as_tensor(list(foreground), dtype=torch.float64)
+        self.subject = list(subject)
+
+    def __len__(self) -> int:
+        return int(self.slices.shape[0])
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.slices[i]
+
+
+@dataclass
+class _Side:
+    slices: list[torch.Tensor] = field(default_factory=list)
+    foreground: list[float] = field(default_factory=list)
+    subject: list[str] = field(default_factory=list)
+    spacing: list[tuple[float, float, float]] = field(default_factory=list)
+    landmarks: list[tuple[float, float]] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)
+    volumes: int = 0
+
+
+def split_matches(row_split: str, split: str) -> bool:
+    """Whether a manifest row's split is the requested one (an empty split counts as train).
+
+    >>> split_matches("", "train"), split_matches("test", "train"), split_matches("test", "test")
+    (True, False, True)
+    """
+    return (row_split.strip() or "train") == split
+
+
+def manifest_rows(ingest_dir: Path) -> list[dict[str, str]]:
+    """The rows of `ingest_dir/manifest.csv`; DatasetError when the folder has none."""
+    if not (ingest_dir / MANIFEST_NAME).is_file():
+        raise DatasetError(f"{ingest_dir} has no {MANIFEST_NAME}; give an ingest output folder (medaug ingest SRC --out DIR)")
+    rows = read_manifest(ingest_dir)
+    missing = {"path", "modality", "subject_id", "split"} - set(rows[0] if rows else {"path", "modality", "subject_id", "split"})
+    if missing:
+        raise DatasetError(f"{ingest_dir / MANIFEST_NAME} lacks the columns {sorted(missing)}; is it an ingest manifest?")
+    return rows
+
+
+def load_unit_volume(
+    path: Path,
+    modality: Modality,
+    hu_window: HUWindow = DEFAULT_HU_WINDOW,
+    mr_percentiles: tuple[float, float] = DEFAULT_MR_PERCENTILES,
+) -> tuple[NDArray[np.float32], NDArray[np.bool_], dict[str, Any]]:
+    """Read a NIfTI volume (reoriented to RAS+), normalise it to [-1, 1] and mask its body.
+
+    Returns the (x, y, z) normalised volume, its body mask and
+    `{"spacing": (x, y, z) mm, "mr_landmarks": (lo, hi) for MR}`.
+    """
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    raw = volume_as_3d(np.asarray(img.dataobj, dtype=np.float32))
+    mask = body_mask(raw, modality)
+    info: dict[str, Any] = {"spacing": tuple(float(s) for s in img.header.get_zooms()[:3])}
+    match modality:
+        case "CT":
+            unit = ct_to_unit(raw, hu_window)
+        case "MR":
+            marks = mr_landmarks(raw, mask, mr_percentiles)
+            info["mr_landmarks"] = marks
+            unit = mr_to_unit(raw, marks)
+        case _:
+            raise ValueError(f"modality must be one of CT, MR; got {modality!r}")
+    return unit, mask, info
+
+
+def load_unpaired_slices(
+    ingest_dirs: Sequence[Path],
+    image_size: int,
+    context: int = 0,
+    split: str = "train",
+    hu_window: HUWindow = DEFAULT_HU_WINDOW,
+    min_foreground: float = 0.1,
+    seed: int = 0,
+    mr_percentiles: tuple[float, float] = DEFAULT_MR_PERCENTILES,
+    max_slices: int | None = None,
+) -> UnpairedData:
+    """Unpaired MRI (side a) and CT (side b) slices of one split of ingest folder(s).
+
+    Args:
+        ingest_dirs: ingest output folders (each with manifest.csv and volumes/).
+        image_size: side of the square slices given to the networks, pixels.
+        context: 2.5-D context; each sample has 2*context+1 channels (0 = plain 2-D).
+        split: manifest split to use ("train", "val", "test"); rows with an empty split are train.
+        hu_window: (low, high) HU mapped to [-1, 1] for CT.
+        min_foreground: keep slices whose body fraction is at least this (0..1).
+        seed: seeds the random subset when `max_slices` caps a side.
+        mr_percentiles: foreground percentiles mapped to -1 and +1 for MR.
+        max_slices: at most this many slices per side (a seeded random subset), or all.
+
+    Returns:
+        models.train_cyclegan.UnpairedData with `a` (MRI) and `b` (CT) SliceStacks of
+        (2*context+1, image_size, image_size) tensors in [-1, 1] and `meta`:
+        modality per side, hu_window, mr_percentiles, image_size, context, in-plane
+        geometry, median spacing per side (mm), train_subjects (the pseudonyms of every
+        volume used), counts and a sha256 over the volumes' sha256s.
+
+    Raises:
+        DatasetError: no manifest, or no usable MRI or CT volume in the split.
+    """
+    from models.train_cyclegan import UnpairedData
+
+    if image_size < 8:
+        raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    if not 0.0 <= min_foreground < 1.0:
+        raise ValueError(f"min_foreground must be in [0, 1), got {min_foreground}")
+    sides = {"a": _Side(), "b": _Side()}
+    side_of = {m: s for s, m in SIDE_MODALITY.items()}
+    for ingest_dir in ingest_dirs:
+        ingest_dir = Path(ingest_dir)
+        for row in manifest_rows(ingest_dir):
+            modality = row["modality"].strip().upper()
+            if modality not in side_of or not split_matches(row.get("split", ""), split):
+                continue
+            side = sides[side_of[modality]]
+            unit, mask, info = load_unit_volume(ingest_dir / row["path"], modality, hu_window, mr_percentiles)  # type: ignore[arg-type]
+            frac = foreground_fraction(mask)
+            keep = np.flatnonzero(frac >= min_foreground)
+            if keep.size == 0:
+                log.warning("%s: no slice has %.0f%% body; volume skipped", row["path"], 100 * min_foreground)
+                continue
+            stack = volume_to_slices(unit, image_size, context)[torch.as_tensor(keep)]
+            side.slices.append(stack)
+            side.foreground.extend(float(f) for f in frac[keep])
+            side.subject.extend([row["subject_id"]] * int(keep.size))
+            side.spacing.append(info["spacing"])
+            if "mr_landmarks" in info:
+                side.landmarks.append(info["mr_landmarks"])
+            side.sha256.append(row.get("sha256", ""))
+            side.volumes += 1
+    for key, side in sides.items():
+        if not side.slices:
+            dirs = ", ".join(str(d) for d in ingest_dirs)
+            raise DatasetError(
+                f"no usable {SIDE_MODALITY[key]} volume in split {split!r} of {dirs} "
+                f"(need manifest rows with modality {SIDE_MODALITY[key]} and at least one slice "
+                f"with {min_foreground:.0%} body); the CycleGAN needs both MRI and CT"
+            )
+
+    rng = np.random.default_rng(seed)
+    stacks: dict[str, SliceStack] = {}
+    for key, side in sides.items():
+        slices = torch.cat(side.slices)
+        idx = np.arange(slices.shape[0])
+        if max_slices is not None and slices.shape[0] > max_slices:
+            idx = np.sort(rng.choice(slices.shape[0], size=max_slices, replace=False))
+        stacks[key] = SliceStack(
+            slices[torch.as_tensor(idx)], [side.foreground[i] for i in idx], [side.subject[i] for i in idx]
+        )
+        log.info("%s: %d slices from %d volumes", SIDE_MODALITY[key], len(stacks[key]), side.volumes)
+
+    all_sha = sorted(s for side in sides.values() for s in side.sha256)
+    meta: dict[str, Any] = {
+        "modality": dict(SIDE_MODALITY),
+        "split": split,
+        "hu_window": [float(hu_window[0]), float(hu_window[1])],
+        "mr_percentiles": [float(mr_percentiles[0]), float(mr_percentiles[1])],
+        "mr_scaling": {
+            "method": "per-volume foreground percentiles to [-1, 1] (pipeline.preprocess.mr_to_unit)",
+            "percentiles": [float(mr_percentiles[0]), float(mr_percentiles[1])],
+        },
+        "image_size": int(image_size),
+        "context": int(context),
+        "in_channels": 2 * int(context) + 1,
+        "min_foreground": float(min_foreground),
+        "spacing": {SIDE_MODALITY[k]: _median_spacing(s.spacing) for k, s in sides.items()},
+        "train_subjects": sorted({s for side in sides.values() for s in side.subject if s}),
+        "n_volumes": {SIDE_MODALITY[k]: s.volumes for k, s in sides.items()},
+        "n_slices": {SIDE_MODALITY[k]: len(stacks[k]) for k, s in sides.items()},
+        "data_sha256": hashlib.sha256("\n".join(all_sha).encode()).hexdigest(),
+        "seed": int(seed),
+    }
+    return UnpairedData(a=stacks["a"], b=stacks["b"], meta=meta)
+
+
+def _median_spacing(spacings: list[tuple[float, float, float]]) -> list[float]:
+    return [float(v) for v in np.median(np.asarray(spacings, dtype=np.float64), axis=0)] if spacings else []

@@ -1,0 +1,33 @@
+"""Shared test fixtures: a Prefect test harness for flow tests (session-wide, started on demand).
+
+Prefect reads its settings when it is first imported, so its home, database and result
+storage are pointed at a session temp folder here, before any test imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+_PREFECT_HOME = Path(tempfile.mkdtemp(prefix="medaug-prefect-"))
+for _key, _value in {
+    "PREFECT_HOME": str(_PREFECT_HOME),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline,models",
+}.items():
+    os.environ[_key] = _value
+os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """Flows in the tests run against a temporary local Prefect API (SQLite in a temp folder)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

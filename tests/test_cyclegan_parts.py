@@ -1,0 +1,315 @@
+"""Known-answer tests of the CycleGAN building blocks: networks, losses, DiffAugment/ADA and the shared GAN helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from models.common import (
+    EMA,
+    HealthMonitor,
+    ImagePool,
+    MetricsWriter,
+    NonFiniteGuard,
+    TrainingDivergedError,
+    autocast_dtype,
+    batch_diversity,
+    config_hash,
+    grad_norm,
+    gradient_penalty,
+    load_checkpoint,
+    r1_penalty,
+    read_metrics,
+    rng_state,
+    save_checkpoint,
+    save_image_grid,
+    select_device,
+    set_rng_state,
+    write_model_card,
+)
+from models.cyclegan import PatchGANDiscriminator, ResnetGenerator
+from models.diffaug import AdaptiveAugment, cutout, diff_augment, translation
+from models.losses import discriminator_loss, generator_loss
+
+torch.set_num_threads(1)
+
+
+# --- networks ----------------------------------------------------------------------------------
+
+
+def test_generator_shapes_range_and_2p5d_channels() -> None:
+    g = ResnetGenerator(in_channels=3, ngf=4, n_res_blocks=1)
+    y = g(torch.randn(2, 3, 32, 32) * 5)
+    assert y.shape == (2, 3, 32, 32)
+    assert y.abs().max() <= 1.0
+    with pytest.raises(ValueError, match="multiples of 4"):
+        g(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        g(torch.randn(1, 1, 32, 32))
+
+
+def test_published_sizes() -> None:
+    # ResNet-9 generator and 70x70 PatchGAN with 64 filters; single channel (reference with RGB: 11.378 M, 2.765 M)
+    assert sum(p.numel() for p in ResnetGenerator().parameters()) == 11_365_633
+    d = PatchGANDiscriminator()
+    assert sum(p.numel() for p in d.parameters()) == 2_762_689
+    assert PatchGANDiscriminator(ndf=4)(torch.zeros(1, 1, 256, 256)).shape == (1, 1, 30, 30)
+
+
+def test_patchgan_receptive_field_is_70() -> None:
+    d = PatchGANDiscriminator(ndf=4)
+    for block in d.net.children():  # instance norm mixes all positions; without it the field is local
+        if hasattr(block, "adn") and hasattr(block.adn, "N"):
+            block.adn.N = nn.Identity()
+    x = torch.randn(1, 1, 128, 128, requires_grad=True)
+    out = d(x)
+    out[0, 0, out.shape[2] // 2, out.shape[3] // 2].backward()
+    rows = (x.grad[0, 0].abs().sum(dim=1) > 0).nonzero()
+    cols = (x.grad[0, 0].abs().sum(dim=0) > 0).nonzero()
+    assert int(rows.max() - rows.min() + 1) == 70
+    assert int(cols.max() - cols.min() + 1) == 70
+
+
+def test_patchgan_spectral_norm_parametrizes_every_conv() -> None:
+    d = PatchGANDiscriminator(ndf=4, spectral_norm=True)
+    convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 5 and all(parametrize.is_parametrized(m, "weight") for m in convs)
+    for _ in range(30):  # power iteration runs once per training-mode forward
+        d(torch.randn(1, 1, 32, 32))
+    for m in convs:
+        sigma = torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2)
+        assert float(sigma) == pytest.approx(1.0, abs=0.05)
+    assert len(d.features(torch.randn(1, 1, 32, 32))) == 5
+
+
+# --- losses ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "d_perfect", "d_blind", "g_fooled"),
+    [("lsgan", 0.0, 1.0, 0.0), ("hinge", 0.0, 2.0, -1.0), ("wgan", -2.0, 0.0, -1.0)],
+)
+def test_adversarial_losses_known_values(kind: str, d_perfect: float, d_blind: float, g_fooled: float) -> None:
+    real, fake = torch.ones(2, 1, 3, 3), torch.zeros(2, 1, 3, 3)
+    if kind in ("hinge", "wgan"):
+        fake = -torch.ones(2, 1, 3, 3)
+    assert float(discriminator_loss(kind, real, fake)) == pytest.approx(d_perfect)  # type: ignore[arg-type]
+    zeros = torch.zeros(2, 1, 3, 3)
+    assert float(discriminator_loss(kind, zeros, zeros)) == pytest.approx(d_blind)  # type: ignore[arg-type]
+    assert float(generator_loss(kind, torch.ones(4))) == pytest.approx(g_fooled)  # type: ignore[arg-type]
+
+
+def test_vanilla_loss_is_non_saturating() -> None:
+    assert float(discriminator_loss("vanilla", torch.zeros(3), torch.zeros(3))) == pytest.approx(2 * math.log(2))
+    x = torch.tensor([-20.0], requires_grad=True)  # D is sure the fake is fake: G still gets a gradient
+    generator_loss("vanilla", x).backward()
+    assert float(x.grad.abs()) > 0.99
+
+
+def test_unknown_loss_lists_the_allowed_ones() -> None:
+    with pytest.raises(ValueError, match="lsgan, vanilla, hinge, wgan"):
+        generator_loss("bce", torch.zeros(1))  # type: ignore[arg-type]
+
+
+# --- diffaug -----------------------------------------------------------------------------------
+
+
+def test_translation_shifts_by_whole_pixels_and_fills_background() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 16, 16)
+    y = translation(x, ratio=0.25)
+    for i in range(8):
+        found = False
+        for dy in range(-4, 5):
+            for dx in range(-4, 5):
+                shifted = torch.full_like(x[i], -1.0)
+                src = x[i][:, max(0, -dy):16 - max(0, dy), max(0, -dx):16 - max(0, dx)]
+                shifted[:, max(0, dy):max(0, dy) + src.shape[1], max(0, dx):max(0, dx) + src.shape[2]] = src
+                found = found or torch.equal(shifted, y[i])
+        assert found, f"sample {i} is not a whole-pixel shift of the input"
+
+
+def test_cutout_blanks_a_quarter_at_most_and_passes_gradients() -> None:
+    torch.manual_seed(0)
+    x = torch.zeros(16, 1, 16, 16, requires_grad=True)
+    y = cutout(x, ratio=0.5, fill=-1.0)
+    blank = (y == -1.0).float().mean(dim=(1, 2, 3))
+    assert (blank <= 0.25 + 1e-6).all() and (blank > 0).all()
+    y.sum().backward()
+    assert float(x.grad.sum()) == pytest.approx(16 * 256 - float((y == -1).sum()))
+
+
+def test_diff_augment_identity_cases_and_bad_name() -> None:
+    x = torch.rand(2, 1, 8, 8)
+    assert diff_augment(x, []) is x
+    assert diff_augment(x, ["cutout"], p=0.0) is x
+    assert not torch.equal(diff_augment(x, ["brightness", "contrast"]), x)
+    with pytest.raises(ValueError, match="brightness, contrast, translation, cutout"):
+        diff_augment(x, ["saturation"])  # type: ignore[list-item]
+    assert diff_augment(torch.rand(2, 1, 4, 8, 8), ["translation", "cutout"]).shape == (2, 1, 4, 8, 8)
+
+
+def test_ada_probability_follows_overfitting_signal() -> None:
+    ada = AdaptiveAugment(target=0.6, interval=2, speed_images=40)
+    for _ in range(10):
+        ada.update(torch.ones(4, 1, 2, 2))  # D sure that every real is real: overfitting -> p rises
+    assert ada.p == pytest.approx(1.0)
+    state = ada.state_dict()
+    for _ in range(4):
+        ada.update(-torch.ones(4, 1, 2, 2))
+    assert ada.p == pytest.approx(1.0 - 2 * (2 * 4 / 40))
+    ada.load_state_dict(state)
+    assert ada.p == pytest.approx(1.0)
+
+
+# --- shared helpers ------------------------------------------------------------------------------
+
+
+def test_select_device_and_dtype() -> None:
+    assert select_device("cpu") == torch.device("cpu")
+    assert autocast_dtype(torch.device("cpu")) is None
+    assert autocast_dtype(torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="'auto', 'cpu', 'cuda'"):
+        select_device("tpu")
+
+
+def test_rng_state_round_trip() -> None:
+    state = rng_state()
+    a = (torch.rand(3), float(torch.randint(0, 100, (1,))))
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), a[0])
+
+
+def test_checkpoint_is_atomic_and_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "c" / "last.pt"
+    save_checkpoint(path, {"w": torch.arange(3), "rng": rng_state()})
+    save_checkpoint(path, {"w": torch.arange(4), "rng": rng_state()})
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(4))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_model_card_and_config_hash(tmp_path: Path) -> None:
+    write_model_card(tmp_path / "last.json", {"hu_window": (-1000, 1000)})
+    card = json.loads((tmp_path / "last.json").read_text())
+    assert card["hu_window"] == [-1000, 1000] and "torch" in card["versions"]
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1}) != config_hash({"a": 1, "b": 3})
+
+
+def test_ema_averages_and_round_trips() -> None:
+    net = nn.Linear(2, 2)
+    ema = EMA(net, decay=0.75)
+    start = net.weight.detach().clone()
+    with torch.no_grad():
+        net.weight.add_(4.0)
+    ema.update(net)
+    torch.testing.assert_close(ema.module.weight, start + 1.0)  # 0.75 * w + 0.25 * (w + 4)
+    other = EMA(nn.Linear(2, 2), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert torch.equal(other.module.weight, ema.module.weight) and other.decay == 0.75
+    assert not ema.module.weight.requires_grad
+    with pytest.raises(ValueError, match="decay"):
+        EMA(net, 1.0)
+
+
+def test_image_pool_fills_then_swaps_and_resumes() -> None:
+    pool = ImagePool(4, seed=0)
+    first = torch.arange(4.0).view(4, 1, 1, 1)
+    assert torch.equal(pool.query(first), first)  # filling: everything returned as is
+    new = torch.full((64, 1, 1, 1), 9.0)
+    out = pool.query(new)
+    swapped = int((out != 9.0).sum())
+    assert 0 < swapped <= 4  # each stored image can come back once before being replaced by a 9
+    state = pool.state_dict()
+    clone = ImagePool(4, seed=123)
+    clone.load_state_dict(state)
+    x = torch.randn(8, 1, 1, 1)
+    assert torch.equal(pool.query(x), clone.query(x))
+    assert torch.equal(ImagePool(0).query(x), x)
+
+
+def test_r1_and_gradient_penalty_known_values() -> None:
+    w = torch.tensor([3.0, 4.0])
+    real = torch.randn(5, 2, requires_grad=True)
+    out = real @ w  # D(x) = w . x, gradient w, squared norm 25
+    assert float(r1_penalty(out, real).detach()) == pytest.approx(25.0)
+    unit = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        unit.weight.copy_(torch.tensor([[0.6, 0.8]]))  # gradient norm 1 everywhere: penalty 0
+    assert float(gradient_penalty(unit, torch.randn(4, 2), torch.randn(4, 2)).detach()) == pytest.approx(0.0, abs=1e-10)
+    net = nn.Linear(3, 1)
+    net(torch.ones(1, 3)).sum().backward()
+    assert float(grad_norm(net)) == pytest.approx(math.sqrt(3 + 1))
+
+
+def test_nonfinite_guard_skips_then_raises() -> None:
+    guard = NonFiniteGuard(max_consecutive=3)
+    assert guard.check({"loss": 1.0}, 1)
+    assert not guard.check({"loss": float("nan")}, 2)
+    assert guard.check({"loss": 0.5}, 3)  # a good step resets the count
+    assert not guard.check({"loss": float("inf")}, 4)
+    assert not guard.check({"loss": float("nan")}, 5)
+    with pytest.raises(TrainingDivergedError, match="step 6.*loss_d"):
+        guard.check({"loss_d": float("nan"), "loss_g": 1.0}, 6)
+    assert guard.total_skipped == 4
+
+
+def test_health_monitor_warnings_on_planted_statistics() -> None:
+    mon = HealthMonitor(window=10, d_gap_max=0.8, g_grad_min=1e-4, oscillation_amplitude=0.4)
+    for _ in range(10):
+        mon.update(d_real=0.5, d_fake=0.45, grad_g=1.0, diversity=0.2)
+    assert mon.check(10) == []
+    for _ in range(10):
+        mon.update(d_real=0.98, d_fake=0.02, grad_g=1e-6, diversity=0.01)
+    found = " | ".join(mon.check(20))
+    assert "discriminator too strong" in found and "gradient vanishing" in found and "diversity collapsing" in found
+    osc = HealthMonitor(window=5, oscillation_amplitude=0.4, d_gap_max=None)
+    for chunk in range(4):
+        for _ in range(5):
+            osc.update(d_real=0.9 if chunk % 2 else 0.1, d_fake=0.1)
+    assert any("oscillation" in w for w in osc.check(20))
+    ev = HealthMonitor()
+    assert ev.observe_eval(1, "ssim", 0.8) == []
+    assert ev.observe_eval(2, "ssim", 0.82) == []
+    assert "got worse" in ev.observe_eval(3, "ssim", 0.6)[0]
+    low = HealthMonitor()
+    assert low.observe_eval(1, "mae", 50.0, higher_is_better=False) == []
+    assert low.observe_eval(2, "mae", 40.0, higher_is_better=False) == []
+    assert "got worse" in low.observe_eval(3, "mae", 60.0, higher_is_better=False)[0]
+    restored = HealthMonitor()
+    restored.load_state_dict(mon.state_dict())
+    assert restored.warnings == mon.warnings
+
+
+def test_batch_diversity_zero_for_identical_images() -> None:
+    assert batch_diversity(torch.ones(4, 1, 8, 8)) == 0.0
+    assert math.isnan(batch_diversity(torch.ones(1, 1, 8, 8)))
+    assert batch_diversity(torch.randn(4, 1, 8, 8)) > 0.5
+
+
+def test_metrics_writer_and_image_grid(tmp_path: Path) -> None:
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        w.log(step, {"loss": float(step)})
+    w.close()
+    w = MetricsWriter(tmp_path, tensorboard=False, resume_step=2)  # steps after the checkpoint are dropped
+    w.log(3, {"loss": 30.0})
+    w.write_summary({"step": 3})
+    assert [r["loss"] for r in read_metrics(tmp_path)] == [1.0, 2.0, 30.0]
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 3
+    assert not MetricsWriter(tmp_path / "r1", enabled=False).jsonl.parent.exists()
+
+    from PIL import Image
+
+    rows = [torch.full((3, 1, 8, 8), -1.0), torch.full((3, 1, 8, 8), 1.0)]
+    save_image_grid(rows, tmp_path / "g.png")
+    img = Image.open(tmp_path / "g.png")
+    assert img.size == (24, 16) and img.mode == "L"
+    assert img.getpixel((0, 0)) == 0 and img.getpixel((23, 15)) == 255

@@ -1,0 +1,143 @@
+"""Quick tests of the flow wiring: parameters and configs, deployments, cache keys, task runners.
+
+The flow runs themselves are in test_flows_run.py (Prefect test harness) and
+test_flows_server.py (a real `prefect server start`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.params import (
+    REPO_ROOT,
+    AugmentParams,
+    load_pipeline_config,
+    output_dir,
+    resolve_config_path,
+)
+from pipeline.errors import ConfigError
+
+CONFIGS = REPO_ROOT / "configs"
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "mri-ct.yaml", "tumor-patches.yaml"])
+def test_pipeline_configs_load(name: str) -> None:
+    cfg = load_pipeline_config(AugmentParams(config=f"configs/{name}"))
+    assert cfg.pipeline == ("tumor-patches" if name.startswith("tumor") else "mri-ct")
+    assert cfg.runtime.task_runner == "thread"
+
+
+def test_tiny_config_is_tiny() -> None:
+    cfg = load_pipeline_config(AugmentParams(config="configs/tiny.yaml"))
+    assert cfg.phantoms.enabled and cfg.phantoms.n_subjects <= 8 and cfg.phantoms.size <= 32
+    assert cfg.runtime.device == "cpu"
+
+
+def test_overrides_and_pipeline_parameter() -> None:
+    params = AugmentParams(
+        config="configs/tiny.yaml",
+        overrides=["phantoms.n_subjects=4", "runtime.task_runner=dask"],
+        pipeline="tumor-patches",
+    )
+    cfg = load_pipeline_config(params)
+    assert cfg.phantoms.n_subjects == 4
+    assert cfg.runtime.task_runner == "dask"
+    assert cfg.pipeline == "tumor-patches"
+
+
+def test_output_dir_prefers_the_parameter(tmp_path: Path) -> None:
+    params = AugmentParams(config="configs/tiny.yaml", out=str(tmp_path / "x"))
+    assert output_dir(params, load_pipeline_config(params)) == tmp_path / "x"
+
+
+def test_config_path_resolves_against_the_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config_path("configs/tiny.yaml") == CONFIGS / "tiny.yaml"
+    (tmp_path / "mine.yaml").write_text("phantoms:\n  enabled: true\n")
+    assert resolve_config_path("mine.yaml") == Path("mine.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["runtime.task_runner=ray"], "task_runner.*thread.*dask"),
+        (["phantoms.n_subjects=1"], "n_subjects"),
+        (["bogus.key=1"], "bogus.key"),
+        (["phantoms.colour=red"], "colour"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_pipeline_config(AugmentParams(config="configs/tiny.yaml", overrides=overrides))
+
+
+def test_unknown_section_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("phantom:\n  enabled: true\n")
+    with pytest.raises(ConfigError, match="unknown section.*phantom"):
+        load_pipeline_config(AugmentParams(config=str(bad)))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_pipeline_config(AugmentParams(config=str(tmp_path / "nope.yaml")))
+
+
+def test_override_syntax_is_validated() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        AugmentParams(overrides=["no equals sign"])
+
+
+def test_prefect_yaml_defines_both_deployments() -> None:
+    from flows.deploy import deployment_specs, schedules_of
+
+    specs = {s["name"]: s for s in deployment_specs()}
+    assert set(specs) == {"mri-ct", "tumor-patches"}
+    for name, spec in specs.items():
+        assert spec["entrypoint"] == "flows/augment.py:augment"
+        assert spec["parameters"]["pipeline"] == name
+        assert (REPO_ROOT / spec["parameters"]["config"]).is_file()
+        (schedule,) = schedules_of(spec)
+        assert schedule.cron and not schedule.active
+        assert schedules_of(spec, activate=True)[0].active
+
+
+def test_runner_deployments_carry_parameters_and_schedules() -> None:
+    from flows.deploy import deployments
+
+    deps = {d.name: d for d in deployments(activate_schedules=False)}
+    assert set(deps) == {"mri-ct", "tumor-patches"}
+    assert deps["mri-ct"].parameters["config"] == "configs/mri-ct.yaml"
+    assert deps["mri-ct"].entrypoint == "flows.augment.augment"
+    assert len(deps["tumor-patches"].schedules) == 1
+
+
+def test_content_hash_follows_file_content(tmp_path: Path) -> None:
+    from flows.tasks import content_hash
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.dcm").write_bytes(b"one")
+    first = content_hash([tmp_path / "a"])
+    assert content_hash([tmp_path / "a"]) == first
+    (tmp_path / "a" / "x.dcm").write_bytes(b"two")
+    assert content_hash([tmp_path / "a"]) != first
+    # the same files under another parent folder: the same hash
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.dcm").write_bytes(b"two")
+    assert content_hash([tmp_path / "b"]) == content_hash([tmp_path / "a"])
+
+
+def test_task_runners_from_config() -> None:
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.augment import task_runner
+    from flows.params import RuntimeConfig
+
+    assert isinstance(task_runner(RuntimeConfig(task_runner="thread")), ThreadPoolTaskRunner)
+    dask = task_runner(RuntimeConfig(task_runner="dask", max_workers=2))
+    assert isinstance(dask, DaskTaskRunner)
+    assert dask.cluster_kwargs == {"n_workers": 2, "threads_per_worker": 1, "processes": False, "dashboard_address": None}
+    remote = task_runner(RuntimeConfig(task_runner="dask", dask_address="tcp://127.0.0.1:8786"))
+    assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://127.0.0.1:8786"

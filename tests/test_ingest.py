@@ -1,0 +1,265 @@
+"""Ingest on the phantom cohort and on hand-made series: known answers, geometry round trip,
+pseudonym consistency, determinism and incremental re-runs."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from ingest_corpus import stored_value, write_nifti, write_series
+
+from pipeline.errors import GeometryError
+from pipeline.ingest import MANIFEST_COLUMNS, run_ingest
+from pipeline.ingest.deid import Deid
+from pipeline.ingest.geometry import stack_geometry
+from pipeline.ingest.writer import gzip_bytes
+from pipeline.manifest import read_manifest, sha256_file
+
+KEY = b"test-key-ingest"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.phantoms import write_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    write_cohort(root, n_subjects=4, size=32, seed=3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def ingested(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ingested") / "out"
+    run_ingest([cohort / "dicom", cohort / "nifti"], out, key=KEY, workers=2)
+    return out
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- phantom cohort -------------------------------------------------------------------------
+
+
+def test_cohort_manifest_and_files(cohort: Path, ingested: Path) -> None:
+    rows = read_manifest(ingested)
+    cohort_rows = read_manifest(cohort / "cohort.csv")
+    assert len(rows) == 2 * len(cohort_rows)  # each volume once from DICOM, once from Decathlon
+    header = (ingested / "manifest.csv").read_text().splitlines()[0]
+    assert header == ",".join(MANIFEST_COLUMNS)
+    assert read_manifest(ingested / "quarantine.csv") == []
+    for r in rows:
+        path = ingested / r["path"]
+        assert sha256_file(path) == r["sha256"]
+        assert Path(r["path"]).name.startswith(r["subject_id"] + "_" + r["modality"] + "_")
+        img = nib.load(str(path))
+        assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+        assert "x".join(map(str, img.shape)) == r["shape"] == "32x32x16"
+        assert img.get_data_dtype() == (np.int16 if r["modality"] == "CT" else np.float32)
+        for field in ("descrip", "aux_file", "intent_name", "db_name"):
+            assert img.header[field].item() == b""
+        if r["source_kind"] == "decathlon":
+            lab = nib.load(str(ingested / r["label_path"]))
+            assert set(np.unique(np.asarray(lab.dataobj)).tolist()) <= {0, 1}
+            assert np.asarray(lab.dataobj).sum() > 0
+            assert np.allclose(lab.affine, img.affine)
+            assert r["class"] in ("round", "necrotic") and r["split"] in ("train", "test")
+        else:
+            assert r["label_path"] == "" and r["class"] == "" and r["split"] == ""
+
+
+def test_cohort_dicom_equals_nifti_and_pseudonyms_pair(cohort: Path, ingested: Path) -> None:
+    deid = Deid(KEY)
+    rows = read_manifest(ingested)
+    by = {(r["subject_id"], r["modality"], r["source_kind"]): r for r in rows}
+    for c in read_manifest(cohort / "cohort.csv"):
+        d = by[(deid.pseudonym(c["patient_id"]), c["modality"], "dicom")]
+        n = by[(deid.pseudonym(c["case"]), c["modality"], "decathlon")]
+        assert n["split"] == c["split"] and n["class"] == c["class"]
+        a, b = nib.load(str(ingested / d["path"])), nib.load(str(ingested / n["path"]))
+        assert np.allclose(a.affine, b.affine, atol=1e-3)
+        tol = 0 if c["modality"] == "CT" else 0.125  # MR DICOM stores value / 0.25 as integers
+        assert np.max(np.abs(a.get_fdata() - b.get_fdata())) <= tol
+        assert d["spacing"] == n["spacing"]
+        if c["partner"]:  # paired test subject: the other modality has the same pseudonyms
+            other = "MR" if c["modality"] == "CT" else "CT"
+            assert (deid.pseudonym(c["patient_id"]), other, "dicom") in by
+            assert (deid.pseudonym(c["case"]), other, "decathlon") in by
+
+
+def test_rerun_is_byte_identical_and_incremental(cohort: Path, ingested: Path, tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    run_ingest([cohort / "dicom", cohort / "nifti"], fresh, key=KEY, workers=1)
+    assert _files(fresh) == _files(ingested)
+    # Second run into the same folder re-uses every volume and rewrites identical bytes.
+    report = run_ingest([cohort / "dicom", cohort / "nifti"], fresh, key=KEY, workers=2)
+    assert report.volumes_reused == report.volumes_written == 12
+    assert _files(fresh) == _files(ingested)
+
+
+def test_incremental_reconverts_only_changed_series(cohort: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(cohort / "dicom", src)
+    out = tmp_path / "out"
+    run_ingest([src], out, key=KEY, workers=1)
+    before = _files(out)
+    import pydicom
+
+    first_series = sorted(p for p in src.rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(first_series)
+    arr = ds.pixel_array.copy()
+    arr[0, 0] += 7
+    ds.PixelData = arr.tobytes()
+    ds.save_as(first_series)
+    report = run_ingest([src], out, key=KEY, workers=1)
+    assert report.volumes_written == 6 and report.volumes_reused == 5
+    after = _files(out)
+    changed = {k for k in after if k.startswith("volumes/") and after[k] != before.get(k)}
+    assert len(changed) == 1
+
+
+def test_without_key_warns_and_pseudonyms_change(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_series(tmp_path / "in")
+    with caplog.at_level(logging.WARNING):
+        r1 = run_ingest([tmp_path / "in"], tmp_path / "o1", key=None, workers=1)
+    assert "MEDAUG_DEID_KEY is not set" in caplog.text
+    run_ingest([tmp_path / "in"], tmp_path / "o2", key=None, workers=1)
+    assert not r1.stable_pseudonyms
+    assert read_manifest(tmp_path / "o1")[0]["subject_id"] != read_manifest(tmp_path / "o2")[0]["subject_id"]
+    assert not (tmp_path / "o1" / ".ingest_state.json").exists()
+
+
+# --- geometry round trip ----------------------------------------------------------------------
+
+
+def _world_ras(ipp: np.ndarray, iop: np.ndarray, ps: tuple[float, float], r: int, c: int) -> np.ndarray:
+    lps = ipp + c * ps[1] * iop[:3] + r * ps[0] * iop[3:]
+    return np.array([-lps[0], -lps[1], lps[2]])
+
+
+@pytest.mark.parametrize(
+    "iop",
+    [
+        (1, 0, 0, 0, 1, 0),  # axial
+        (0, 1, 0, 0, 0, -1),  # sagittal
+        (1, 0, 0, 0, 0, -1),  # coronal
+        (0.866025, 0.5, 0, -0.5, 0.866025, 0),  # oblique axial (30 degrees)
+    ],
+)
+def test_world_coordinates_round_trip(tmp_path: Path, iop: tuple[float, ...]) -> None:
+    import pydicom
+
+    # Files named in reverse slice order: the order must come from positions, not names.
+    paths = write_series(tmp_path / "in", n=5, rows=7, cols=9, pixel_spacing=(0.8, 0.6), step=-2.5, iop=iop,
+                         name=lambda k: f"z{9 - k}.dcm", intercept=-1000.0)
+    run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    (row,) = read_manifest(tmp_path / "out")
+    img = nib.load(str(tmp_path / "out" / row["path"]))
+    data = np.asarray(img.dataobj)
+    inv = np.linalg.inv(img.affine)
+    for k, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+        o = np.array([float(v) for v in ds.ImageOrientationPatient])
+        for r, c in ((0, 0), (6, 0), (0, 8), (3, 5)):
+            world = _world_ras(ipp, o, (0.8, 0.6), r, c)
+            ijk = inv @ np.append(world, 1.0)
+            idx = np.rint(ijk[:3]).astype(int)
+            assert np.allclose(ijk[:3], idx, atol=1e-3), (k, r, c, ijk)
+            assert data[tuple(idx)] == stored_value(k, r, c) - 1000
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+
+
+def test_series_mixed_in_one_folder_and_echoes_split(tmp_path: Path) -> None:
+    write_series(tmp_path / "in", series_uid="1.2.9.1", series_number=7, name=lambda k: f"a{k}")
+    write_series(tmp_path / "in", series_uid="1.2.9.2", series_number=2, name=lambda k: f"b{k}", n=4)
+    # Two echoes in one series UID: two volumes.
+    for echo in (1, 2):
+        write_series(tmp_path / "in" / "me", series_uid="1.2.9.3", modality="MR", series_number=9, intercept=0,
+                     name=lambda k, e=echo: f"e{e}_{k}", extra=lambda ds, e=echo: setattr(ds, "EchoNumbers", e),
+                     per_slice=lambda k, ds, e=echo: setattr(ds, "SOPInstanceUID", f"1.2.9.3.{e}.{k}"))
+    report = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=2)
+    rows = read_manifest(tmp_path / "out")
+    assert report.volumes_written == 4
+    names = sorted(Path(r["path"]).name for r in rows)
+    pid = Deid(KEY).pseudonym("PAT0001")
+    assert names == [f"{pid}_CT_0.nii.gz", f"{pid}_CT_1.nii.gz", f"{pid}_MR_0.nii.gz", f"{pid}_MR_1.nii.gz"]
+    shapes = {Path(r["path"]).name: r["shape"] for r in rows}
+    assert shapes[f"{pid}_CT_0.nii.gz"] == "10x8x4"  # series number 2 comes first
+    assert shapes[f"{pid}_CT_1.nii.gz"] == "10x8x6"
+
+
+def test_compressed_series_decodes_like_uncompressed(tmp_path: Path) -> None:
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    paths = write_series(tmp_path / "raw", series_uid="1.2.9.10")
+    run_ingest([tmp_path / "raw"], tmp_path / "o1", key=KEY, workers=1)
+    (tmp_path / "rle").mkdir()
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.compress(RLELossless)
+        ds.save_as(tmp_path / "rle" / p.name)
+    run_ingest([tmp_path / "rle"], tmp_path / "o2", key=KEY, workers=1)
+    assert read_manifest(tmp_path / "o1")[0]["sha256"] == read_manifest(tmp_path / "o2")[0]["sha256"]
+
+
+def test_nifti_sources_sidecar_bids_and_flag(tmp_path: Path) -> None:
+    data = (np.arange(6 * 5 * 4).reshape(6, 5, 4) * 1.0).astype(np.float32)
+    aff = np.array([[-2.0, 0, 0, 10], [0, 2.0, 0, -5], [0, 0, 3.0, 7], [0, 0, 0, 1]])
+    write_nifti(tmp_path / "bids" / "sub-17" / "anat" / "sub-17_ct.nii.gz", data, aff, sidecar={"Modality": "CT"})
+    write_nifti(tmp_path / "bids" / "sub-17" / "anat" / "sub-17_T1w.nii.gz", data + 0.5, aff, sidecar={"Modality": "MR"})
+    write_nifti(tmp_path / "loose" / "scan.nii", data, aff)
+    run_ingest([tmp_path / "bids", tmp_path / "loose" / "scan.nii"], tmp_path / "out", key=KEY, modality="MR", workers=1)
+    rows = read_manifest(tmp_path / "out")
+    deid = Deid(KEY)
+    got = sorted((r["subject_id"], r["modality"], r["shape"], r["spacing"]) for r in rows)
+    assert got == sorted([(deid.pseudonym("sub-17"), "CT", "6x5x4", "2.0x2.0x3.0"),
+                          (deid.pseudonym("sub-17"), "MR", "6x5x4", "2.0x2.0x3.0"),
+                          (deid.pseudonym("scan"), "MR", "6x5x4", "2.0x2.0x3.0")])
+    ct = next(r for r in rows if r["modality"] == "CT")
+    img = nib.load(str(tmp_path / "out" / ct["path"]))
+    assert img.get_data_dtype() == np.int16
+    # The x axis was flipped to reach RAS+: the world position of each value is kept.
+    assert np.allclose(img.affine @ [0, 0, 0, 1], aff @ [5, 0, 0, 1])
+    assert np.asarray(img.dataobj)[0, 0, 0] == data[5, 0, 0]
+
+
+# --- units ------------------------------------------------------------------------------------
+
+
+def test_stack_geometry_known_answers() -> None:
+    g = stack_geometry([[0, 0, 3.0], [0, 0, 0.0], [0, 0, 1.5]], [1, 0, 0, 0, 1, 0], (0.5, 0.7))
+    assert g.order.tolist() == [1, 2, 0]
+    assert g.spacing == (0.7, 0.5, 1.5)
+    assert np.allclose(g.affine, [[-0.7, 0, 0, 0], [0, -0.5, 0, 0], [0, 0, 1.5, 0], [0, 0, 0, 1]])
+    with pytest.raises(GeometryError, match=r"2 slices missing between positions 79.5 and 84.0"):
+        stack_geometry([[0, 0, z] for z in (76.5, 78.0, 79.5, 84.0, 85.5)], [1, 0, 0, 0, 1, 0], (1, 1))
+    with pytest.raises(GeometryError, match="duplicate"):
+        stack_geometry([[0, 0, z] for z in (0, 1, 1, 2)], [1, 0, 0, 0, 1, 0], (1, 1))
+    with pytest.raises(GeometryError, match="sheared by 45.0 degrees"):
+        stack_geometry([[0, z, z] for z in (0, 1, 2, 3)], [1, 0, 0, 0, 1, 0], (1, 1))
+    with pytest.raises(GeometryError, match="1 slice only"):
+        stack_geometry([[0, 0, 0]], [1, 0, 0, 0, 1, 0], (1, 1))
+
+
+def test_gzip_is_standard_deterministic_and_thread_independent() -> None:
+    rng = np.random.default_rng(0)
+    payload = (rng.integers(0, 40, size=3 << 20, dtype=np.uint8)).tobytes()
+    one = gzip_bytes(payload, level=1, threads=1)
+    assert one == gzip_bytes(payload, level=1, threads=3)
+    assert gzip.decompress(one) == payload
+    assert one[4:8] == b"\0\0\0\0"  # mtime 0
+
+
+def test_deid_keyed_and_stable() -> None:
+    a, b = Deid(b"k1"), Deid(b"k2")
+    assert a.pseudonym("PAT-1") == Deid(b"k1").pseudonym("PAT-1 ")
+    assert a.pseudonym("PAT-1") != b.pseudonym("PAT-1")
+    assert a.pseudonym("PAT-1") != a.pseudonym("PAT-2")
+    assert a.path_ref("x/y.dcm") != a.digest("subject", "x/y.dcm")[:16]

@@ -74,9 +74,11 @@ def settings(smoke: bool) -> list[Setting]:
 
 
 def make_config(s: Setting, size: int, smoke: bool) -> CycleGANConfig:
-    widths = {"ngf": 8, "ndf": 8, "n_res_blocks": 2} if smoke else {}
-    return CycleGANConfig(image_size=size, in_channels=1, batch_size=s.batch_size, bf16=s.bf16,
-                          channels_last=s.channels_last, fused_adam=s.fused_adam, compile=s.compile, **widths)
+    options: dict[str, object] = dict(image_size=size, in_channels=1, batch_size=s.batch_size, bf16=s.bf16,
+                                      channels_last=s.channels_last, fused_adam=s.fused_adam, compile=s.compile)
+    if smoke:
+        options.update(ngf=8, ndf=8, n_res_blocks=2)
+    return CycleGANConfig.model_validate(options)
 
 
 def sync(device: torch.device) -> None:

@@ -87,8 +87,22 @@ def phantoms_cmd(
 @app.command("ingest")
 @clean_errors
 def ingest_cmd(
-    sources: Annotated[list[Path], typer.Argument(help="DICOM folders (any nesting), NIfTI files, Decathlon datasets.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: volumes/, labels/, manifest.csv, quarantine.csv.")],
+    sources: Annotated[
+        list[Path] | None, typer.Argument(help="DICOM folders (any nesting), NIfTI files, Decathlon datasets.")
+    ] = None,
+    dicomweb: Annotated[
+        str | None,
+        typer.Option(
+            "--dicomweb",
+            help="DICOMweb root of a PACS (e.g. http://127.0.0.1:8042/dicom-web); credentials from "
+            "MEDAUG_DICOMWEB_USER/MEDAUG_DICOMWEB_PASSWORD or MEDAUG_DICOMWEB_TOKEN.",
+        ),
+    ] = None,
+    query: Annotated[
+        list[str] | None,
+        typer.Option("--query", help="With --dicomweb: study filter KEY=VALUE, e.g. ModalitiesInStudy=CT (repeatable)."),
+    ] = None,
     modality: Annotated[
         str | None, typer.Option("--modality", help="CT or MR: modality of NIfTI inputs without dataset.json or sidecar.")
     ] = None,
@@ -117,10 +131,19 @@ def ingest_cmd(
     if locate:
         if key is None:
             raise ConfigError(f"--locate needs the key of the run that wrote the reference: set {KEY_ENV}")
-        for rel in locate_ref(sources, locate, key):
+        for rel in locate_ref(sources or [], locate, key):
             typer.echo(rel)
         return
-    report = run_ingest(sources, out, modality=mod, key=key, workers=max(1, workers), level=gzip_level)  # type: ignore[arg-type]
+    if dicomweb is not None:
+        from pipeline.ingest.dicomweb import ingest_dicomweb, parse_query
+
+        if sources:
+            raise ConfigError("give either input folders/files or --dicomweb, not both")
+        report = ingest_dicomweb(dicomweb, parse_query(query or []), out, key=key, workers=max(1, workers))
+    elif not sources:
+        raise ConfigError("name at least one input folder or file, or a PACS with --dicomweb URL")
+    else:
+        report = run_ingest(sources, out, modality=mod, key=key, workers=max(1, workers), level=gzip_level)  # type: ignore[arg-type]
     typer.echo(
         f"{report.volumes_written} volumes written to {out} ({report.volumes_reused} unchanged); "
         f"{report.files_seen} files seen: {report.files_used} used, {report.skipped} skipped, "

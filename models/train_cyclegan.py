@@ -29,14 +29,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
-from torch.utils.data import Dataset
 
 from models.common import (
     EMA,
@@ -196,6 +195,14 @@ class CycleGANConfig(BaseModel):
         return self.steps if self.steps is not None else self.n_steps_constant + self.n_steps_decay
 
 
+class SliceSet(Protocol):
+    """A map-style dataset of slices: a torch Dataset with __len__ (e.g. pipeline.slices.SliceStack) or a list."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+
+
 @dataclass
 class UnpairedData:
     """The two unpaired training sets: items are float tensors (C, H, W) in [-1, 1].
@@ -205,8 +212,8 @@ class UnpairedData:
     and in the model card.
     """
 
-    a: Dataset[torch.Tensor]
-    b: Dataset[torch.Tensor]
+    a: SliceSet
+    b: SliceSet
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -290,7 +297,7 @@ class ShardSampler:
         self.epoch, self.order, self.pos = int(state["epoch"]), list(state["order"]), int(state["pos"])
 
 
-def fetch_batch(dataset: Dataset[torch.Tensor], indices: list[int], cfg: CycleGANConfig, name: str) -> torch.Tensor:
+def fetch_batch(dataset: SliceSet, indices: list[int], cfg: CycleGANConfig, name: str) -> torch.Tensor:
     """Stack dataset[i] for i in indices into (B, C, H, W) float32, checking shape against cfg."""
     items = [torch.as_tensor(dataset[i], dtype=torch.float32) for i in indices]
     want = (cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -687,7 +694,7 @@ def train_cyclegan(
         raise ValueError("best_key needs an evaluate callback")
 
     # --- data
-    n_mri, n_ct = len(data.a), len(data.b)  # type: ignore[arg-type]
+    n_mri, n_ct = len(data.a), len(data.b)
     if n_mri == 0 or n_ct == 0:
         raise ValueError(f"CycleGAN needs slices of both domains; got {n_mri} MRI and {n_ct} CT slices")
     n_fixed = min(cfg.n_samples, n_mri, n_ct)

@@ -18,6 +18,8 @@ loop (step, log, sample, checkpoint).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -184,6 +186,14 @@ RESUME_FREE_OPTIONS = frozenset({"steps", "log_every", "sample_every", "checkpoi
 
 def _resume_key(cfg: TumorGANConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_FREE_OPTIONS}
+
+
+def data_fingerprint(data: TumorPatchData) -> str:
+    """sha256 (first 16 hex) of the patches, masks, labels and classes: a resume must see the same data."""
+    h = hashlib.sha256(json.dumps(data.classes).encode())
+    for t in (data.images, data.masks, data.labels):
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # --- pieces of a step -----------------------------------------------------------------------
@@ -398,10 +408,19 @@ def generator_step(
 
 @torch.no_grad()
 def generate(
-    g: nn.Module, class_index: int, n: int, seed: int, latent_dim: int, device: torch.device, batch_size: int = 64
+    g: nn.Module,
+    class_index: int,
+    n: int,
+    seed: int,
+    latent_dim: int,
+    device: torch.device,
+    batch_size: int = 64,
+    amp: bool = False,
 ) -> torch.Tensor:
-    """`n` patches (n, 2, *S) of one class from G in eval mode; z comes from a CPU generator
-    seeded with `seed`, so the same seed gives the same patches on any device and batch size."""
+    """`n` patches (n, 2, *S) float32 on CPU of one class from G in eval mode.
+
+    z comes from a CPU generator seeded with `seed`, so the same seed gives the same patches
+    (bit-identical on CPU, where `amp` is ignored; bf16 autocast on GPU when `amp`)."""
     was_training = g.training
     g.eval()
     z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
@@ -409,7 +428,8 @@ def generate(
     for i in range(0, n, batch_size):
         zb = z[i : i + batch_size].to(device)
         y = torch.full((zb.shape[0],), class_index, dtype=torch.long, device=device)
-        outs.append(g(zb, y).float().cpu())
+        with autocast(device, amp):
+            outs.append(g(zb, y).float().cpu())
     g.train(was_training)
     return torch.cat(outs) if outs else torch.empty(0)
 
@@ -487,6 +507,7 @@ def train_tumor_gan(
     seed_everything(cfg.seed)
 
     # data: the whole patch set lives on the device (a few MB); batches are drawn by index
+    fingerprint = data_fingerprint(data)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
     data = TumorPatchData(
@@ -519,6 +540,11 @@ def train_tumor_gan(
             raise ValueError(f"cannot resume {ckpt_path}: it was trained with different {', '.join(changed)}")
         if state["classes"] != data.classes:
             raise ValueError(f"cannot resume {ckpt_path}: classes {state['classes']} differ from the data's {data.classes}")
+        if state["data_fingerprint"] != fingerprint:
+            raise ValueError(
+                f"cannot resume {ckpt_path}: the training patches differ from the run's (fingerprint "
+                f"{fingerprint} vs {state['data_fingerprint']}); pass the same --data and seed, or start a new run"
+            )
         g.load_state_dict(state["generator"])
         d.load_state_dict(state["discriminator"])
         opt_g.load_state_dict(state["opt_g"])
@@ -546,6 +572,7 @@ def train_tumor_gan(
             "config": cfg.model_dump(mode="json"),
             "config_hash": config_hash(cfg.model_dump(mode="json")),
             "classes": list(data.classes),
+            "data_fingerprint": fingerprint,
             "generator": unwrap(g).state_dict(),
             "discriminator": unwrap(d).state_dict(),
             "ema": ema.state_dict() if ema is not None else None,

@@ -59,7 +59,7 @@ def random_data(n: int = 6, channels: int = 1, seed: int = 0) -> UnpairedData:
 def one_step(cfg: CycleGANConfig) -> tuple[dict[str, float], dict[str, float], object]:
     s = build_training(cfg, torch.device("cpu"))
     data = random_data()
-    mri, ct = torch.stack(list(data.a[:2])), torch.stack(list(data.b[:2]))
+    mri, ct = torch.stack([data.a[0], data.a[1]]), torch.stack([data.b[0], data.b[1]])
     g, fake_mri, fake_ct, _ = generator_step(s, mri, ct)
     d, _ = discriminator_step(s, mri, ct, fake_mri, fake_ct)
     return g, d, s
@@ -159,7 +159,7 @@ def test_diffaug_changes_what_the_discriminator_sees() -> None:
     seen: list[torch.Tensor] = []
     s.nets.d_ct.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
     data = random_data()
-    mri, ct = torch.stack(list(data.a[:2])), torch.stack(list(data.b[:2]))
+    mri, ct = torch.stack([data.a[0], data.a[1]]), torch.stack([data.b[0], data.b[1]])
     _, fake_mri, fake_ct, _ = generator_step(s, mri, ct)
     discriminator_step(s, mri, ct, fake_mri, fake_ct)
     assert not torch.equal(seen[-2], ct)  # D's real input is an augmented copy of the raw batch
@@ -207,7 +207,7 @@ class _Poisonable(list):  # type: ignore[type-arg]
 
 def test_nan_batches_are_skipped_then_training_stops_with_the_last_checkpoint_kept(tmp_path: Path) -> None:
     data = random_data()
-    mri = _Poisonable(data.a)
+    mri = _Poisonable(data.a[i] for i in range(len(data.a)))
 
     def poison(_g1: nn.Module, _g2: nn.Module) -> dict[str, float]:  # evaluation at step 4 poisons the data
         mri.poisoned = True

@@ -103,7 +103,7 @@ def _cyclegan_data(n: int = 6) -> UnpairedData:
 def _cyclegan_parts(seed: int) -> StepParts:
     s = build_training(_cyclegan_cfg(seed=seed), torch.device("cpu"))
     data = _cyclegan_data()
-    real_mri, real_ct = torch.stack(list(data.a[:2])), torch.stack(list(data.b[:2]))
+    real_mri, real_ct = torch.stack([data.a[0], data.a[1]]), torch.stack([data.b[0], data.b[1]])
     fakes: dict[str, torch.Tensor] = {}
 
     def g_step() -> dict[str, float]:
@@ -241,7 +241,7 @@ def test_every_trainable_parameter_gets_a_gradient(case: GANCase) -> None:
         for pname, p in net.named_parameters():
             if p.requires_grad:
                 assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}.{pname} got no gradient"
-    grads = [p.grad.abs().sum() for net in parts.discriminators.values() for p in net.parameters()]
+    grads = [p.grad.abs().sum() for net in parts.discriminators.values() for p in net.parameters() if p.grad is not None]
     assert sum(float(g) for g in grads) > 0
 
 

@@ -119,3 +119,112 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def _cfg(cohort: dict[str, Path], **kw: object) -> GateConfig:
     return GateConfig(encoder_path=cohort["encoder"], n_bootstrap=20, **kw)  # type: ignore[arg-type]
+
+
+def test_held_out_real_split_is_accepted(cohort: dict[str, Path], tmp_path: Path) -> None:
+    report = run_gate(cohort["real"], cohort["held_out"], tmp_path, _cfg(cohort))
+    assert report.verdict == "accept", report.failed_checks
+    assert report.failed_checks == []
+    assert report.n_rejected == 0
+    assert len(read_manifest(tmp_path / ACCEPTED_CSV)) == len(read_manifest(cohort["held_out"]))
+
+
+def test_collapsed_generator_is_rejected_for_diversity(cohort: dict[str, Path], tmp_path: Path) -> None:
+    report = run_gate(cohort["real"], cohort["collapsed"], tmp_path, _cfg(cohort))
+    assert report.verdict == "reject"
+    assert "duplicates" in report.failed_checks
+    assert {"diversity", "coverage", "recall"} & set(report.failed_checks)
+    # collapse is not memorization, nor unrealistic images
+    assert not {"memorization", "precision", "intensity"} & set(report.failed_checks)
+
+
+def test_memorizing_generator_is_rejected_for_memorization(cohort: dict[str, Path], tmp_path: Path) -> None:
+    report = run_gate(cohort["real"], cohort["memorizing"], tmp_path, _cfg(cohort))
+    assert report.failed_checks == ["memorization"]
+    # every item is a near-copy, dropped with its reason, and drawn beside its training image
+    assert report.n_accepted == 0
+    assert all(any("near-copy of training image" in r for r in s.reasons) for s in report.samples)
+    assert (tmp_path / FIG_COPIES).is_file()
+    assert read_manifest(tmp_path / ACCEPTED_CSV) == []
+
+
+def test_noise_generator_is_rejected_for_fid_and_precision(cohort: dict[str, Path], tmp_path: Path) -> None:
+    report = run_gate(cohort["real"], cohort["noise"], tmp_path, _cfg(cohort))
+    assert {"fid", "precision"} <= set(report.failed_checks)
+    assert "memorization" not in report.failed_checks
+    assert all(any(r.startswith("outlier") for r in s.reasons) for s in report.samples)
+
+
+def test_wrong_modality_is_rejected(cohort: dict[str, Path], tmp_path: Path) -> None:
+    report = run_gate(cohort["real"], cohort["wrong_modality"], tmp_path, _cfg(cohort))
+    assert {"intensity", "fid"} <= set(report.failed_checks)
+    assert "memorization" not in report.failed_checks
+
+
+def test_report_files_and_id_are_reproducible(cohort: dict[str, Path], tmp_path: Path) -> None:
+    a = run_gate(cohort["real"], cohort["held_out"], tmp_path / "a", _cfg(cohort))
+    b = run_gate(cohort["real"], cohort["held_out"], tmp_path / "b", _cfg(cohort))
+    assert a.report_id == b.report_id and len(a.report_id) == 64
+    doc = json.loads((tmp_path / "a" / REPORT_JSON).read_text())
+    assert doc["report_id"] == a.report_id and doc["verdict"] == "accept"
+    for key in ("checks", "metrics", "per_class", "samples", "feature_extractor", "config", "failed_checks", "n_accepted"):
+        assert key in doc
+    assert doc["feature_extractor"]["name"] == "domain-simclr-v1" and len(doc["feature_extractor"]["sha256"]) == 64
+    fid = doc["metrics"]["fid"]
+    assert fid["ci_low"] <= fid["value"] <= fid["ci_high"]
+    assert set(doc["per_class"]) == {"round", "necrotic"} and "fid" in doc["per_class"]["round"]
+    md = (tmp_path / "a" / REPORT_MD).read_text()
+    assert "Verdict: ACCEPT" in md and a.report_id in md
+    assert (tmp_path / "a" / FIG_ACCEPTED).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # another seed is another report
+    c = run_gate(cohort["real"], cohort["held_out"], tmp_path / "c", _cfg(cohort, seed=1))
+    assert c.report_id != a.report_id
+
+
+def test_cli_exit_codes(cohort: dict[str, Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medaug.cli import app
+
+    cfg = tmp_path / "gate.yaml"
+    cfg.write_text(f"gate:\n  encoder_path: {cohort['encoder']}\n  n_bootstrap: 5\n")
+    runner = CliRunner()
+    ok = runner.invoke(app, ["gate", "--real", str(cohort["real"]), "--synthetic", str(cohort["held_out"]),
+                             "--out", str(tmp_path / "ok"), "--config", str(cfg)])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(app, ["gate", "--real", str(cohort["real"]), "--synthetic", str(cohort["memorizing"]),
+                              "--out", str(tmp_path / "bad"), "--config", str(cfg)])
+    assert bad.exit_code == 3, bad.output
+    assert "memorization" in bad.output
+    missing = runner.invoke(app, ["gate", "--real", str(tmp_path / "nope"), "--synthetic", str(cohort["held_out"]),
+                                  "--out", str(tmp_path / "err"), "--config", str(cfg)])
+    assert missing.exit_code == 2
+    assert "nope" in missing.output
+
+
+def test_gate_trains_and_saves_its_encoder_when_none_is_given(cohort: dict[str, Path], tmp_path: Path) -> None:
+    cfg = GateConfig(encoder_steps=5, n_bootstrap=0, figure_samples=0)
+    report = run_gate(cohort["real"], cohort["held_out"], tmp_path, cfg)
+    saved = tmp_path / "domain_encoder.pt"
+    assert saved.is_file()
+    from pipeline.gate.encoder import load_domain_encoder
+
+    _, digest = load_domain_encoder(saved)
+    assert digest == report.feature_extractor["sha256"]
+
+
+def test_too_few_samples_is_a_clear_error(cohort: dict[str, Path], tmp_path: Path) -> None:
+    from pipeline.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="min_samples"):
+        run_gate(cohort["real"], cohort["held_out"], tmp_path, _cfg(cohort, min_samples=10_000))
+
+
+def test_images_are_in_range_and_grouped(cohort: dict[str, Path]) -> None:
+    s = load_gate_set(cohort["real"], GateConfig(), "real")
+    assert s.images.shape[1:] == (1, SIZE, SIZE)
+    assert float(s.images.min()) >= -1.0 and float(s.images.max()) <= 1.0
+    assert set(s.item_of.tolist()) == set(range(len(TRAIN)))
+    # the near-empty top slices are not scored
+    assert len(s.item_of) < len(TRAIN) * NZ
+    assert torch.isfinite(s.images).all()

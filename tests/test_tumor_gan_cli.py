@@ -48,7 +48,10 @@ def test_extract_train_resume_sample_evaluate(ingest: Path, tmp_path: Path) -> N
     assert card["patch_size"] == 32 and card["modality"] == "CT"
     assert list((run / "samples").glob("*.png"))
 
-    invoke("train", "tumor-gan", "--data", str(tmp_path / "real"), "--out", str(run), "--config", str(TINY_CONFIG),
+    result = runner.invoke(app, ["train", "tumor-gan", "--data", str(tmp_path / "real"), "--out", str(run), "--config",
+                                 str(TINY_CONFIG), "--steps", "30", "--device", "cpu", "--resume"])
+    assert result.exit_code == 2 and "training patches differ" in result.output
+    invoke("train", "tumor-gan", "--data", str(ingest), "--out", str(run), "--config", str(TINY_CONFIG),
            "--steps", "30", "--device", "cpu", "--resume")
     assert load_checkpoint(ckpt)["step"] == 30
     assert [r["step"] for r in read_metrics(run)] == [10, 20, 24, 30]
@@ -72,3 +75,14 @@ def test_errors_are_one_line(ingest: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["sample-tumors", "--checkpoint", str(tmp_path / "none.pt"), "--class", "round",
                                  "--n", "2", "--out", str(tmp_path / "s")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_benchmark_smoke_runs_on_cpu() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_tumor_gan", Path(__file__).resolve().parents[1] / "bench" / "tumor_gan.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--smoke"])
+    assert "| baseline: fp32, batch 4 |" in report and "fastest / baseline" in report

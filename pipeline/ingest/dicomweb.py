@@ -18,14 +18,17 @@ References: DICOM PS3.18 (Web Services), sections 10.4 (WADO-RS) and 10.6 (QIDO-
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -312,3 +315,50 @@ def fetch_series(client: DicomWebClient, query: Mapping[str, str], staging: Path
         staged.append(target)
         log.info("%s (%s): %d instances retrieved", label, ref.modality or "?", len(instances))
     return FetchResult(staged=staged, failed=failed, n_series=len(refs))
+
+
+def ingest_dicomweb(
+    url: str,
+    query: Mapping[str, str],
+    out: Path,
+    auth: DicomWebAuth | None = None,
+    key: bytes | None = None,
+    workers: int = 2,
+    retries: int = 3,
+    backoff_s: float = 0.5,
+) -> Any:
+    """Query a DICOMweb server, stage the matching series, and ingest them like a folder.
+
+    Args:
+        url: DICOMweb root, e.g. "http://127.0.0.1:8042/dicom-web".
+        query: QIDO-RS study filters (see QUERY_KEYS), e.g. {"ModalitiesInStudy": "CT"}.
+        out: ingest output folder (same layout as a folder ingest).
+        auth: credentials; default from the environment (DicomWebAuth.from_env).
+        key: de-identification key (see pipeline.ingest.deid).
+
+    Series that could not be retrieved intact are added to out/quarantine.csv (kind
+    "dicomweb") and counted in ingest_report.json as `pacs_series_failed`; the staging
+    folder is deleted afterwards. Returns the IngestReport.
+    """
+    from pipeline.ingest.run import QUARANTINE_COLUMNS, REPORT_NAME, run_ingest
+    from pipeline.ingest.writer import write_atomic
+    from pipeline.manifest import read_manifest, write_manifest
+
+    with (
+        DicomWebClient(url, auth or DicomWebAuth.from_env(), retries=retries, backoff_s=backoff_s) as client,
+        tempfile.TemporaryDirectory(prefix="medaug-pacs-") as tmp,
+    ):
+        fetched = fetch_series(client, query, Path(tmp))
+        if fetched.n_series == 0:
+            log.warning("DICOMweb %s: no series match the query", client.label)
+        report = run_ingest([Path(tmp)], out, key=key, workers=workers)
+
+    if fetched.failed:
+        rows = read_manifest(out / "quarantine.csv")
+        rows += [{"source": label, "kind": "dicomweb", "reason": reason} for label, reason in fetched.failed]
+        write_manifest(out, rows, QUARANTINE_COLUMNS, name="quarantine.csv")
+    summary = json.loads((out / REPORT_NAME).read_text())
+    summary["pacs_series_found"] = fetched.n_series
+    summary["pacs_series_failed"] = len(fetched.failed)
+    write_atomic(out / REPORT_NAME, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    return report

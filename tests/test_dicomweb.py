@@ -1,0 +1,126 @@
+"""PACS ingest over DICOMweb, against a real Orthanc with its DICOMweb plugin.
+
+The phantom cohort's DICOM tree is uploaded to a throwaway Orthanc on a loopback port;
+`ingest_dicomweb` must give the same volumes as a folder ingest of the same files, keep
+credentials out of every output and log, retry a connection dropped mid-transfer, and
+never ingest a half-retrieved series.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from orthanc_server import PASSWORD, USER, orthanc_available, run_faulty_proxy, run_orthanc
+
+from pipeline.errors import FatalIngestError
+from pipeline.ingest import run_ingest
+from pipeline.ingest.dicomweb import (
+    DicomWebAuth,
+    DicomWebError,
+    ingest_dicomweb,
+    parse_query,
+    split_multipart,
+)
+from pipeline.manifest import read_manifest
+from pipeline.phantoms import write_cohort
+
+KEY = b"dicomweb-test-key"
+
+needs_orthanc = pytest.mark.skipif(
+    not orthanc_available() and not os.environ.get("CI"),
+    reason="Orthanc with the DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)",
+)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cohort")
+    write_cohort(out, n_subjects=8, size=32, seed=3)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory: pytest.TempPathFactory, cohort: Path):  # type: ignore[no-untyped-def]
+    with run_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        server.upload(sorted((cohort / "dicom").rglob("*.dcm")))
+        yield server
+
+
+def test_parse_query_rejects_unknown_keys_and_bad_syntax() -> None:
+    assert parse_query(["ModalitiesInStudy=CT", "StudyDate=20240101-20241231"]) == {
+        "ModalitiesInStudy": "CT",
+        "StudyDate": "20240101-20241231",
+    }
+    with pytest.raises(DicomWebError, match="not supported; use one of"):
+        parse_query(["Colour=blue"])
+    with pytest.raises(DicomWebError, match="KEY=VALUE"):
+        parse_query(["ModalitiesInStudy"])
+
+
+def test_split_multipart_known_answer() -> None:
+    body = b"--b1\r\nContent-Type: application/dicom\r\n\r\nAAA\r\n--b1\r\n\r\nBB\r\n--b1--\r\n"
+    assert split_multipart('multipart/related; type="application/dicom"; boundary=b1', body) == [b"AAA", b"BB"]
+    assert split_multipart("application/json", body) == []
+
+
+@needs_orthanc
+def test_pacs_ingest_equals_folder_ingest(tmp_path: Path, cohort: Path, pacs, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.DEBUG)
+    auth = DicomWebAuth(USER, PASSWORD)
+    ingest_dicomweb(pacs.dicomweb, {"ModalitiesInStudy": "CT"}, tmp_path / "pacs", auth=auth, key=KEY)
+    run_ingest([cohort / "dicom"], tmp_path / "folder", key=KEY)
+
+    pacs_rows = read_manifest(tmp_path / "pacs")
+    folder_ct = [r for r in read_manifest(tmp_path / "folder") if r["modality"] == "CT"]
+    assert pacs_rows and all(r["modality"] == "CT" for r in pacs_rows)
+    # Same pseudonyms, same voxels, same bytes as the folder route.
+    assert sorted((r["path"], r["sha256"]) for r in pacs_rows) == sorted((r["path"], r["sha256"]) for r in folder_ct)
+
+    # Credentials never reach outputs or logs.
+    for f in (tmp_path / "pacs").rglob("*"):
+        if f.is_file():
+            assert PASSWORD.encode() not in f.read_bytes()
+    assert PASSWORD not in caplog.text
+
+
+@needs_orthanc
+def test_wrong_credentials_fail_clearly(tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(FatalIngestError, match="refused the credentials"):
+        ingest_dicomweb(pacs.dicomweb, {}, tmp_path / "out", auth=DicomWebAuth(USER, "wrong"), key=KEY)
+
+
+def test_server_down_retries_then_clear_error(tmp_path: Path) -> None:
+    # Nothing listens on port 9 (discard) of the loopback interface.
+    with pytest.raises(FatalIngestError, match=r"connection failed .* after 3 tries"):
+        ingest_dicomweb("http://127.0.0.1:9/dicom-web", {}, tmp_path / "out", key=KEY, retries=2, backoff_s=0.01)
+    assert not (tmp_path / "out" / "volumes").exists()
+
+
+@needs_orthanc
+def test_dropped_transfer_is_retried(tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
+    with run_faulty_proxy(pacs.url, drop_first=1) as proxy:
+        report = ingest_dicomweb(
+            f"{proxy.url}/dicom-web", {"ModalitiesInStudy": "MR"}, tmp_path / "out",
+            auth=DicomWebAuth(USER, PASSWORD), key=KEY, backoff_s=0.01,
+        )
+    assert proxy.dropped == 1
+    assert report.volumes_written == len([r for r in read_manifest(tmp_path / "out")])
+    assert report.volumes_written > 0
+    assert not [r for r in read_manifest(tmp_path / "out" / "quarantine.csv") if r["kind"] == "dicomweb"]
+
+
+@needs_orthanc
+def test_always_dropping_server_ingests_nothing_half_retrieved(tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
+    with run_faulty_proxy(pacs.url, drop_first=10_000) as proxy:
+        report = ingest_dicomweb(
+            f"{proxy.url}/dicom-web", {"ModalitiesInStudy": "CT"}, tmp_path / "out",
+            auth=DicomWebAuth(USER, PASSWORD), key=KEY, retries=1, backoff_s=0.01,
+        )
+    assert report.volumes_written == 0
+    assert not list((tmp_path / "out" / "volumes").glob("*.nii.gz"))
+    failed = [r for r in read_manifest(tmp_path / "out" / "quarantine.csv") if r["kind"] == "dicomweb"]
+    assert failed and all("not ingested" in r["reason"] for r in failed)
+    assert all(r["source"].startswith("dicomweb series ") for r in failed)

@@ -1,0 +1,143 @@
+"""The `augment` flow end to end on the tiny phantom config, under Prefect's test harness.
+
+One trained mri-ct run is shared by the module; the other tests re-use its output (cache,
+resume, idempotence) or its checkpoint (Dask runner, gate reject) so the whole module
+trains one tiny CycleGAN and one tiny tumor GAN.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+TINY = "configs/tiny.yaml"
+
+
+def run_flow(out: Path, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """Run `augment` in-process; returns (final state, result). Raises what the flow raises."""
+    from flows.augment import augment
+
+    state = augment(config=TINY, out=str(out), return_state=True, **kwargs)
+    return state, state.result()
+
+
+def artifacts_by_key() -> dict[str, Any]:
+    """The newest artifact of every key in the harness database."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(sort=ArtifactSort.CREATED_DESC, limit=200)
+    newest: dict[str, Any] = {}
+    for a in arts:
+        if a.key and a.key not in newest:
+            newest[a.key] = a
+    return newest
+
+
+def all_log_text() -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler.flush()
+    with get_client(sync_client=True) as client:
+        return "\n".join(log.message for log in client.read_logs(limit=10_000))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("augment") / "run"
+    state, result = run_flow(out)
+    assert state.is_completed()
+    return out, result
+
+
+def test_tiny_mri_ct_pipeline_writes_a_dataset(tiny_run: tuple[Path, dict[str, Any]]) -> None:
+    out, result = tiny_run
+    assert result["pipeline"] == "mri-ct"
+    for key in ("phantoms", "ingest", "ingest_dicom", "run_dir", "synthetic", "dataset"):
+        assert Path(result[key]).is_dir(), key
+    assert (out / "ingest-dicom" / "manifest.csv").is_file()
+    assert (Path(result["run_dir"]) / "checkpoints" / "last.pt").is_file()
+    assert (out / "gate" / "gate_report.json").is_file() and Path(result["gate_report"]).is_file()
+    with open(out / "dataset" / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {r["synthetic"] for r in rows} >= {"0"}
+    assert all(not Path(r["path"]).is_absolute() for r in rows)
+
+
+def test_artifacts_are_published(tiny_run: tuple[Path, dict[str, Any]]) -> None:
+    arts = artifacts_by_key()
+    for key in ("gate-report", "gate-checks", "dataset", "train-progress", "cyclegan-samples"):
+        assert key in arts, f"missing artifact {key}; have {sorted(arts)}"
+    assert arts["train-progress"].type == "progress" and float(arts["train-progress"].data) == 100.0
+    assert arts["dataset"].type == "markdown" or "file://" in str(arts["dataset"].data)
+    assert arts["gate-report"].type == "markdown" and "accept" in str(arts["gate-report"].data).lower()
+    assert str(arts["cyclegan-samples"].data).startswith("data:image/png;base64,")
+
+
+def test_no_patient_identifier_in_logs_or_artifacts(tiny_run: tuple[Path, dict[str, Any]]) -> None:
+    import pydicom
+
+    out, _ = tiny_run
+    with open(out / "phantoms" / "cohort.csv", newline="") as f:
+        cohort = list(csv.DictReader(f))
+    identifiers = {r["patient_id"] for r in cohort}
+    for series in (out / "phantoms" / "dicom").glob("*/*"):
+        ds = pydicom.dcmread(next(series.iterdir()), stop_before_pixels=True)
+        identifiers |= {str(ds.PatientName), str(ds.PatientID), str(ds.AccessionNumber)}
+    text = all_log_text() + "\n".join(str(a.data) + str(a.description) for a in artifacts_by_key().values())
+    assert text
+    leaked = sorted(i for i in identifiers if i and i in text)
+    assert not leaked, f"patient identifiers in logs/artifacts: {leaked}"
+
+
+def test_rerun_uses_the_cache_and_resumes(tiny_run: tuple[Path, dict[str, Any]]) -> None:
+    out, first = tiny_run
+    ingest_manifest = out / "ingest" / "manifest.csv"
+    before = ingest_manifest.stat().st_mtime_ns
+    ckpt = Path(first["run_dir"]) / "checkpoints" / "last.pt"
+    ckpt_before = ckpt.stat().st_mtime_ns
+    state, again = run_flow(out)
+    assert state.is_completed()
+    assert ingest_manifest.stat().st_mtime_ns == before, "an unchanged cohort was ingested again"
+    assert again["run_dir"] == first["run_dir"]
+    assert ckpt.stat().st_mtime_ns == ckpt_before, "a finished training run was trained again"
+    assert again["dataset_hash"] == first["dataset_hash"]
+
+
+def test_given_checkpoint_on_a_dask_cluster(tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    _, first = tiny_run
+    ckpt = Path(first["run_dir"]) / "checkpoints" / "last.pt"
+    state, result = run_flow(tmp_path / "dask", checkpoint=str(ckpt), overrides=["runtime.task_runner=dask"])
+    assert state.is_completed()
+    assert "run_dir" not in result  # no training: the given checkpoint generated
+    assert (tmp_path / "dask" / "ingest" / "manifest.csv").is_file()
+    assert (tmp_path / "dask" / "ingest-dicom" / "manifest.csv").is_file()
+    assert (Path(result["dataset"]) / "manifest.csv").is_file()
+
+
+def test_gate_reject_stops_before_the_dataset(tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    from pipeline.errors import GateRejected
+
+    _, first = tiny_run
+    ckpt = Path(first["run_dir"]) / "checkpoints" / "last.pt"
+    out = tmp_path / "reject"
+    with pytest.raises(GateRejected, match=r"stage gate: .*fid"):
+        run_flow(out, checkpoint=str(ckpt), overrides=["gate.fid_max_ratio=0.000001"])
+    assert (out / "gate" / "gate_report.json").is_file()
+    assert not (out / "dataset").exists()
+
+
+def test_tiny_tumor_patches_pipeline(tmp_path: Path) -> None:
+    state, result = run_flow(tmp_path / "tumor", pipeline="tumor-patches")
+    assert state.is_completed() and result["pipeline"] == "tumor-patches"
+    with open(Path(result["synthetic"]) / "manifest.csv", newline="") as f:
+        classes = {r["class"] for r in csv.DictReader(f)}
+    assert classes == {"round", "necrotic"}
+    assert (Path(result["dataset"]) / "manifest.csv").is_file()

@@ -7,7 +7,7 @@ and the stages that run several independent jobs (ingest of several source group
 generation) are subflows whose task runner `runtime.task_runner` picks (a thread pool or
 prefect-dask's DaskTaskRunner). Outputs of a run, under OUT:
 
-    OUT/phantoms/       the phantom cohort (when phantoms.enabled)
+    OUT/phantoms/       the phantom cohort (phantoms.enabled: true, or auto while ingest.sources is empty)
     OUT/ingest/         the labelled NIfTI route: the volumes training and the dataset use
     OUT/ingest-dicom/   DICOM trees, de-identified (shown, not used for training)
     OUT/patches/        tumor-patches: the real patches (the GAN's training data and the real reference)
@@ -15,6 +15,8 @@ prefect-dask's DaskTaskRunner). Outputs of a run, under OUT:
     OUT/synthetic/      translated volumes or sampled patches (manifest.csv, synthetic=1)
     OUT/gate/           gate_report.json/.md, figures, accepted.csv
     OUT/dataset/        the class-balanced dataset (only when the gate accepts)
+    OUT/data_manifests/ copies of its manifest and datalist by content hash (dataset.manifests_dir
+                        when relative; an absolute one, e.g. a shared registry, is used as it is)
 
 When the gate rejects, the flow fails at stage "gate" (GateRejected) and writes no dataset.
 """
@@ -34,6 +36,7 @@ from flows.params import (
     RuntimeConfig,
     load_pipeline_config,
     output_dir,
+    use_phantoms,
 )
 from flows.tasks import (
     backoff,
@@ -53,7 +56,8 @@ from flows.tasks import (
     translate_task,
 )
 from pipeline.dataset.config import Deployment
-from pipeline.errors import GateRejected
+from pipeline.errors import ConfigError, GateRejected
+from pipeline.translate import resolve_device
 
 
 def task_runner(rt: RuntimeConfig) -> TaskRunner[Any]:
@@ -112,15 +116,21 @@ def run_augment(params: AugmentParams) -> dict[str, Any]:
     """The body of the `augment` flow (inside a flow run); returns where the outputs are."""
     logger = get_run_logger()
     cfg: PipelineConfig = load_pipeline_config(params)
+    # the device is decided once, here: "auto" becomes cuda or cpu for every stage
+    device = str(resolve_device(cfg.runtime.device))
+    cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"device": device})})
     out = output_dir(params, cfg)
     out.mkdir(parents=True, exist_ok=True)
     rt = cfg.runtime
-    logger.info("augment (%s): config %s, output %s", cfg.pipeline, Path(params.config).name, out)
+    logger.info("augment (%s): config %s, output %s, device %s", cfg.pipeline, Path(params.config).name, out, device)
     result: dict[str, Any] = {"pipeline": cfg.pipeline, "out": str(out)}
 
     sources = [str(Path(s).expanduser().resolve()) for s in cfg.ingest.sources]
     dicom_sources = [str(Path(s).expanduser().resolve()) for s in cfg.ingest.dicom_sources]
-    if cfg.phantoms.enabled:
+    phantoms_only = use_phantoms(cfg.phantoms, cfg.ingest) and not sources and not dicom_sources
+    if use_phantoms(cfg.phantoms, cfg.ingest):
+        if cfg.phantoms.enabled == "auto":
+            logger.warning("ingest.sources is empty: running on a generated phantom cohort (phantoms.enabled: auto)")
         with stage("phantoms"):
             p = cfg.phantoms
             cohort = phantoms_task(out / "phantoms", p.n_subjects, p.size, p.seed)
@@ -130,9 +140,10 @@ def run_augment(params: AugmentParams) -> dict[str, Any]:
 
     with stage("ingest"):
         if not sources:
-            raise ValueError("nothing to ingest: set ingest.sources in the config or phantoms.enabled")
+            raise ConfigError(f"nothing to ingest: {Path(params.config).name} names no ingest.sources "
+                              "(set them, or phantoms.enabled: auto for a phantom cohort)")
         key_source = (
-            f"secret:{cfg.ingest.deid_key_secret}" if cfg.ingest.deid_key_secret else "demo" if cfg.phantoms.enabled else "env"
+            f"secret:{cfg.ingest.deid_key_secret}" if cfg.ingest.deid_key_secret else "demo" if phantoms_only else "env"
         )
         common = {"modality": cfg.ingest.modality, "key_source": key_source}
         jobs = [{"sources": sources, "out": str(out / "ingest"), **common}]
@@ -162,8 +173,11 @@ def run_augment(params: AugmentParams) -> dict[str, Any]:
             )
 
     with stage("dataset"):
+        dataset_cfg = cfg.dataset.model_dump(mode="json")
+        # a relative manifests_dir belongs to this run: OUT/data_manifests/<hash>/, not the working directory
+        dataset_cfg["manifests_dir"] = str(out / cfg.dataset.manifests_dir)
         written = dataset_task.with_options(retries=rt.retries, retry_delay_seconds=backoff(rt.retry_backoff_s))(
-            real, [synthetic], str(out / "dataset"), cfg.dataset.model_dump(mode="json"), [gate["out"]], [card]
+            real, [synthetic], str(out / "dataset"), dataset_cfg, [gate["out"]], [card]
         )
     result["dataset"] = written["out"]
     result["dataset_hash"] = written["content_hash"]
@@ -178,21 +192,26 @@ def mri_ct_stages(cfg: PipelineConfig, params: AugmentParams, out: Path, result:
     if params.checkpoint:
         checkpoint = str(Path(params.checkpoint).expanduser().resolve())
     else:
-        with stage("preprocess"):
-            sl = cfg.slices
-            data: Any = slices_task.with_options(refresh_cache=not rt.cache)(
-                [ingest_dir], image_size=cfg.cyclegan.image_size, context=(cfg.cyclegan.in_channels - 1) // 2,
-                hu_window=list(sl.hu_window), mr_percentiles=list(sl.mr_percentiles),
-                min_foreground=sl.min_foreground, max_slices=sl.max_slices, seed=sl.seed,
-            )
+        sl = cfg.cyclegan_data
+        data: Any = None  # under torchrun every rank reads the ingest folder itself
+        data_hash = content_hash([Path(ingest_dir) / "manifest.csv"])
+        if rt.nproc_per_node == 1:
+            with stage("preprocess"):
+                data = slices_task.with_options(refresh_cache=not rt.cache)(
+                    [ingest_dir], image_size=cfg.cyclegan.image_size, context=(cfg.cyclegan.in_channels - 1) // 2,
+                    hu_window=list(sl.hu_window), mr_percentiles=list(sl.mr_percentiles),
+                    min_foreground=sl.min_foreground, max_slices=sl.max_slices, seed=sl.seed,
+                )
+                data_hash = data.meta.get("data_sha256", data_hash)
         with stage("train"):
             config = cfg.cyclegan.model_dump(mode="json")
-            run_dir = run_dir_for(out / "runs", "cyclegan", config, data.meta.get("data_sha256", ""))
+            run_dir = run_dir_for(out / "runs", "cyclegan", config, data_hash)
             trained = train_cyclegan_task.with_options(retries=rt.train_retries)(
                 data, str(run_dir), config, rt.device, ingest_dir, sl.model_dump(mode="json"), rt.nproc_per_node
             )
             if trained["samples"]:
-                image_artifact(Path(trained["samples"]), key="cyclegan-samples", description="CycleGAN sample grid (MRI, MRI->CT, CT, CT->MRI)")
+                image_artifact(Path(trained["samples"]), key="cyclegan-samples", inline=False,
+                               description="CycleGAN sample grid (MRI, MRI->CT, CT, CT->MRI); real inputs, so a link")
         checkpoint = trained["checkpoint"]
         result["run_dir"] = trained["run_dir"]
     with stage("generate"):
@@ -213,7 +232,7 @@ def tumor_patches_stages(cfg: PipelineConfig, params: AugmentParams, out: Path, 
         patches_task.with_options(refresh_cache=not rt.cache or not (out / "patches" / "manifest.csv").is_file())(
             [result["ingest"]], real, patch_size=tg.patch_size, dims=tg.spatial_dims, neighbours=pc.neighbours,
             healthy_per_volume=pc.healthy_per_volume, hu_window=list(pc.hu_window),
-            min_body_fraction=pc.min_body_fraction, seed=pc.seed,
+            min_body_fraction=pc.min_body_fraction, seed=pc.seed, brain_margin_mm=pc.brain_margin_mm,
         )
     if params.checkpoint:
         checkpoint = str(Path(params.checkpoint).expanduser().resolve())
@@ -257,7 +276,15 @@ def samples_per_class(real: Path, cfg: PipelineConfig) -> dict[str, int]:
     return {c: max(g.min_per_class, int(plan[c].synthetic * g.oversample + 0.999)) for c in tumor_classes}
 
 
-@flow(name="augment", validate_parameters=True)
+def run_name() -> str:
+    """Flow run name from the pipeline and config file, e.g. "mri-ct-tiny" ("augment-tiny" when the config decides)."""
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return f"{p.get('pipeline') or 'augment'}-{Path(str(p.get('config', 'config'))).stem}"
+
+
+@flow(name="augment", validate_parameters=True, flow_run_name=run_name)
 def augment(
     config: str = "configs/mri-ct.yaml",
     overrides: list[Override] | None = None,

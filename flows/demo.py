@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn
 STAGE_TITLES = {
     "phantoms": "Generate the phantom cohort",
     "ingest": "Ingest (NIfTI for training, DICOM de-identified)",
-    "preprocess": "Preprocess (normalise, slice)",
+    "preprocess": "Preprocess (normalise; slices or patches)",
     "train": "Train the generator",
     "generate": "Generate synthetic data",
     "gate": "Quality gate",
@@ -34,8 +34,8 @@ STAGE_TITLES = {
 def prefect_environment(home: Path, verbose: bool = False) -> dict[str, str]:
     """Environment for an in-process (ephemeral) Prefect run with its state under `home`.
 
-    Leaves a configured PREFECT_API_URL (a server the user runs) alone. Returns the
-    variables it set, and sets them in os.environ.
+    Leaves a configured PREFECT_API_URL (a server the user runs) alone. Sets the variables
+    in os.environ (a value already there wins, except PREFECT_HOME) and returns them.
     """
     env: dict[str, str] = {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -86,7 +86,7 @@ class StageView(logging.Handler):
                 self.progress.update(row, total=1, completed=1, description=f"[green]✓[/] {title} [dim]({took:.0f} s)[/]")
                 self.progress.stop_task(row)
             case "failed":
-                self.progress.update(row, total=1, completed=0, description=f"[red]✗ {title}[/]")
+                self.progress.update(row, total=1, completed=1, description=f"[red]✗ {title}[/]")
                 self.progress.stop_task(row)
 
 

@@ -61,7 +61,18 @@ def deployments(activate_schedules: bool | None = None, path: Path = PREFECT_YAM
 
 
 def serve_all(activate_schedules: bool | None = None, limit: int | None = None) -> None:
-    """Serve both deployments in this process until interrupted (needs PREFECT_API_URL of a server)."""
+    """Serve both deployments in this process until interrupted (needs PREFECT_API_URL of a server).
+
+    Raises ConfigError when no API URL is configured: served deployments on Prefect's
+    temporary in-process API would vanish with this process.
+    """
     from prefect import serve
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        raise ConfigError(
+            "medaug serve needs a Prefect server: start one with `prefect server start` and set "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set PREFECT_API_URL=...`)"
+        )
 
     serve(*deployments(activate_schedules), limit=limit)

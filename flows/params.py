@@ -3,23 +3,25 @@
 A flow run (or a deployment) is parameterised the way the CLI is: a YAML path under
 configs/ plus dotted `key=value` overrides. `AugmentParams` is what Prefect validates
 (the flow's signature mirrors it); `load_pipeline_config` turns it into a
-`PipelineConfig`, one pydantic section per stage, each loaded through
-`medaug.config.load_section` so a bad key gives the same one-line ConfigError as the CLI.
+`PipelineConfig`, one pydantic section per stage (the stage's own config model), so a bad
+key gives the same one-line ConfigError as the CLI. A pipeline config may `include:` the
+per-stage configs (configs/cyclegan.yaml, ...) and override single keys of them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from medaug.config import load_section, read_yaml
+from medaug.config import apply_overrides, read_yaml
 from models.train_cyclegan import CycleGANConfig
 from models.train_tumor_gan import TumorGANConfig
 from pipeline.dataset.config import DatasetConfig, Deployment
 from pipeline.errors import ConfigError
 from pipeline.gate.config import GateConfig
+from pipeline.slices import SliceConfig
 from pipeline.types import HUWindow, Modality
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,10 +39,21 @@ class PhantomsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = Field(default=False, description="Generate a phantom cohort under OUT/phantoms and ingest it (the demo and tests); off for real data.")
+    enabled: bool | Literal["auto"] = Field(default=False, description="Generate a phantom cohort under OUT/phantoms and ingest it: true (demo, tests), false (real data), or auto: only while ingest.sources is empty (so a fresh checkout's deployments run end to end).")
     n_subjects: int = Field(default=16, ge=2, description="Number of phantom subjects (about 85/15 round/necrotic tumors).")
     size: int = Field(default=64, ge=16, description="In-plane size in voxels; volumes are size x size x size//2.")
     seed: int = Field(default=0, description="Seed of the phantom cohort (same seed, same files).")
+
+
+def use_phantoms(phantoms: PhantomsConfig, ingest: IngestSection) -> bool:
+    """Whether a run generates and ingests the phantom cohort (enabled, or auto with no sources).
+
+    >>> use_phantoms(PhantomsConfig(enabled="auto"), IngestSection()), use_phantoms(PhantomsConfig(), IngestSection())
+    (True, False)
+    """
+    if phantoms.enabled == "auto":
+        return not ingest.sources and not ingest.dicom_sources
+    return bool(phantoms.enabled)
 
 
 class IngestSection(BaseModel):
@@ -52,21 +65,6 @@ class IngestSection(BaseModel):
     dicom_sources: list[Path] = Field(default_factory=list, description="DICOM trees ingested on their own into OUT/ingest-dicom (de-identified volumes, not used for training). With phantoms enabled, the phantom DICOM tree is added.")
     modality: Modality | None = Field(default=None, description="Modality of NIfTI inputs that have neither dataset.json nor a sidecar.")
     deid_key_secret: str | None = Field(default=None, description="Name of a Prefect Secret block holding the de-identification key; None: the MEDAUG_DEID_KEY environment variable (a fixed demo key for phantom runs).")
-
-
-class SlicesSection(BaseModel):
-    """How ingested volumes become CycleGAN training slices (pipeline.slices.load_unpaired_slices).
-
-    Slice size and 2.5-D context come from the cyclegan section (image_size, in_channels).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    hu_window: HUWindow = Field(default=(-1000.0, 1000.0), description="CT window (low, high) in HU mapped to [-1, 1].")
-    mr_percentiles: tuple[float, float] = Field(default=(0.5, 99.5), description="MR foreground percentiles mapped to -1 and +1.")
-    min_foreground: float = Field(default=0.1, ge=0.0, lt=1.0, description="Keep axial slices with at least this body fraction.")
-    max_slices: int | None = Field(default=None, ge=1, description="At most this many slices per modality (seeded subset); None: all.")
-    seed: int = Field(default=0, description="Seed of the slice subset.")
 
 
 class GenerateSection(BaseModel):
@@ -96,6 +94,7 @@ class PatchesSection(BaseModel):
     healthy_per_volume: int = Field(default=2, ge=0, description="Healthy-tissue patches per volume (class 'healthy').")
     hu_window: HUWindow = Field(default=(-100.0, 200.0), description="CT window (low, high) in HU mapped to [-1, 1] for patches.")
     min_body_fraction: float = Field(default=0.9, ge=0.0, le=1.0, description="Least fraction of body voxels inside a healthy patch.")
+    brain_margin_mm: float = Field(default=10.0, ge=0.0, description="Least depth (mm) of a healthy patch's centre below the body surface (keeps healthy patches in brain, off skin and skull).")
     seed: int = Field(default=0, description="Seeds where healthy patches go.")
 
 
@@ -105,7 +104,7 @@ class RuntimeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     out_dir: Path = Field(default=Path("medaug-output"), description="Output folder of a run when the flow's `out` parameter is not given.")
-    device: str = Field(default="cpu", description="Torch device of training and generation: cpu, cuda, cuda:1, mps.")
+    device: str = Field(default="cpu", description="Torch device of training and generation: auto (cuda when available), cpu, cuda, cuda:1.")
     task_runner: TaskRunnerKind = Field(default="thread", description="thread: a thread pool in the flow's process; dask: prefect-dask's DaskTaskRunner (a LocalCluster, or dask_address).")
     max_workers: int = Field(default=2, ge=1, description="Threads of the thread runner, or Dask workers of a LocalCluster.")
     dask_address: str | None = Field(default=None, description="Address of a running Dask scheduler (tcp://host:8786); None starts a LocalCluster per stage.")
@@ -114,7 +113,7 @@ class RuntimeConfig(BaseModel):
     retries: int = Field(default=2, ge=0, description="Retries of the I/O tasks (ingest, generation, dataset writing), with exponential backoff.")
     retry_backoff_s: float = Field(default=2.0, ge=0.0, description="First retry delay in seconds; doubles on every retry.")
     train_retries: int = Field(default=1, ge=0, description="Retries of a training task; a retry resumes from RUN_DIR/checkpoints/last.pt.")
-    cache: bool = Field(default=True, description="Reuse ingest results when the input files' content hash is unchanged.")
+    cache: bool = Field(default=True, description="Reuse ingest and preprocessing results while their input files' content hash is unchanged (Prefect result storage: PREFECT_LOCAL_STORAGE_PATH, OUT/.prefect/storage in the demo; the CycleGAN slices are kept there as a pickle).")
 
 
 class PipelineConfig(BaseModel):
@@ -124,7 +123,7 @@ class PipelineConfig(BaseModel):
 
     phantoms: PhantomsConfig
     ingest: IngestSection
-    slices: SlicesSection
+    cyclegan_data: SliceConfig
     cyclegan: CycleGANConfig
     patches: PatchesSection
     tumor_gan: TumorGANConfig
@@ -142,7 +141,7 @@ class PipelineConfig(BaseModel):
 SECTIONS: dict[str, type[BaseModel]] = {
     "phantoms": PhantomsConfig,
     "ingest": IngestSection,
-    "slices": SlicesSection,
+    "cyclegan_data": SliceConfig,
     "cyclegan": CycleGANConfig,
     "patches": PatchesSection,
     "tumor_gan": TumorGANConfig,
@@ -153,8 +152,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
 }
 """Config file sections and the model each one is validated as."""
 
-IGNORED_SECTIONS: set[str] = set()
-"""Sections accepted in a file but not validated here (none: every stage is wired)."""
+INCLUDE_KEY = "include"
+"""Top-level key of a pipeline config listing stage configs it builds on (paths relative to it)."""
 
 
 class AugmentParams(BaseModel):
@@ -182,25 +181,65 @@ def resolve_config_path(config: str | Path) -> Path:
     return in_repo if in_repo.is_file() else path
 
 
+def compose_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The mapping of a pipeline config with its `include:` files merged under it.
+
+    Included files (relative to the including file, in order, themselves able to include)
+    are deep-merged first; the including file's own keys win. So configs/mri-ct.yaml can
+    build on configs/cyclegan.yaml and change one key of it.
+    """
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config {path} includes itself (through {' -> '.join(p.name for p in seen)})")
+    data = read_yaml(path)
+    includes = data.pop(INCLUDE_KEY, None) or []
+    if not isinstance(includes, list):
+        raise ConfigError(f"config {path}: `{INCLUDE_KEY}` must be a list of YAML paths, got {includes!r}")
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        merged = deep_merge(merged, compose_yaml(path.parent / str(inc), (*seen, path)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` merged over `base`: mappings merge key by key, anything else is replaced.
+
+    >>> deep_merge({"a": {"x": 1, "y": 2}, "b": [1]}, {"a": {"y": 3}, "b": [2]})
+    {'a': {'x': 1, 'y': 3}, 'b': [2]}
+    """
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = deep_merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out
+
+
 def load_pipeline_config(params: AugmentParams) -> PipelineConfig:
-    """Validate every section of `params.config` (with overrides) into a PipelineConfig.
+    """Validate every section of `params.config` (includes merged, overrides applied).
 
     Raises ConfigError naming the file, the section and the key when a value is invalid
-    or the file holds a section no stage knows.
+    (the same message medaug.config.load_section gives), or when the file or an override
+    names a section no stage knows.
     """
     path = resolve_config_path(params.config)
     overrides = list(params.overrides)
     if params.pipeline is not None:
         overrides.append(f"dataset.deployment={params.pipeline}")
-    unknown = sorted(set(read_yaml(path)) - set(SECTIONS) - IGNORED_SECTIONS)
+    data = compose_yaml(path)
+    unknown = sorted(set(data) - set(SECTIONS))
     if unknown:
-        allowed = ", ".join(sorted(set(SECTIONS) | IGNORED_SECTIONS))
-        raise ConfigError(f"config {path} has unknown section(s) {', '.join(unknown)}; allowed: {allowed}")
+        raise ConfigError(f"config {path} has unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
     for item in overrides:
         head = item.split("=", 1)[0].split(".", 1)[0]
-        if head not in SECTIONS and head not in IGNORED_SECTIONS:
-            raise ConfigError(f"override {item!r} names no config section; allowed: {', '.join(sorted(SECTIONS))}")
-    sections = {name: load_section(model, path, name, overrides) for name, model in SECTIONS.items()}
+        if head not in SECTIONS:
+            raise ConfigError(f"override {item!r} names no config section; allowed: {', '.join(SECTIONS)}")
+    data = apply_overrides(data, overrides)
+    sections: dict[str, BaseModel] = {}
+    for name, model in SECTIONS.items():
+        try:
+            sections[name] = model.model_validate(data.get(name) or {})
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"config {path} [{name}] is invalid: {problems}") from None
     return PipelineConfig.model_validate(sections)
 
 

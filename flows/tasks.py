@@ -60,7 +60,11 @@ def stage(name: str) -> Iterator[None]:
         logger.error("stage %s failed: %s", name, exc)
         if str(exc).startswith("stage "):
             raise
-        raise type(exc)(f"stage {name}: {exc}") from exc
+        try:
+            named = type(exc)(f"stage {name}: {exc}")
+        except TypeError:  # an error type whose constructor takes more than a message
+            named = StageFailed(f"stage {name}: {exc}")
+        raise named from exc
     except Exception as exc:
         emit(name, "failed", f"{type(exc).__name__}: {exc}")
         logger.error("stage %s failed: %s: %s", name, type(exc).__name__, exc)
@@ -293,7 +297,7 @@ def training_progress(run_dir: Path, total_steps: int, stage_name: str = "train"
 @task(name="extract-patches", cache_key_fn=preprocess_cache_key, persist_result=True)
 def patches_task(
     ingest_dirs: list[str], out: str, patch_size: int, dims: int, neighbours: int,
-    healthy_per_volume: int, hu_window: list[float], min_body_fraction: float, seed: int,
+    healthy_per_volume: int, hu_window: list[float], min_body_fraction: float, seed: int, brain_margin_mm: float = 10.0,
 ) -> dict[str, Any]:
     """Cut real tumor and healthy patches from ingest folders into `out` (pipeline.patches).
 
@@ -305,6 +309,7 @@ def patches_task(
     patch_set = extract_patches(
         [Path(d) for d in ingest_dirs], patch_size=patch_size, seed=seed, dims=dims, neighbours=neighbours,
         healthy_per_volume=healthy_per_volume, hu_window=(hu_window[0], hu_window[1]), min_body_fraction=min_body_fraction,
+        brain_margin_mm=brain_margin_mm,
     )
     write_patch_folder(patch_set, Path(out))
     logger.info("real patches: %s (%d volumes skipped)", patch_set.counts(), len(patch_set.skipped))
@@ -342,19 +347,19 @@ def train_tumor_gan_task(patches_dir: str, run_dir: str, config: dict[str, Any],
 
 def tumor_gan_cli_args(patches_dir: Path, run_dir: Path, cfg: Any, modality: str, device: str, resume: bool) -> list[str]:
     """`medaug train tumor-gan ...` arguments for a torchrun launch (the config goes to RUN_DIR/config.yaml)."""
-    config_path = write_run_config(run_dir, "tumor_gan", cfg.model_dump(mode="json"))
-    args = ["train", "tumor-gan", "--data", str(patches_dir), "--run-dir", str(run_dir), "--config", str(config_path),
+    config_path = write_run_config(run_dir, {"tumor_gan": cfg.model_dump(mode="json")})
+    args = ["train", "tumor-gan", "--data", str(patches_dir), "--out", str(run_dir), "--config", str(config_path),
             "--modality", modality, "--device", device]
     return [*args, "--resume"] if resume else args
 
 
-def write_run_config(run_dir: Path, section: str, values: dict[str, Any]) -> Path:
-    """Write `{section: values}` to RUN_DIR/config.yaml (what a torchrun subprocess reads)."""
+def write_run_config(run_dir: Path, sections: dict[str, Any]) -> Path:
+    """Write config `sections` to RUN_DIR/config.yaml (what a torchrun subprocess reads)."""
     import yaml
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    path.write_text(yaml.safe_dump({section: values}, sort_keys=True), encoding="utf-8")
+    path.write_text(yaml.safe_dump(sections, sort_keys=True), encoding="utf-8")
     return path
 
 
@@ -396,13 +401,20 @@ def slices_task(
 @task(name="train-cyclegan")
 def train_cyclegan_task(data: Any, run_dir: str, config: dict[str, Any], device: str, ingest_dir: str,
                         slices: dict[str, Any], nproc_per_node: int = 1) -> dict[str, Any]:
-    """Train (or resume) the CycleGAN; returns the checkpoint, card and latest sample grid paths.
+    """Train (or resume) the CycleGAN; returns the generator checkpoint, its card and the latest sample grid.
 
-    Resumes from RUN_DIR/checkpoints/last.pt when it exists, so a retried task continues
-    where the failed attempt stopped (and a finished run is not trained again). With
-    nproc_per_node > 1 the training runs under torchrun, reading the ingest folder itself.
+    Like `medaug train cyclegan`: structure scores on the held-out split (val, else test)
+    pick checkpoints/best.pt, which is then the generator (else last.pt). Resumes from
+    RUN_DIR/checkpoints/last.pt when it exists, so a retried task continues where the
+    failed attempt stopped (and a finished run is not trained again). With nproc_per_node
+    > 1 the training runs under torchrun (`medaug train cyclegan`), reading the ingest folder itself.
     """
+    from functools import partial
+
     from models.train_cyclegan import CycleGANConfig, train_cyclegan
+    from pipeline.errors import DatasetError
+    from pipeline.evaluate_translation import STRUCTURE_KEY, held_out_batches, structure_scores
+    from pipeline.slices import load_unpaired_slices
 
     logger = get_run_logger()
     cfg = CycleGANConfig.model_validate(config)
@@ -413,10 +425,26 @@ def train_cyclegan_task(data: Any, run_dir: str, config: dict[str, Any], device:
         if nproc_per_node > 1:
             run_torchrun(nproc_per_node, cyclegan_cli_args(Path(ingest_dir), rd, config, slices, device, resume))
         else:
-            result = train_cyclegan(cfg, data, rd, resume=resume, device=device)
+            evaluate = None
+            for split in ("val", "test"):
+                try:
+                    held = load_unpaired_slices(
+                        [Path(ingest_dir)], image_size=cfg.image_size, context=(cfg.in_channels - 1) // 2, split=split,
+                        hu_window=tuple(slices["hu_window"]), min_foreground=slices["min_foreground"],
+                        mr_percentiles=tuple(slices["mr_percentiles"]),
+                    )
+                except DatasetError:
+                    continue
+                batches = held_out_batches(held, batch_size=16, max_batches=4)
+                evaluate = partial(structure_scores, held_out_batches=batches, hu_window=tuple(slices["hu_window"]))
+                logger.info("structure scores on the %s split pick the best checkpoint", split)
+                break
+            result = train_cyclegan(cfg, data, rd, resume=resume, device=device, evaluate=evaluate,
+                                    best_key=STRUCTURE_KEY if evaluate is not None else None)
             for warning in result.warnings:
                 logger.warning("CycleGAN health: %s", warning)
-    ckpt = rd / "checkpoints" / "last.pt"
+    best = rd / "checkpoints" / "best.pt"
+    ckpt = best if best.is_file() else rd / "checkpoints" / "last.pt"
     samples = sorted((rd / "samples").glob("*.png"))
     return {"run_dir": str(rd), "checkpoint": str(ckpt), "card": str(ckpt.with_suffix(".json")),
             "samples": str(samples[-1]) if samples else ""}
@@ -424,12 +452,10 @@ def train_cyclegan_task(data: Any, run_dir: str, config: dict[str, Any], device:
 
 def cyclegan_cli_args(ingest_dir: Path, run_dir: Path, config: dict[str, Any], slices: dict[str, Any],
                       device: str, resume: bool) -> list[str]:
-    """`medaug train cyclegan ...` arguments for a torchrun launch (the config goes to RUN_DIR/config.yaml)."""
-    config_path = write_run_config(run_dir, "cyclegan", config)
-    args = ["train", "cyclegan", "--data", str(ingest_dir), "--run-dir", str(run_dir), "--config", str(config_path),
+    """`medaug train cyclegan ...` arguments for a torchrun launch (both config sections go to RUN_DIR/config.yaml)."""
+    config_path = write_run_config(run_dir, {"cyclegan": config, "cyclegan_data": slices})
+    args = ["train", "cyclegan", "--data", str(ingest_dir), "--out", str(run_dir), "--config", str(config_path),
             "--device", device]
-    if slices.get("max_slices"):
-        args += ["--max-slices", str(slices["max_slices"])]
     return [*args, "--resume"] if resume else args
 
 
@@ -500,7 +526,7 @@ def gate_task(real: str, synthetic: str, out: str, config: dict[str, Any]) -> di
 def dataset_task(real: str, synthetic: list[str], out: str, config: dict[str, Any], gates: list[str],
                  cards: list[str]) -> dict[str, Any]:
     """Write the class-balanced dataset (pipeline.dataset.build_dataset); a link artifact points to it."""
-    from prefect.artifacts import create_link_artifact, create_table_artifact
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
     from pipeline.dataset import DatasetConfig, build_dataset
 
@@ -516,12 +542,23 @@ def dataset_task(real: str, synthetic: list[str], out: str, config: dict[str, An
         create_table_artifact(table=rows, key="dataset-counts", description="Items per split and class (real / synthetic)")
     create_link_artifact(link=Path(out).resolve().as_uri(), link_text=f"dataset {result.content_hash[:12]}",
                          key="dataset", description="The class-balanced dataset this run wrote")
+    image_artifact(Path(out) / "sample_grid.png", key="dataset-sample-grid", inline=False,
+                   description="The dataset's sample grid: real and synthetic examples per class")
+    datasheet = Path(out) / "datasheet.md"
+    if datasheet.is_file():
+        create_markdown_artifact(markdown=datasheet.read_text(encoding="utf-8"), key="dataset-datasheet",
+                                 description="The dataset's datasheet")
     get_run_logger().info("dataset %s: %s", result.content_hash[:12], "unchanged" if result.unchanged else "written")
     return {"out": str(result.out), "content_hash": result.content_hash, "counts": result.counts}
 
 
-def image_artifact(png: Path, key: str, description: str, max_bytes: int = 1 << 20) -> None:
-    """Publish a PNG as an image artifact (inlined as a data: URL when small, else a file link)."""
+def image_artifact(png: Path, key: str, description: str, inline: bool = True, max_bytes: int = 1 << 20) -> None:
+    """Publish a PNG as an image artifact (inlined as a data: URL), or as a link to the file.
+
+    Only images of synthetic data are inlined (`inline=True`); a figure that shows real
+    patients' pixels (the CycleGAN's sample grid has the real inputs) stays on disk and
+    the artifact links to it, so no patient image is copied into the Prefect database.
+    """
     import base64
 
     from prefect.artifacts import create_image_artifact, create_link_artifact
@@ -529,7 +566,7 @@ def image_artifact(png: Path, key: str, description: str, max_bytes: int = 1 << 
     if not png.is_file():
         return
     data = png.read_bytes()
-    if len(data) <= max_bytes:
+    if inline and len(data) <= max_bytes:
         create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(data).decode(), key=key,
                               description=description)
     else:

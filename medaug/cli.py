@@ -172,14 +172,12 @@ def train_cyclegan_cmd(
     Structure scores on the held-out split (val, else test) pick checkpoints/best.pt;
     they compare each input with its translation and never use paired truth.
     """
-    from functools import partial
-
     from medaug.config import load_section
     from models.common import TrainingDivergedError as _Diverged
     from models.train_cyclegan import CycleGANConfig, train_cyclegan
-    from pipeline.errors import ConfigError, DatasetError, TrainingDivergedError
-    from pipeline.evaluate_translation import STRUCTURE_KEY, held_out_batches, structure_scores
-    from pipeline.slices import SliceConfig, load_unpaired_slices
+    from pipeline.errors import ConfigError, TrainingDivergedError
+    from pipeline.evaluate_translation import STRUCTURE_KEY
+    from pipeline.slices import SliceConfig, load_training_inputs
 
     overrides = list(set_ or [])
     for key, value in (("steps", steps), ("image_size", image_size), ("batch_size", batch_size)):
@@ -187,21 +185,13 @@ def train_cyclegan_cmd(
             overrides.append(f"cyclegan.{key}={value}")
     cfg = load_section(CycleGANConfig, config, "cyclegan", overrides)
     data_cfg = load_section(SliceConfig, config, "cyclegan_data", overrides)
-    if cfg.in_channels % 2 == 0:
-        raise ConfigError(f"cyclegan.in_channels must be odd (a centre slice and its neighbours), got {cfg.in_channels}")
-    slice_args = dict(image_size=cfg.image_size, context=(cfg.in_channels - 1) // 2, hu_window=data_cfg.hu_window,
-                      min_foreground=data_cfg.min_foreground, mr_percentiles=data_cfg.mr_percentiles)
-    train_data = load_unpaired_slices(data, split="train", seed=data_cfg.seed, max_slices=data_cfg.max_slices, **slice_args)  # type: ignore[arg-type]
-    evaluate = None
-    for split in ("val", "test"):
-        try:
-            held = load_unpaired_slices(data, split=split, **slice_args)  # type: ignore[arg-type]
-        except DatasetError:
-            continue
-        batches = held_out_batches(held, batch_size=16, max_batches=4)
-        evaluate = partial(structure_scores, held_out_batches=batches, hu_window=data_cfg.hu_window)
-        typer.echo(f"structure scores on the {split} split pick the best checkpoint")
-        break
+    try:
+        inputs = load_training_inputs(data, cfg.image_size, cfg.in_channels, data_cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    train_data, evaluate = inputs.data, inputs.evaluate
+    if inputs.held_out_split:
+        typer.echo(f"structure scores on the {inputs.held_out_split} split pick the best checkpoint")
     typer.echo(f"training on {len(train_data.a)} MRI and {len(train_data.b)} CT slices "  # type: ignore[arg-type]
                f"from {len(train_data.meta['train_subjects'])} subjects, {cfg.total_steps} steps")
     try:
@@ -305,6 +295,7 @@ def extract_patches_cmd(
     healthy_per_volume: Annotated[int, typer.Option("--healthy-per-volume", min=0, help="Healthy-tissue patches per volume.")] = 2,
     hu_low: Annotated[float, typer.Option("--hu-low", help="CT window low end (HU) mapped to -1.")] = -100.0,
     hu_high: Annotated[float, typer.Option("--hu-high", help="CT window high end (HU) mapped to +1.")] = 200.0,
+    brain_margin_mm: Annotated[float, typer.Option("--brain-margin-mm", min=0.0, help="Healthy patch centres at least this deep below the body surface (mm).")] = 10.0,
 ) -> None:
     """Cut lesion-centred patches per tumor class and healthy-tissue patches, each with its mask."""
     from rich.console import Console
@@ -312,7 +303,8 @@ def extract_patches_cmd(
 
     from pipeline.patches import extract_patches, write_patch_folder
 
-    ps = extract_patches(data, patch_size, seed, dims, neighbours, healthy_per_volume, (hu_low, hu_high))
+    ps = extract_patches(data, patch_size, seed, dims, neighbours, healthy_per_volume, (hu_low, hu_high),
+                         brain_margin_mm=brain_margin_mm)
     manifest = write_patch_folder(ps, out)
     table = Table(title=f"{len(ps)} patches ({patch_size}^{dims}, seed {seed}) -> {manifest}")
     table.add_column("class")
@@ -517,7 +509,7 @@ def demo(
     try:
         result = run_demo(out, config, list(override or []), verbose=verbose)
     except GateRejected as exc:
-        typer.secho(f"gate rejected: {exc}; no dataset was written", fg=typer.colors.RED, err=True)
+        typer.secho(f"rejected: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=3) from None
     took = time.monotonic() - start
     typer.secho(f"demo finished in {took:.0f} s ({result['pipeline']})", fg=typer.colors.GREEN, bold=True)
@@ -533,6 +525,13 @@ def demo(
     for key, label in labels.items():
         if result.get(key):
             typer.echo(f"  {label:<28} {result[key]}")
+    if result.get("ingest_dicom"):
+        from pipeline.manifest import read_manifest
+
+        rows = read_manifest(Path(result["ingest_dicom"]))
+        subjects = sorted({r["subject_id"] for r in rows})
+        typer.echo(f"  {len(rows)} DICOM series of {len(subjects)} patients de-identified: names and IDs "
+                   f"replaced by keyed-hash pseudonyms ({', '.join(subjects[:3])}, ...)")
 
 
 @app.command()

@@ -133,6 +133,8 @@ def init_distributed(device: torch.device) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives use the current device
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
@@ -460,6 +462,8 @@ class HealthMonitor:
         up and down by more than `oscillation_amplitude`;
       * collapsing diversity: the rolling batch diversity below `diversity_min_ratio` times the
         first full window's (mode collapse);
+      * a loss trend of D winning: over the window, the D loss fell by a factor `trend_ratio`
+        while the G loss rose by that factor (positive losses only, e.g. LSGAN);
       * a falling evaluation score, from `observe_eval`: worse than the best by more than
         `eval_drop` (relative).
     The thresholds are heuristics; a warning is a prompt to look at the samples, not a verdict.
@@ -476,6 +480,7 @@ class HealthMonitor:
         oscillation_amplitude: float = 0.4,
         diversity_min_ratio: float = 0.3,
         eval_drop: float = 0.05,
+        trend_ratio: float = 2.0,
     ) -> None:
         self.window = window
         self.d_gap_max = d_gap_max
@@ -484,6 +489,7 @@ class HealthMonitor:
         self.oscillation_amplitude = oscillation_amplitude
         self.diversity_min_ratio = diversity_min_ratio
         self.eval_drop = eval_drop
+        self.trend_ratio = trend_ratio
         self.history: dict[str, deque[float]] = {k: deque(maxlen=window) for k in self.KEYS}
         self.gap_history: deque[float] = deque(maxlen=window * oscillation_chunks)
         self.diversity_baseline: float | None = None
@@ -540,10 +546,26 @@ class HealthMonitor:
                 f"step {step}: batch diversity collapsing ({div:.4f}, was {self.diversity_baseline:.4f}); "
                 "possible mode collapse"
             )
+        g_halves, d_halves = self._halves("loss_g"), self._halves("loss_d")
+        if g_halves is not None and d_halves is not None:
+            (g0, g1), (d0, d1) = g_halves, d_halves
+            if min(g0, g1, d0, d1) > 0 and g1 > self.trend_ratio * g0 and d1 * self.trend_ratio < d0:
+                found.append(
+                    f"step {step}: the discriminator is winning: G loss rose {g0:.3f} -> {g1:.3f} while "
+                    f"D loss fell {d0:.3f} -> {d1:.3f} over the last {self.window} steps"
+                )
         for w in found:
             logger.warning(w)
         self.warnings.extend(found)
         return found
+
+    def _halves(self, key: str) -> tuple[float, float] | None:
+        """Means of the older and the newer half of a full window (None before the window fills)."""
+        values = list(self.history[key])
+        if len(values) < self.window or self.window < 4:
+            return None
+        half = len(values) // 2
+        return statistics.fmean(values[:half]), statistics.fmean(values[half:])
 
     def observe_eval(self, step: int, name: str, value: float, higher_is_better: bool = True) -> list[str]:
         """Record an evaluation score; a warning when it fell more than `eval_drop` below the best."""

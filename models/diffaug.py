@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, get_args
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 Augmentation = Literal["brightness", "contrast", "translation", "cutout"]
@@ -121,7 +122,8 @@ class AdaptiveAugment:
     steps is compared with `target` (0.6 in the paper): p rises when r_t > target (D is
     over-confident on reals, i.e. overfitting) and falls otherwise, by interval * batch /
     `speed_images` each time (the paper lets p go 0 -> 1 in 500k images). `update` accumulates
-    on the device and syncs once per interval.
+    on the device and syncs once per interval; under torch.distributed the statistic is summed
+    over ranks, so every rank holds the same p.
     """
 
     def __init__(self, target: float = 0.6, interval: int = 4, speed_images: int = 500_000,
@@ -144,7 +146,10 @@ class AdaptiveAugment:
         self._n += signs.numel()
         self._steps += 1
         if self._steps >= self.interval:
-            r_t = float(self._sum) / max(self._n, 1)
+            stats = torch.stack([self._sum, torch.tensor(float(self._n), device=self._sum.device)])
+            if dist.is_available() and dist.is_initialized():  # one p for all ranks
+                dist.all_reduce(stats)
+            r_t = float(stats[0]) / max(float(stats[1]), 1.0)
             step = self._steps * d_real.shape[0] / self.speed_images
             self.p = min(1.0, max(0.0, self.p + math.copysign(step, r_t - self.target)))
             self._sum, self._n, self._steps = None, 0, 0

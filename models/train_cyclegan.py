@@ -355,6 +355,7 @@ class RunState:
     sampler_ct: ShardSampler | None = None
     step: int = 0
     best: dict[str, Any] = field(default_factory=dict)
+    last_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def use_autocast(self) -> bool:
@@ -565,9 +566,35 @@ def model_card(cfg: CycleGANConfig, meta: Mapping[str, Any], step: int, checkpoi
     }
 
 
-def checkpoint_state(s: RunState, meta: Mapping[str, Any]) -> dict[str, Any]:
+def rank_state(s: RunState) -> dict[str, Any]:
+    """The state that differs between ranks: image pools, samplers, RNG states, ADA."""
+    return {
+        "pools": {"mri": s.pool_mri.state_dict(), "ct": s.pool_ct.state_dict()},
+        "samplers": {"mri": s.sampler_mri.state_dict() if s.sampler_mri else None,
+                     "ct": s.sampler_ct.state_dict() if s.sampler_ct else None},
+        "rng": rng_state(),
+        "ada": None if s.ada is None else s.ada.state_dict(),
+    }
+
+
+def gather_rank_states(s: RunState) -> list[dict[str, Any]]:
+    """Every rank's `rank_state`, in rank order (a collective: call it on all ranks together)."""
+    own = rank_state(s)
+    if s.info.world_size <= 1:
+        return [own]
+    gathered: list[Any] = [None] * s.info.world_size
+    dist.all_gather_object(gathered, own)
+    return gathered
+
+
+def checkpoint_state(s: RunState, meta: Mapping[str, Any], ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One dict with all training state: unwrapped state dicts of the 4 nets, EMA, optimisers,
-    schedulers, both image pools, RNG states, sampler states, ADA, guard, monitor, step, config, meta."""
+    schedulers, both image pools, RNG states, sampler states, ADA, guard, monitor, step, config, meta.
+
+    Pools, samplers, RNG and ADA are per rank: `ranks` (from gather_rank_states) holds one entry
+    per rank; the top-level "pools", "samplers", "rng", "ada" are rank 0's.
+    """
+    ranks = ranks if ranks is not None else [rank_state(s)]
     return {
         "format": CHECKPOINT_FORMAT,
         "step": s.step,
@@ -577,20 +604,23 @@ def checkpoint_state(s: RunState, meta: Mapping[str, Any]) -> dict[str, Any]:
         "ema": None if s.ema is None else {k: e.state_dict() for k, e in s.ema.items()},
         "optimizers": {"g": s.opt_g.state_dict(), "d": s.opt_d.state_dict()},
         "schedulers": {"g": s.sched_g.state_dict(), "d": s.sched_d.state_dict()},
-        "pools": {"mri": s.pool_mri.state_dict(), "ct": s.pool_ct.state_dict()},
-        "samplers": {"mri": s.sampler_mri.state_dict() if s.sampler_mri else None,
-                     "ct": s.sampler_ct.state_dict() if s.sampler_ct else None},
-        "rng": rng_state(),
-        "ada": None if s.ada is None else s.ada.state_dict(),
+        **ranks[0],
+        "ranks": ranks,
         "guard": s.guard.state_dict(),
         "monitor": s.monitor.state_dict(),
         "best": dict(s.best),
-        "world_size": s.info.world_size,
+        "last_metrics": dict(s.last_metrics),
+        "world_size": len(ranks),
     }
 
 
 def restore_state(s: RunState, ckpt: Mapping[str, Any]) -> None:
-    """Load `checkpoint_state`'s dict into a freshly built RunState (same architecture options)."""
+    """Load `checkpoint_state`'s dict into a freshly built RunState (same architecture options).
+
+    Exact when the world size is the one the checkpoint was written with (each rank takes its
+    own pools, samplers and RNG states); with another world size every rank starts from rank
+    0's pools and RNG and new samplers, which is a valid but not identical continuation.
+    """
     saved = ckpt["config"]
     changed = [k for k in ARCHITECTURE_KEYS if saved.get(k) != getattr(s.cfg, k)]
     if changed:
@@ -610,18 +640,23 @@ def restore_state(s: RunState, ckpt: Mapping[str, Any]) -> None:
     s.opt_d.load_state_dict(ckpt["optimizers"]["d"])
     s.sched_g.load_state_dict(ckpt["schedulers"]["g"])
     s.sched_d.load_state_dict(ckpt["schedulers"]["d"])
-    s.pool_mri.load_state_dict(ckpt["pools"]["mri"], s.device)
-    s.pool_ct.load_state_dict(ckpt["pools"]["ct"], s.device)
-    if s.sampler_mri is not None and ckpt["samplers"]["mri"] is not None and s.info.world_size == ckpt.get("world_size", 1):
-        s.sampler_mri.load_state_dict(ckpt["samplers"]["mri"])
-        if s.sampler_ct is not None:
-            s.sampler_ct.load_state_dict(ckpt["samplers"]["ct"])
-    if s.ada is not None and ckpt["ada"] is not None:
-        s.ada.load_state_dict(ckpt["ada"])
+    same_world = int(ckpt.get("world_size", 1)) == s.info.world_size
+    if not same_world:
+        logger.warning("resuming a %s-process checkpoint with %d processes: pools and sampling restart",
+                       ckpt.get("world_size", 1), s.info.world_size)
+    mine = ckpt["ranks"][s.info.rank] if same_world else ckpt["ranks"][0]
+    s.pool_mri.load_state_dict(mine["pools"]["mri"], s.device)
+    s.pool_ct.load_state_dict(mine["pools"]["ct"], s.device)
+    if same_world and s.sampler_mri is not None and s.sampler_ct is not None and mine["samplers"]["mri"] is not None:
+        s.sampler_mri.load_state_dict(mine["samplers"]["mri"])
+        s.sampler_ct.load_state_dict(mine["samplers"]["ct"])
+    if s.ada is not None and mine["ada"] is not None:
+        s.ada.load_state_dict(mine["ada"])
     s.guard.load_state_dict(ckpt["guard"])
     s.monitor.load_state_dict(ckpt["monitor"])
     s.best = dict(ckpt.get("best", {}))
-    set_rng_state(ckpt["rng"])
+    s.last_metrics = dict(ckpt.get("last_metrics", {}))
+    set_rng_state(mine["rng"])
     s.step = int(ckpt["step"])
 
 
@@ -685,6 +720,8 @@ def train_cyclegan(
     dev = select_device(device)
     owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
     info = init_distributed(dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     ckpt_dir = run_dir / "checkpoints"
     last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
     if last_path.exists() and not resume:
@@ -715,13 +752,12 @@ def train_cyclegan(
     start = s.step
     writer = MetricsWriter(run_dir, enabled=info.is_main, resume_step=start if start > 0 else None)
     history: list[dict[str, float]] = []
-    last_row: dict[str, float] = {}
     if info.is_main:
         logger.info("CycleGAN: %d MRI and %d CT slices, %d steps from %d on %s (world %d)",
                     n_mri, n_ct, cfg.total_steps, start, dev, info.world_size)
 
-    def save(path: Path) -> None:
-        save_checkpoint(path, checkpoint_state(s, data.meta))
+    def save(path: Path, ranks: list[dict[str, Any]]) -> None:
+        save_checkpoint(path, checkpoint_state(s, data.meta, ranks))
         write_model_card(path.with_suffix(".json"), model_card(cfg, data.meta, s.step, path.name))
 
     # --- loop
@@ -741,14 +777,14 @@ def train_cyclegan(
                 d_metrics, d_ok = {"loss_d": float("nan")}, False
             s.guard.check({"loss_g": g_metrics["loss_g"] if g_ok else float("nan"),
                            "loss_d": d_metrics["loss_d"] if d_ok else float("nan")}, step)
+            lrs = {"lr_g": s.opt_g.param_groups[0]["lr"], "lr_d": s.opt_d.param_groups[0]["lr"]}  # this step's rates
             s.sched_g.step()
             s.sched_d.step()
             if s.ema is not None and g_ok:
                 s.ema["g_mri2ct"].update(s.nets.g_mri2ct)
                 s.ema["g_ct2mri"].update(s.nets.g_ct2mri)
             s.step = step
-            metrics = {**g_metrics, **d_metrics, "lr_g": s.opt_g.param_groups[0]["lr"], "lr_d": s.opt_d.param_groups[0]["lr"],
-                       "skipped": float(not (g_ok and d_ok))}
+            metrics = {**g_metrics, **d_metrics, **lrs, "skipped": float(not (g_ok and d_ok))}
             if s.ada is not None:
                 metrics["aug_p"] = s.ada.p
             d_real = (metrics.get("d_real_ct", math.nan) + metrics.get("d_real_mri", math.nan)) / 2
@@ -762,7 +798,7 @@ def train_cyclegan(
                 s.monitor.check(step)
                 row = {"step": float(step), **metrics}
                 history.append(row)
-                last_row = row
+                s.last_metrics = row
                 writer.log(step, metrics)
                 if info.is_main:
                     logger.info("step %d/%d  loss_g %.4f  loss_d %.4f  D(real) %.3f  D(fake) %.3f",
@@ -797,28 +833,32 @@ def train_cyclegan(
                         s.best = {"key": best_name, "value": value, "step": step}
                         is_best = True
 
-            # checkpoint
-            if info.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.total_steps or is_best):
-                if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-                    save(last_path)
-                if is_best:
-                    save(best_path)
+            # checkpoint (every rank takes part in gathering the per-rank state; rank 0 writes)
+            save_last = step % cfg.checkpoint_every == 0 or step == cfg.total_steps
+            eval_step = evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.total_steps)
+            if save_last or eval_step:
+                ranks = gather_rank_states(s)
+                if info.is_main and save_last:
+                    save(last_path, ranks)
+                if info.is_main and is_best:
+                    save(best_path, ranks)
+        if info.world_size > 1:
+            dist.barrier()  # no rank returns (and maybe resumes) before rank 0 has written the checkpoint
     finally:
         if info.is_main:
             writer.write_summary({
-                "step": s.step, "last": last_row, "best": s.best, "warnings": s.monitor.warnings,
+                "step": s.step, "last": s.last_metrics, "best": s.best, "warnings": s.monitor.warnings,
                 "skipped_steps": s.guard.total_skipped, "config_hash": config_hash(cfg.model_dump(mode="json")),
             })
         writer.close()
         if owns_group and dist.is_initialized():
-            dist.barrier()
             dist.destroy_process_group()
 
     ema_modules = None if s.ema is None else {k: e.module for k, e in s.ema.items()}
     return TrainResult(
         run_dir=run_dir, step=s.step, last_checkpoint=last_path,
         best_checkpoint=best_path if best_path.exists() else None, history=history,
-        warnings=list(s.monitor.warnings), final_metrics=last_row,
+        warnings=list(s.monitor.warnings), final_metrics=dict(s.last_metrics),
         nets=CycleGANNets(*(unwrap(n) for _, n in s.nets.items())), ema=ema_modules,
     )
 

@@ -6,12 +6,14 @@ RUN_DIR/checkpoints/last.pt (one dict with all state: networks, EMA, optimisers,
 augmentation probability, step, config) with its model card last.json beside it, metrics
 (metrics.jsonl, TensorBoard), and per-class sample grids (samples/*.png). Hinge loss with
 spectral norm and two time-scale learning rates is the default (the SAGAN recipe, Zhang et al.
-2019); every remedy against mode collapse and instability is one config switch, each off by
-default: minibatch standard deviation (Karras et al. 2018), feature matching (Salimans et al.
-2016), mode seeking (Mao et al. 2019), unrolled discriminator (Metz et al. 2017), DiffAugment /
-adaptive augmentation (Zhao et al. 2020; Karras et al. 2020), R1 (Mescheder et al. 2018), EMA
-generator (Yazici et al. 2019). bf16 autocast on GPU, fp32 on CPU; resume continues exactly as
-an uninterrupted run. The loop reads top to bottom: setup, data, models, optimisers, resume,
+2019); every remedy against mode collapse and instability is one config switch: minibatch
+standard deviation (Karras et al. 2018), feature matching (Salimans et al. 2016), mode seeking
+(Mao et al. 2019), unrolled discriminator (Metz et al. 2017), DiffAugment / adaptive
+augmentation (Zhao et al. 2020; Karras et al. 2020), R1 (Mescheder et al. 2018), two time-scale
+learning rates (Heusel et al. 2017) and the EMA generator (Yazici et al. 2019); the last two are
+part of the default recipe, the others are off until a config turns them on. bf16 autocast on GPU, fp32 on CPU; resume continues exactly as
+an uninterrupted run; under torchrun each rank draws its own batches, gradients are averaged
+and only rank 0 writes. The loop reads top to bottom: setup, data, models, optimisers, resume,
 loop (step, log, sample, checkpoint).
 """
 
@@ -22,25 +24,31 @@ import hashlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from models.common import (
     EMA,
+    DistInfo,
     HealthMonitor,
     MetricsWriter,
     NonFiniteGuard,
     autocast,
+    average_gradients,
     batch_diversity,
+    broadcast_module,
     config_hash,
     grad_norm,
     gradient_penalty,
+    init_distributed,
     load_checkpoint,
     package_versions,
     r1_penalty,
@@ -86,9 +94,9 @@ class TumorGANConfig(BaseModel):
     # loss
     loss: AdversarialLoss = Field("hinge", description="Adversarial loss: hinge, vanilla (non-saturating), lsgan, or wgan (WGAN-GP).")
     gp_weight: float = Field(10.0, description="WGAN-GP gradient penalty weight (used only with loss=wgan; Gulrajani 2017).")
-    # optimisers: two time-scale update rule (Heusel et al. 2017) -- TTUR is g_lr != d_lr
-    g_lr: float = Field(1e-4, description="Generator Adam learning rate.")
-    d_lr: float = Field(4e-4, description="Discriminator Adam learning rate (4x G's: TTUR).")
+    # optimisers: two time-scale update rule (Heusel et al. 2017) -- TTUR is lr_g != lr_d
+    lr_g: float = Field(1e-4, description="Generator Adam learning rate.")
+    lr_d: float = Field(4e-4, description="Discriminator Adam learning rate (4x G's: TTUR).")
     betas: tuple[float, float] = Field((0.0, 0.9), description="Adam betas of both networks.")
     batch_size: int = Field(64, description="Real patches (and fakes) per step.")
     steps: int = Field(20000, description="Training steps (one D and one G update each).")
@@ -104,15 +112,16 @@ class TumorGANConfig(BaseModel):
     ada_interval: int = Field(4, description="Steps between adaptive-augmentation updates.")
     ada_speed_images: int = Field(500_000, description="Images over which ADA's p may go from 0 to 1 (Karras 2020); smaller reacts faster.")
     r1_gamma: float = Field(0.0, description="R1 penalty weight gamma on real data (Mescheder 2018); 0 = off.")
-    ema_decay: float | None = Field(0.999, description="EMA of G's weights used for samples and the checkpoint's sampler; None = off.")
+    ema_decay: float | None = Field(0.999, description="EMA of G's weights used for samples and the checkpoint's sampler, warmed up as min(decay, (1+t)/(10+t)); None = off.")
     # engineering
     amp: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU, which runs fp32).")
-    compile: bool = Field(False, description="torch.compile the networks (GPU runs; slow to start).")
+    compile: bool = Field(False, description="torch.compile the networks (GPU runs; slow to start; D stays eager with R1 or WGAN-GP).")
     max_nonfinite: int = Field(5, description="Consecutive non-finite steps before training stops.")
     log_every: int = Field(50, description="Steps between metric lines (and health checks).")
     sample_every: int = Field(1000, description="Steps between per-class sample grids; 0 = only at the end.")
     checkpoint_every: int = Field(1000, description="Steps between checkpoints (always one at the end).")
     diversity_samples: int = Field(8, description="Samples per class for the logged per-class diversity.")
+    health_window: int = Field(50, description="Steps the training-health monitor averages over before it warns.")
 
     @model_validator(mode="after")
     def _check(self) -> TumorGANConfig:
@@ -180,7 +189,7 @@ class TrainResult:
         return self.history[-1] if self.history else {}
 
 
-RESUME_FREE_OPTIONS = frozenset({"steps", "log_every", "sample_every", "checkpoint_every", "compile", "max_nonfinite"})
+RESUME_FREE_OPTIONS = frozenset({"steps", "log_every", "sample_every", "checkpoint_every", "compile", "max_nonfinite", "diversity_samples"})
 """Options that may change between a run and its resume: they do not change the training maths."""
 
 
@@ -216,10 +225,10 @@ def build_networks(cfg: TumorGANConfig, num_classes: int) -> tuple[TumorGenerato
 
 
 def build_optimisers(cfg: TumorGANConfig, g: nn.Module, d: nn.Module) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """Adam for G (g_lr) and D (d_lr) with the same betas: the two time-scale update rule."""
+    """Adam for G (lr_g) and D (lr_d) with the same betas: the two time-scale update rule."""
     return (
-        torch.optim.Adam(g.parameters(), lr=cfg.g_lr, betas=cfg.betas),
-        torch.optim.Adam(d.parameters(), lr=cfg.d_lr, betas=cfg.betas),
+        torch.optim.Adam(g.parameters(), lr=cfg.lr_g, betas=cfg.betas),
+        torch.optim.Adam(d.parameters(), lr=cfg.lr_d, betas=cfg.betas),
     )
 
 
@@ -230,11 +239,12 @@ def sample_batch(
 
     With `balanced`, each class is drawn equally often (weights 1 / class count).
     """
+    labels = data.labels.cpu()  # the index draw runs on the CPU generator, whatever the data's device
     if balanced:
-        counts = torch.bincount(data.labels, minlength=len(data.classes)).float()
-        weights = (1.0 / counts.clamp(min=1.0))[data.labels]
+        counts = torch.bincount(labels, minlength=len(data.classes)).float()
+        weights = (1.0 / counts.clamp(min=1.0))[labels]
     else:
-        weights = torch.ones(data.labels.shape[0])
+        weights = torch.ones(labels.shape[0])
     idx = torch.multinomial(weights, batch_size, replacement=True, generator=generator).to(data.images.device)
     return torch.cat([data.images[idx], data.masks[idx]], dim=1), data.labels[idx]
 
@@ -250,6 +260,23 @@ def make_latents(
         half = labels[: b // 2]
         return z, torch.cat([half, half])
     return z, labels
+
+
+def _finite_on_all_ranks(loss: torch.Tensor, info: DistInfo | None) -> bool:
+    """Whether `loss` is finite on every rank (ranks must agree to skip a step together)."""
+    flag = torch.isfinite(loss.detach()).to(torch.float32)
+    if info is not None and info.world_size > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _gather(t: torch.Tensor, info: DistInfo | None) -> torch.Tensor:
+    """`t` (B, ...) from every rank concatenated along the batch (just `t` for one process)."""
+    if info is None or info.world_size <= 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(info.world_size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 def d_view(x: torch.Tensor, cfg: TumorGANConfig, p: float) -> torch.Tensor:
@@ -275,12 +302,15 @@ def discriminator_step(
     guard: NonFiniteGuard | None = None,
     step: int = 0,
     ada: AdaptiveAugment | None = None,
+    info: DistInfo | None = None,
 ) -> dict[str, float]:
     """One D update on a real batch and a detached fake batch; returns losses, D(x), D(G(z)), grad norm.
 
     Adds R1 on real data (gamma/2 * ||grad D(real)||^2) when r1_gamma > 0 and the WGAN-GP
     penalty when loss is wgan. G is untouched (fakes are detached). A non-finite loss skips
     the update (guard). D(real) feeds the adaptive augmentation controller `ada` when given.
+    Under torchrun (`info`), gradients are averaged over ranks, a step is skipped on every rank
+    when the loss is non-finite on any, and ADA sees every rank's D(real).
     Keys: loss_d, d_adv, d_r1, d_gp, d_real, d_fake, grad_d.
     """
     fake = fake.detach()
@@ -300,6 +330,8 @@ def discriminator_step(
         gp = gradient_penalty(_LogitsOf(d, y_real, cfg, aug_p), real, fake)
         loss = loss + cfg.gp_weight * gp
     loss.backward()
+    average_gradients(d.parameters(), info or DistInfo())
+    finite = _finite_on_all_ranks(loss, info)
     out = {
         "loss_d": float(loss.detach()),
         "d_adv": float(adv.detach()),
@@ -309,10 +341,10 @@ def discriminator_step(
         "d_fake": float(logits_fake.detach().float().mean()),
         "grad_d": float(grad_norm(d)),
     }
-    if guard is None or guard.check({"loss_d": out["loss_d"]}, step):
+    if guard is None or guard.check({"loss_d": out["loss_d"] if finite else math.nan}, step):
         opt_d.step()
     if ada is not None:
-        out["aug_p"] = ada.update(logits_real)
+        out["aug_p"] = ada.update(_gather(logits_real.detach().float(), info))
     return out
 
 
@@ -346,7 +378,7 @@ def unrolled_discriminator(
     copy's weights but not through its k updates. The k updates reuse this step's batch.
     """
     d_copy = copy.deepcopy(unwrap(d))
-    opt_copy = torch.optim.Adam(d_copy.parameters(), lr=cfg.d_lr, betas=cfg.betas)
+    opt_copy = torch.optim.Adam(d_copy.parameters(), lr=cfg.lr_d, betas=cfg.betas)
     opt_copy.load_state_dict(opt_d.state_dict())
     for _ in range(cfg.unrolled_steps):
         discriminator_step(d_copy, opt_copy, real, y_real, fake, y_fake, cfg, device, aug_p)
@@ -367,12 +399,14 @@ def generator_step(
     aug_p: float = 1.0,
     guard: NonFiniteGuard | None = None,
     step: int = 0,
+    info: DistInfo | None = None,
 ) -> dict[str, float]:
     """One G update from the fakes `fake = G(z, y_fake)` (with graph) judged by `d`.
 
     Loss = adversarial + feature matching (||mean f(real) - mean f(fake)||^2 on D's last
     features) + mode seeking (1 / (mean|G(z1)-G(z2)| / mean|z1-z2|), pairs i and i + B/2).
-    Only G's optimiser steps; D's gradients are cleared. Keys: loss_g, g_adv, g_fm, g_ms, grad_g.
+    Only G's optimiser steps (D's weights get no gradient); under torchrun (`info`) G's
+    gradients are averaged over ranks. Keys: loss_g, g_adv, g_fm, g_ms, grad_g.
     """
     opt_g.zero_grad(set_to_none=True)
     d_trainable = [p.requires_grad for p in d.parameters()]
@@ -394,6 +428,8 @@ def generator_step(
     loss.backward()
     for p, flag in zip(d.parameters(), d_trainable, strict=True):
         p.requires_grad_(flag)
+    average_gradients(g.parameters(), info or DistInfo())
+    finite = _finite_on_all_ranks(loss, info)
     out = {
         "loss_g": float(loss.detach()),
         "g_adv": float(adv.detach()),
@@ -401,7 +437,7 @@ def generator_step(
         "g_ms": float(ms.detach()),
         "grad_g": float(grad_norm(g)),
     }
-    if guard is None or guard.check({"loss_g": out["loss_g"]}, step):
+    if guard is None or guard.check({"loss_g": out["loss_g"] if finite else math.nan}, step):
         opt_g.step()
     return out
 
@@ -442,15 +478,13 @@ def class_diversity(g: nn.Module, classes: list[str], n: int, latent_dim: int, d
     }
 
 
-def save_class_grid(g: nn.Module, classes: list[str], n: int, latent_dim: int, device: torch.device, path: Path) -> None:
-    """PNG grid: two rows per class (images, then masks mapped to [-1, 1]), `n` fixed-seed samples each."""
-    rows = []
-    for k in range(len(classes)):
+def save_class_grids(g: nn.Module, classes: list[str], n: int, latent_dim: int, device: torch.device, folder: Path, step: int) -> None:
+    """One PNG per class, folder/step_<step>_<class>.png: `n` fixed-seed samples, images above masks."""
+    for k, name in enumerate(classes):
         x = generate(g, k, n, 2000 + k, latent_dim, device)
         if x.dim() == 5:  # 3D: show the centre axial slice
             x = x[..., x.shape[-1] // 2]
-        rows += [x[:, :1], x[:, 1:] * 2.0 - 1.0]
-    save_image_grid(rows, path)
+        save_image_grid([x[:, :1], x[:, 1:] * 2.0 - 1.0], folder / f"step_{step:06d}_{name}.png")
 
 
 def model_card(cfg: TumorGANConfig, data: TumorPatchData, step: int) -> dict[str, Any]:
@@ -489,38 +523,49 @@ def train_tumor_gan(
     """Train the tumor GAN for `cfg.steps` steps; newest checkpoint at RUN_DIR/checkpoints/last.pt.
 
     With `resume`, continue from that checkpoint (same config and data) exactly as if the run had
-    not stopped. Raises TrainingDivergedError after `max_nonfinite` non-finite steps in a row
-    and ValueError when the data does not fit the config (patch size, dims) or a resumed
-    checkpoint's config differs.
+    not stopped. Under torchrun (WORLD_SIZE > 1) each rank draws its own batches, gradients are
+    averaged after every backward, and only rank 0 writes; the checkpoint keeps every rank's
+    RNG states, so a resume with the same number of ranks is exact too. Raises
+    TrainingDivergedError after `max_nonfinite` non-finite steps in a row and ValueError when the
+    data does not fit the config (patch size, dims) or a resumed checkpoint's config or data differ.
     """
     # setup
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path, card_path = ckpt_dir / "last.pt", ckpt_dir / "last.json"
     dev = select_device(device)
+    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    info = init_distributed(dev)
     expected = (1,) + (cfg.patch_size,) * cfg.spatial_dims
     if tuple(data.images.shape[1:]) != expected:
         raise ValueError(
             f"patches are {tuple(data.images.shape[1:])} but the config wants {expected} "
             f"(patch_size={cfg.patch_size}, spatial_dims={cfg.spatial_dims}); re-extract or change the config"
         )
-    seed_everything(cfg.seed)
 
     # data: the whole patch set lives on the device (a few MB); batches are drawn by index
     fingerprint = data_fingerprint(data)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
     data = TumorPatchData(
         data.images.float().to(dev), data.masks.float().to(dev), data.labels.long().to(dev),
-        list(data.classes), data.modality, (data.spacing[0], data.spacing[1], data.spacing[2]), list(data.train_subjects), dict(data.normalisation),
+        list(data.classes), data.modality, (data.spacing[0], data.spacing[1], data.spacing[2]),
+        list(data.train_subjects), dict(data.normalisation),
     )
 
-    # models
+    # models: the same seeded weights on every rank
+    seed_everything(cfg.seed)
     g, d = build_networks(cfg, len(data.classes))
     g, d = g.to(dev), d.to(dev)
+    broadcast_module(g, info)
+    broadcast_module(d, info)
     ema = EMA(g, cfg.ema_decay) if cfg.ema_decay is not None else None
+    # R1 and WGAN-GP differentiate D's gradient again, which torch.compile cannot: D stays eager then
+    needs_double_backward = cfg.r1_gamma > 0 or cfg.loss == "wgan"
     g_run: nn.Module = torch.compile(g) if cfg.compile else g  # type: ignore[assignment]
-    d_run: nn.Module = torch.compile(d) if cfg.compile else d  # type: ignore[assignment]
+    d_run: nn.Module = torch.compile(d) if cfg.compile and not needs_double_backward else d  # type: ignore[assignment]
+    # the run's own randomness (batches, latents, augmentation, penalties) differs per rank
+    seed_everything(cfg.seed + 1_000_003 * info.rank)
+    data_gen = torch.Generator().manual_seed(cfg.seed + 7919 * info.rank)
+    noise_gen = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * info.rank)
 
     # optimisers
     opt_g, opt_d = build_optimisers(cfg, g, d)
@@ -528,8 +573,12 @@ def train_tumor_gan(
     if cfg.ada_target is not None:
         ada = AdaptiveAugment(cfg.ada_target, cfg.ada_interval, cfg.ada_speed_images, real_fake_midpoint(cfg.loss))
     guard_d, guard_g = NonFiniteGuard(cfg.max_nonfinite), NonFiniteGuard(cfg.max_nonfinite)
-    health = HealthMonitor(window=max(2, cfg.log_every), d_gap_max=health_gap_max(cfg.loss))
+    health = HealthMonitor(window=max(2, cfg.health_window), d_gap_max=health_gap_max(cfg.loss))
     step = 0
+
+    def rank_state() -> dict[str, Any]:
+        return {"data_rng": data_gen.get_state(), "noise_rng": noise_gen.get_state(), "rng": rng_state(),
+                "ada": ada.state_dict() if ada is not None else None}
 
     # resume
     if resume and ckpt_path.is_file():
@@ -551,21 +600,36 @@ def train_tumor_gan(
         opt_d.load_state_dict(state["opt_d"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        if ada is not None:
-            ada.load_state_dict(state["ada"])
         guard_d.load_state_dict(state["guard_d"])
         guard_g.load_state_dict(state["guard_g"])
         health.load_state_dict(state["health"])
-        data_gen.set_state(state["data_rng"])
-        noise_gen.set_state(state["noise_rng"])
-        set_rng_state(state["rng"])
+        same_world = len(state["ranks"]) == info.world_size
+        if not same_world:
+            log.warning("resuming a %d-process checkpoint with %d processes: batches and noise restart from rank 0's",
+                        len(state["ranks"]), info.world_size)
+        mine = state["ranks"][info.rank] if same_world else state["ranks"][0]
+        data_gen.set_state(mine["data_rng"])
+        noise_gen.set_state(mine["noise_rng"])
+        if ada is not None:
+            ada.load_state_dict(mine["ada"])
+        set_rng_state(mine["rng"])
         step = int(state["step"])
         log.info("resumed %s at step %d", ckpt_path, step)
     elif resume:
         log.info("no checkpoint at %s; starting from scratch", ckpt_path)
-    metrics = MetricsWriter(run_dir, resume_step=step if resume else None)
+    metrics = MetricsWriter(run_dir, enabled=info.is_main, resume_step=step if resume else None)
+    if info.is_main:
+        log.info("tumor GAN: %d %s patches of %s, steps %d -> %d on %s (world %d)", data.images.shape[0],
+                 data.modality, ", ".join(data.classes), step, cfg.steps, dev, info.world_size)
 
     def checkpoint() -> None:
+        """Gather every rank's RNG state (a collective), then rank 0 writes last.pt and last.json."""
+        ranks: list[Any] = [rank_state()]
+        if info.world_size > 1:
+            ranks = [None] * info.world_size
+            dist.all_gather_object(ranks, rank_state())
+        if not info.is_main:
+            return
         state: dict[str, Any] = {
             "kind": "tumor_gan",
             "step": step,
@@ -578,13 +642,12 @@ def train_tumor_gan(
             "ema": ema.state_dict() if ema is not None else None,
             "opt_g": opt_g.state_dict(),
             "opt_d": opt_d.state_dict(),
-            "ada": ada.state_dict() if ada is not None else None,
             "guard_d": guard_d.state_dict(),
             "guard_g": guard_g.state_dict(),
             "health": health.state_dict(),
-            "data_rng": data_gen.get_state(),
-            "noise_rng": noise_gen.get_state(),
-            "rng": rng_state(),
+            **ranks[0],
+            "ranks": ranks,
+            "world_size": info.world_size,
             "card": model_card(cfg, data, step),
         }
         save_checkpoint(ckpt_path, state)
@@ -592,6 +655,7 @@ def train_tumor_gan(
 
     sampler = ema.module if ema is not None else g
     history: list[dict[str, float]] = []
+    saved_at = -1
     # loop
     g_run.train()
     d_run.train()
@@ -603,20 +667,21 @@ def train_tumor_gan(
         z, y_fake = make_latents(cfg, y_real, noise_gen, dev)
         with autocast(dev, cfg.amp):
             fake = g_run(z, y_fake)
-        out = discriminator_step(d_run, opt_d, real, y_real, fake, y_fake, cfg, dev, aug_p, guard_d, step, ada)
+        out = discriminator_step(d_run, opt_d, real, y_real, fake, y_fake, cfg, dev, aug_p, guard_d, step, ada, info)
         d_for_g = d_run
-        if cfg.unrolled_steps > 0:
+        if cfg.unrolled_steps > 0:  # each rank looks ahead on its own batch
             d_for_g = unrolled_discriminator(d, opt_d, real, y_real, fake, y_fake, cfg, dev, aug_p)
-        out |= generator_step(g_run, d_for_g, opt_g, fake, y_fake, z, real, y_real, cfg, dev, aug_p, guard_g, step)
+        out |= generator_step(g_run, d_for_g, opt_g, fake, y_fake, z, real, y_real, cfg, dev, aug_p, guard_g, step, info)
         if ema is not None:
+            # warm-up (TensorFlow's num_updates rule): early samples are not the random initial weights
+            ema.decay = min(cfg.ema_decay or 0.0, (1.0 + step) / (10.0 + step))
             ema.update(g)
-        health.update(**{k: out[k] for k in ("d_real", "d_fake", "grad_g", "grad_d", "loss_g", "loss_d")})
+        out["batch_diversity"] = batch_diversity(fake[:, :1].detach())
+        health.update(diversity=out["batch_diversity"], **{k: out[k] for k in ("d_real", "d_fake", "grad_g", "grad_d", "loss_g", "loss_d")})
 
-        # log
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            div = class_diversity(sampler, data.classes, cfg.diversity_samples, cfg.latent_dim, dev)
-            out |= div
-            health.update(diversity=sum(div.values()) / len(div))
+        # log (rank 0; the per-class diversity is an eval-mode forward of the sampler, no collective)
+        if info.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
+            out |= class_diversity(sampler, data.classes, cfg.diversity_samples, cfg.latent_dim, dev)
             health.check(step)
             metrics.log(step, out)
             history.append({"step": float(step)} | out)
@@ -626,17 +691,20 @@ def train_tumor_gan(
             )
 
         # sample
-        if (cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps:
-            save_class_grid(sampler, data.classes, 8, cfg.latent_dim, dev, run_dir / "samples" / f"step_{step:06d}.png")
+        if info.is_main and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps):
+            save_class_grids(sampler, data.classes, 8, cfg.latent_dim, dev, run_dir / "samples", step)
 
         # checkpoint
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             checkpoint()
+            saved_at = step
 
-    if not ckpt_path.is_file():  # steps already done when resumed: still leave a checkpoint
+    if saved_at != step:  # resumed with nothing left to do: still leave a fresh checkpoint and card
         checkpoint()
     metrics.write_summary({"steps": step, "last": history[-1] if history else {}, "warnings": health.warnings})
     metrics.close()
+    if owns_group:
+        dist.destroy_process_group()
     return TrainResult(run_dir, ckpt_path, card_path, step, history, list(health.warnings), g, d, sampler)
 
 

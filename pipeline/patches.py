@@ -122,10 +122,14 @@ def _healthy_centres(
     rng: np.random.Generator,
     dims: int,
     min_body_fraction: float,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    margin_mm: float = 0.0,
 ) -> list[tuple[int, int, int]]:
     """Up to `n` distinct patch centres (x, y, z) whose patch holds no lesion and mostly body.
 
-    2D: the patch is an axial (x, y) square, so only lesion in the same slice is avoided.
+    Centres lie at least `margin_mm` inside the body surface (in-plane for 2D), i.e. in brain
+    rather than scalp or skull. 2D: the patch is an axial (x, y) square, so only lesion in the
+    same slice is avoided.
     """
     s = patch_size
     if dims == 2:
@@ -143,6 +147,12 @@ def _healthy_centres(
         return []
     inside[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1] = True
     ok = body & inside & ~forbidden & (fraction >= min_body_fraction)
+    if margin_mm > 0:
+        if dims == 2:
+            depth = np.stack([ndimage.distance_transform_edt(body[..., z], sampling=spacing[:2]) for z in range(body.shape[2])], -1)
+        else:
+            depth = ndimage.distance_transform_edt(body, sampling=spacing)
+        ok &= depth >= margin_mm
     candidates = np.argwhere(ok)
     if len(candidates) == 0:
         return []
@@ -159,6 +169,7 @@ def extract_patches(
     healthy_per_volume: int = 2,
     hu_window: HUWindow = DEFAULT_TUMOR_HU_WINDOW,
     min_body_fraction: float = 0.9,
+    brain_margin_mm: float = 10.0,
 ) -> PatchSet:
     """Cut lesion and healthy patches from every labelled volume in `ingest_dirs`.
 
@@ -171,6 +182,8 @@ def extract_patches(
         healthy_per_volume: healthy-tissue patches per volume (fewer when they do not fit).
         hu_window: CT window (low, high) in HU mapped to [-1, 1].
         min_body_fraction: least fraction of body voxels inside a healthy patch.
+        brain_margin_mm: least depth (mm) of a healthy patch's centre below the body surface,
+            so it sits in brain, not scalp or skull (about their thickness in adults).
 
     Volumes without a label file are skipped (where the lesion is is unknown); a volume with
     an empty mask gives healthy patches only; a lesion with an empty class is "tumor".
@@ -237,7 +250,9 @@ def extract_patches(
                 else:
                     cx, cy, cz = _centroid(lesion)
                     centres.append((cls, (cx, cy, cz)))
-            healthy = _healthy_centres(lesion, body, patch_size, healthy_per_volume, rng, dims, min_body_fraction)
+            zooms = tuple(float(v) for v in img.header.get_zooms()[:3])
+            healthy = _healthy_centres(lesion, body, patch_size, healthy_per_volume, rng, dims, min_body_fraction,
+                                       (zooms[0], zooms[1], zooms[2]), brain_margin_mm)
             centres += [(HEALTHY, c) for c in healthy]
             if not centres:
                 skipped.append(f"{name}: no lesion and no room for a {patch_size}-voxel healthy patch")
@@ -268,6 +283,7 @@ def extract_patches(
         "neighbours": neighbours,
         "healthy_per_volume": healthy_per_volume,
         "min_body_fraction": min_body_fraction,
+        "brain_margin_mm": brain_margin_mm,
         "normalisation": {"CT": {"hu_window": [float(hu_window[0]), float(hu_window[1])]}, "MR": "foreground percentiles (0.5, 99.5) -> [-1, 1]"},
         "intensity": "normalised [-1, 1]",
     }

@@ -110,8 +110,12 @@ def sample_tumors(
     (out / "masks").mkdir(parents=True, exist_ok=True)
     existing = read_manifest(out) if (out / "manifest.csv").is_file() else []
     key = (ckpt_sha, class_name, str(seed))
-    stale = [r for r in existing if (r.get("checkpoint_sha256"), r.get("class"), r.get("seed")) == key]
-    rows = [r for r in existing if r not in stale]
+
+    def same_call(r: dict[str, str]) -> bool:
+        return (r.get("checkpoint_sha256"), r.get("class"), r.get("seed")) == key
+
+    stale = [r for r in existing if same_call(r)]
+    rows = [r for r in existing if not same_call(r)]
     files: list[str] = []
     for i in range(n):
         name = f"{class_name}_seed{seed}_{ckpt_sha[:8]}_{i:05d}.nii.gz"

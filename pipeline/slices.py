@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +76,8 @@ def volume_to_slices(unit_volume: NDArray[np.floating], image_size: int, context
     stack = SpatialPad((side, side), method="symmetric", mode="constant", value=-1.0)(stack)
     if side != image_size:
         stack = Resize((image_size, image_size), mode="bilinear", anti_aliasing=image_size < side)(stack)
-    stack = torch.as_tensor(stack).float().clamp(-1.0, 1.0)
+    # a plain tensor: MONAI's MetaTensor would track metadata through every network op
+    stack = torch.as_tensor(stack).as_subclass(torch.Tensor).float().clamp(-1.0, 1.0)
     idx = torch.arange(z)[:, None] + torch.arange(-context, context + 1)[None, :]
     return stack[idx.clamp(0, z - 1)].contiguous()
 
@@ -96,10 +98,10 @@ def slices_to_volume(slices: torch.Tensor | NDArray[np.floating], shape: Sequenc
     x, y = int(shape[0]), int(shape[1])
     side = max(x, y)
     if t.shape[-1] != side or t.shape[-2] != side:
-        t = torch.as_tensor(Resize((side, side), mode="bilinear")(t)).float()
+        t = torch.as_tensor(Resize((side, side), mode="bilinear")(t)).as_subclass(torch.Tensor).float()
     # SpatialPad "symmetric" puts the odd pixel after; crop the same way
     start = ((side - x) // 2, (side - y) // 2)
-    t = torch.as_tensor(SpatialCrop(roi_start=start, roi_end=(start[0] + x, start[1] + y))(t))
+    t = torch.as_tensor(SpatialCrop(roi_start=start, roi_end=(start[0] + x, start[1] + y))(t)).as_subclass(torch.Tensor)
     return t.permute(1, 2, 0).numpy().astype(np.float32)
 
 
@@ -337,6 +339,7 @@ def load_unpaired_slices(
         "in_channels": 2 * int(context) + 1,
         "min_foreground": float(min_foreground),
         "spacing": {SIDE_MODALITY[k]: _median_spacing(s.spacing) for k, s in sides.items()},
+        "mr_landmarks_median": [float(v) for v in np.median(np.asarray(sides["a"].landmarks), axis=0)],
         "train_subjects": sorted({s for side in sides.values() for s in side.subject if s}),
         "n_volumes": {SIDE_MODALITY[k]: s.volumes for k, s in sides.items()},
         "n_slices": {SIDE_MODALITY[k]: len(stacks[k]) for k, s in sides.items()},
@@ -344,6 +347,46 @@ def load_unpaired_slices(
         "seed": int(seed),
     }
     return UnpairedData(a=stacks["a"], b=stacks["b"], meta=meta)
+
+
+@dataclass
+class TrainingInputs:
+    """What `train_cyclegan` needs from ingest folders: the train data and an optional evaluate callback.
+
+    `evaluate` scores structure preservation on fixed held-out slices (split `held_out_split`)
+    and is None when the data has neither a val nor a test split; pass
+    `best_key=pipeline.evaluate_translation.STRUCTURE_KEY` with it.
+    """
+
+    data: UnpairedData
+    evaluate: Callable[[torch.nn.Module, torch.nn.Module], dict[str, float]] | None
+    held_out_split: str | None
+
+
+def load_training_inputs(
+    ingest_dirs: Sequence[Path], image_size: int, in_channels: int = 1, data_cfg: SliceConfig | None = None
+) -> TrainingInputs:
+    """Train-split slices plus the structure-score callback on the val split (else test), as the CLI trains.
+
+    `in_channels` (odd) is the generator's: 2*context+1 slices per sample. The held-out
+    slices only feed structure scores (input vs translation), never paired truth.
+    """
+    from pipeline.evaluate_translation import held_out_batches, structure_scores
+
+    cfg = data_cfg or SliceConfig()
+    if in_channels < 1 or in_channels % 2 == 0:
+        raise ValueError(f"in_channels must be odd (a centre slice and its neighbours), got {in_channels}")
+    common: dict[str, Any] = dict(image_size=image_size, context=(in_channels - 1) // 2, hu_window=cfg.hu_window,
+                                  min_foreground=cfg.min_foreground, mr_percentiles=cfg.mr_percentiles)
+    data = load_unpaired_slices(ingest_dirs, split="train", seed=cfg.seed, max_slices=cfg.max_slices, **common)
+    for split in ("val", "test"):
+        try:
+            held = load_unpaired_slices(ingest_dirs, split=split, **common)
+        except DatasetError:
+            continue
+        batches = held_out_batches(held, batch_size=16, max_batches=4)
+        return TrainingInputs(data, partial(structure_scores, held_out_batches=batches, hu_window=cfg.hu_window), split)
+    return TrainingInputs(data, None, None)
 
 
 def _median_spacing(spacings: list[tuple[float, float, float]]) -> list[float]:

@@ -234,7 +234,8 @@ def _is_nifti(p: Path) -> bool:
 def write_like(data: NDArray[np.floating], reference: nib.Nifti1Image, path: Path) -> None:
     """Write float32 `data` (in `reference`'s array axes) with exactly its shape, affine, qform and sform.
 
-    The header's descrip becomes "medaug synthetic" so any viewer shows it is generated.
+    The header's descrip becomes "medaug synthetic" so any viewer shows it is generated;
+    its free-text fields (aux_file, db_name) and header extensions are emptied.
     """
     arr = np.asarray(data, dtype=np.float32).reshape(reference.shape)
     header = reference.header.copy()
@@ -244,6 +245,10 @@ def write_like(data: NDArray[np.floating], reference: nib.Nifti1Image, path: Pat
     img.set_sform(reference.get_sform(), code=int(reference.header["sform_code"]))
     img.header.set_slope_inter(1.0, 0.0)
     img.header["descrip"] = SYNTHETIC_DESCRIP.encode()
+    # free-text fields and extensions of a user's NIfTI may carry identifiers: never copy them
+    img.header["aux_file"] = b""
+    img.header["db_name"] = b""
+    img.header.extensions.clear()
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, str(path))
 

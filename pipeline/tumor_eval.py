@@ -112,7 +112,7 @@ def class_ms_ssim(images: NDArray[np.float32], groups: NDArray[np.int64], seed: 
 def train_classifier(
     images: NDArray[np.float32], labels: NDArray[np.int64], num_classes: int, steps: int, seed: int
 ) -> torch.nn.Module:
-    """A small CNN (MONAI Classifier, 3 strided conv layers) trained on images (N, *S) -> labels.
+    """A small CNN (MONAI Classifier, up to 3 strided conv layers) trained on images (N, *S) -> labels.
 
     Class-balanced batches of 32, Adam 1e-3, `steps` updates, CPU, seeded: same data, same net.
     """
@@ -122,7 +122,9 @@ def train_classifier(
     gen = torch.Generator().manual_seed(seed)
     shape = images.shape[1:]
     width = 8 if shape[0] <= 32 else 16
-    net = Classifier(in_shape=(1, *shape), classes=num_classes, channels=(width, 2 * width, 4 * width), strides=(2, 2, 2))
+    layers = max(1, min(3, int(math.log2(min(shape))) - 1))  # stop at >= 2 voxels: instance norm needs them
+    net = Classifier(in_shape=(1, *shape), classes=num_classes, channels=tuple(width * 2**i for i in range(layers)),
+                     strides=(2,) * layers)
     x = torch.from_numpy(np.asarray(images, dtype=np.float32)).unsqueeze(1)
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     counts = torch.bincount(y, minlength=num_classes).float().clamp(min=1)

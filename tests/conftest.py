@@ -6,7 +6,9 @@ storage are pointed at a session temp folder here, before any test imports it.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 _PREFECT_HOME = Path(tempfile.mkdtemp(prefix="medaug-prefect-"))
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
 for _key, _value in {
     "PREFECT_HOME": str(_PREFECT_HOME),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -273,6 +273,10 @@ def test_health_monitor_warnings_on_planted_statistics() -> None:
         mon.update(d_real=0.98, d_fake=0.02, grad_g=1e-6, diversity=0.01)
     found = " | ".join(mon.check(20))
     assert "discriminator too strong" in found and "gradient vanishing" in found and "diversity collapsing" in found
+    trend = HealthMonitor(window=10, d_gap_max=None)
+    for i in range(10):
+        trend.update(loss_g=0.5 if i < 5 else 2.0, loss_d=0.6 if i < 5 else 0.1)
+    assert any("discriminator is winning" in w for w in trend.check(10))
     osc = HealthMonitor(window=5, oscillation_amplitude=0.4, d_gap_max=None)
     for chunk in range(4):
         for _ in range(5):

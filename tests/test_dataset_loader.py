@@ -37,7 +37,6 @@ README_EXAMPLE = """
 from monai.data import DataLoader
 from monai.transforms import Compose, RandAffined, RandGaussianNoised, ScaleIntensityd
 from pipeline.dataset import BalancedDataset, class_balanced_sampler
-
 augment = Compose([ScaleIntensityd(keys="image"),
                    RandAffined(keys=["image", "label"], prob=0.5, rotate_range=0.2, mode=("bilinear", "nearest")),
                    RandGaussianNoised(keys="image", prob=0.3, std=0.05)])

@@ -65,7 +65,10 @@ def test_mae_in_hu_inside_the_body_only() -> None:
     pred[ct == 35.0] += 50.0  # +50 HU in all brain voxels
     body = ct > -500
     expected = 50.0 * (ct == 35.0).sum() / body.sum()
-    assert ev.paired_metrics(ct_to_unit(pred), ct_to_unit(ct), body, "mri2ct", truth_raw=ct)["mae"] == pytest.approx(expected, rel=1e-4)
+    m = ev.paired_metrics(ct_to_unit(pred), ct_to_unit(ct), body, "mri2ct", truth_raw=ct)
+    assert m["mae"] == pytest.approx(expected, rel=1e-4)
+    assert m["mae_bone"] == pytest.approx(0.0, abs=1e-3)  # the skull (800 HU) is untouched
+    assert m["mae_soft"] == pytest.approx(50.0 * (ct == 35.0).sum() / (body & (ct < 300)).sum(), rel=1e-4)
 
 
 def test_structure_catches_a_destroyed_body() -> None:
@@ -210,7 +213,8 @@ def test_run_evaluate_translation_report(tmp_path: Path, ingest: Path, tiny_run:
     for direction in ("mri2ct", "ct2mri"):
         res = saved["paired"][direction]
         for method in ("cyclegan", "baseline"):
-            assert set(res[method]) == {"mae", "psnr", "ssim"}
+            extra = {"mae_bone", "mae_soft"} if direction == "mri2ct" else set()
+            assert set(res[method]) == {"mae", "psnr", "ssim"} | extra
             assert all(math.isfinite(v) for v in res[method].values())
         assert {"body_dice", "edge_corr"} <= set(res["structure_truth"])
         assert (tmp_path / f"{direction}_grid.png").is_file()

@@ -263,3 +263,178 @@ def test_deid_keyed_and_stable() -> None:
     assert a.pseudonym("PAT-1") != b.pseudonym("PAT-1")
     assert a.pseudonym("PAT-1") != a.pseudonym("PAT-2")
     assert a.path_ref("x/y.dcm") != a.digest("subject", "x/y.dcm")[:16]
+
+
+def test_enhanced_multiframe_uses_per_frame_geometry(tmp_path: Path) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as Seq
+    from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian
+
+    n, rows, cols = 5, 6, 7
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.9.50.1"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedMRImageStorage, "1.2.9.50.1"
+    ds.Modality, ds.PatientID, ds.SeriesInstanceUID, ds.SeriesNumber = "MR", "PAT-MF", "1.2.9.50", 1
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, n
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    shared = Dataset()
+    ori, meas, trans = Dataset(), Dataset(), Dataset()
+    ori.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    meas.PixelSpacing = [0.9, 1.1]
+    meas.SliceThickness = 2
+    trans.RescaleSlope, trans.RescaleIntercept, trans.RescaleType = 2, 5, "US"
+    shared.PlaneOrientationSequence = Seq([ori])
+    shared.PixelMeasuresSequence = Seq([meas])
+    shared.PixelValueTransformationSequence = Seq([trans])
+    ds.SharedFunctionalGroupsSequence = Seq([shared])
+    per = []
+    order = [3, 0, 4, 1, 2]  # frames stored out of slice order
+    for f in range(n):
+        item, pos = Dataset(), Dataset()
+        pos.ImagePositionPatient = [0, 0, 2.0 * order[f]]
+        item.PlanePositionSequence = Seq([pos])
+        per.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Seq(per)
+    frames = np.stack([np.full((rows, cols), 10 * order[f], np.uint16) + np.arange(cols, dtype=np.uint16)
+                       for f in range(n)])
+    ds.PixelData = frames.tobytes()
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "enhanced.dcm", enforce_file_format=True)
+    run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    (row,) = read_manifest(tmp_path / "out")
+    assert row["shape"] == "7x6x5" and row["spacing"] == "1.1x0.9x2.0"
+    img = nib.load(str(tmp_path / "out" / row["path"]))
+    data = np.asarray(img.dataobj)
+    assert data.dtype == np.int16
+    # RAS: x flips (column 0 is the most right-ward... i.e. last), z ascends with the slice position.
+    for z in range(n):
+        assert data[cols - 1, 0, z] == 2 * (10 * z) + 5
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fast_header_reader_agrees_with_pydicom(cohort: Path, tmp_path: Path) -> None:
+    from ingest_corpus import build_bad_corpus, testdata
+
+    from pipeline.ingest.dicom import read_header
+    from pipeline.ingest.discover import FileRef
+    from pipeline.ingest.fastheader import read_fast
+
+    build_bad_corpus(tmp_path / "bad")
+    write_series(tmp_path / "mr", modality="MR", slope=0.5, intercept=3.0)
+    paths = sorted(p for p in (tmp_path).rglob("*") if p.is_file())
+    paths += sorted((cohort / "dicom").rglob("*.dcm"))[:40]
+    paths += sorted(testdata("CT_small.dcm").parent.glob("*.dcm"))
+    n_fast = 0
+    for p in paths:
+        ref = FileRef(root=0, rel=p.name, path=p, size=p.stat().st_size)
+        n_fast += read_fast(p) is not None
+        assert read_header(ref) == read_header(ref, use_fast=False), p.name
+    assert n_fast > 40  # the fast path is really taken
+
+
+def test_own_nifti_header_and_reorientation_match_nibabel(tmp_path: Path) -> None:
+    from scipy.spatial.transform import Rotation
+
+    from pipeline.ingest.writer import canonical, nifti_header, write_volume
+
+    rng = np.random.default_rng(1)
+    data = rng.integers(-1000, 1000, size=(5, 6, 7)).astype(np.int16)
+    affines = [np.diag([-0.7, -0.5, 2.0, 1.0]), np.diag([1.0, 1.0, 1.0, 1.0])]
+    for seed in range(6):
+        a = np.eye(4)
+        a[:3, :3] = Rotation.random(random_state=seed).as_matrix() @ np.diag(rng.uniform(0.3, 4.0, 3))
+        a[:3, 3] = rng.uniform(-100, 100, 3)
+        if seed % 2:
+            a[:3, 0] *= -1  # left-handed voxel axes (qfac -1)
+        affines.append(a)
+    for aff in affines:
+        ref = nib.as_closest_canonical(nib.Nifti1Image(data, aff))
+        arr, new_aff = canonical(data, aff)
+        assert np.array_equal(arr, np.asarray(ref.dataobj)) and np.allclose(new_aff, ref.affine)
+        path = tmp_path / "v.nii.gz"
+        write_volume(path, data, aff)
+        img = nib.load(str(path))
+        assert np.array_equal(np.asarray(img.dataobj), arr)
+        assert np.allclose(img.header.get_sform(), new_aff, atol=1e-4)
+        assert np.allclose(img.header.get_qform(), new_aff, atol=1e-4)
+        assert int(img.header["sform_code"]) == int(img.header["qform_code"]) == 1
+        hdr = nifti_header((5, 6, 7), np.dtype(np.float32), aff)
+        assert len(hdr) == 352 and hdr[344:348] == b"n+1\0"
+
+
+def test_series_without_preamble_or_extension_implicit_vr(tmp_path: Path) -> None:
+    import pydicom
+
+    paths = write_series(tmp_path / "raw", series_uid="1.2.9.20")
+    (tmp_path / "bare" / "deep" / "er").mkdir(parents=True)
+    for i, p in enumerate(paths):
+        ds = pydicom.dcmread(p)
+        del ds.file_meta
+        ds.preamble = None
+        ds.save_as(tmp_path / "bare" / "deep" / "er" / f"{i:08d}", implicit_vr=True, little_endian=True,
+                   enforce_file_format=False)
+    assert (tmp_path / "bare" / "deep" / "er" / "00000000").read_bytes()[128:132] != b"DICM"
+    run_ingest([tmp_path / "raw"], tmp_path / "o1", key=KEY, workers=1)
+    run_ingest([tmp_path / "bare"], tmp_path / "o2", key=KEY, workers=1)
+    assert read_manifest(tmp_path / "o1")[0]["sha256"] == read_manifest(tmp_path / "o2")[0]["sha256"]
+
+
+def test_whole_cohort_folder_counts_every_file_once(cohort: Path, tmp_path: Path) -> None:
+    report = run_ingest([cohort], tmp_path / "out", key=KEY, workers=2)
+    n_files = sum(1 for p in cohort.rglob("*") if p.is_file())
+    assert report.files_seen == n_files == report.files_used + report.skipped + report.quarantined
+    assert report.volumes_written == 12
+    # Tissue maps have no modality (quarantined); cohort.csv is not an image (skipped).
+    assert report.quarantined == len(list((cohort / "truth").iterdir()))
+    assert report.skipped_reasons == {"not a DICOM, NIfTI or JSON file (.csv)": 1}
+
+
+@pytest.mark.parametrize("signed", [0, 1])
+def test_12_bit_stored_values_masked_like_pydicom(tmp_path: Path, signed: int) -> None:
+    import pydicom
+
+    rng = np.random.default_rng(signed)
+
+    def twelve_bit(k: int, ds: object) -> None:
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, signed  # type: ignore[attr-defined]
+        raw = rng.integers(0, 1 << 16, size=(8, 10), dtype=np.uint16)  # garbage in the 4 high bits
+        ds.PixelData = raw.astype("<u2").tobytes()  # type: ignore[attr-defined]
+
+    paths = write_series(tmp_path / "in", per_slice=twelve_bit, intercept=-1024.0)
+    run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    (row,) = read_manifest(tmp_path / "out")
+    got = np.asarray(nib.load(str(tmp_path / "out" / row["path"])).dataobj)
+    want = np.stack([pydicom.dcmread(p).pixel_array.T.astype(np.int32) - 1024 for p in paths], axis=2)
+    assert np.array_equal(got, want[::-1, ::-1, :])  # LPS -> RAS flips x and y
+
+
+def test_same_bytes_from_threaded_caller_forkserver_workers(tmp_path: Path) -> None:
+    """Under a multi-threaded caller (e.g. a Prefect flow) workers start by forkserver."""
+    import threading
+
+    write_series(tmp_path / "in" / "a", series_uid="1.2.9.30")
+    write_series(tmp_path / "in" / "b", series_uid="1.2.9.31", series_number=4)
+    run_ingest([tmp_path / "in"], tmp_path / "o1", key=KEY, workers=2)
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run_ingest([tmp_path / "in"], tmp_path / "o2", key=KEY, workers=2)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(60)
+    assert not errors
+    assert _files(tmp_path / "o1") == _files(tmp_path / "o2")
+
+
+def test_key_not_in_repr() -> None:
+    assert "secret" not in repr(Deid(b"secret")) and "secret" not in str(Deid(b"secret"))

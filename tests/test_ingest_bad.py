@@ -138,3 +138,16 @@ def test_fatal_error_types(tmp_path: Path) -> None:
         run_ingest([tmp_path / "nope"], tmp_path / "out", key=b"k")
     with pytest.raises(FatalIngestError):
         run_ingest([], tmp_path / "out", key=b"k")
+
+
+def test_output_write_failure_is_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.ingest.run as run_mod
+
+    write_series(tmp_path / "in")
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_mod, "write_slices", full_disk)
+    with pytest.raises(FatalIngestError, match="No space left on device"):
+        run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)

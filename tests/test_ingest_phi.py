@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,17 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
                  name=lambda k: f"{FILE_TAG}_b{k}.dcm", extra=_plant,
                  per_slice=lambda k, ds: setattr(ds, "PixelSpacing", ["0.5", "0.5"]) if k == 2 else None)
     (series_dir / f"{FILE_TAG}_empty.dcm").write_bytes(b"")
+    # The same MR series once more without preamble (implicit VR): read through pydicom.
+    import pydicom
+
+    (series_dir / "raw").mkdir()
+    for i, p in enumerate(sorted((series_dir / "mr").iterdir())):
+        ds = pydicom.dcmread(p)
+        del ds.file_meta
+        ds.preamble = None
+        ds.SeriesInstanceUID = PHI["SeriesInstanceUID"] + ".4"
+        ds.SOPInstanceUID = PHI["SeriesInstanceUID"] + f".4.{i}"
+        ds.save_as(series_dir / "raw" / f"Zanthia{i}", implicit_vr=True, little_endian=True, enforce_file_format=False)
     # NIfTI: PHI in header text fields and in the BIDS subject label / folder names.
     data = np.arange(6 * 6 * 4, dtype=np.float32).reshape(6, 6, 4)
     p = write_nifti(src / FOLDER / NIFTI_CASE / "anat" / f"{NIFTI_CASE}_T1w.nii.gz", data, sidecar={"Modality": "MR"})
@@ -96,10 +108,13 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     old = logger.level
     logger.setLevel(logging.DEBUG)
     try:
-        run_ingest([src], out, key=KEY, workers=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run_ingest([src], out, key=KEY, workers=2)
     finally:
         logger.removeHandler(h)
         logger.setLevel(old)
+    records += [str(w.message) for w in caught]
     return src, out, "\n".join(records)
 
 
@@ -107,7 +122,8 @@ def test_outputs_exist(planted: tuple[Path, Path, str]) -> None:
     _, out, _ = planted
     rows = read_manifest(out)
     assert sorted((r["modality"], r["source_kind"]) for r in rows) == [("CT", "decathlon"), ("CT", "dicom"),
-                                                                        ("MR", "dicom"), ("MR", "nifti")]
+                                                                        ("MR", "dicom"), ("MR", "dicom"),
+                                                                        ("MR", "nifti")]
     assert len(read_manifest(out / "quarantine.csv")) == 2  # broken series + empty file
     ct = next(r for r in rows if r["source_kind"] == "dicom" and r["modality"] == "CT")
     mr = next(r for r in rows if r["source_kind"] == "dicom" and r["modality"] == "MR")

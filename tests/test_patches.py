@@ -102,3 +102,16 @@ def test_bad_inputs_give_clear_errors(tmp_path: Path) -> None:
         extract_patches([tmp_path], dims=4)
     with pytest.raises(PatchError, match="no manifest.csv"):
         read_patch_folder(tmp_path)
+
+
+def test_healthy_patches_sit_in_brain_below_the_skull(ingest_dir: Path) -> None:
+    ps = extract_patches([ingest_dir], patch_size=8, healthy_per_volume=3, brain_margin_mm=12.0)
+    rows = {r["sha256"]: r for r in read_manifest(ingest_dir)}
+    for r in (r for r in ps.rows if r["class"] == HEALTHY):
+        vol = np.asarray(nib.load(ingest_dir / rows[r["source_sha256"]]["path"]).dataobj)
+        x, y, z = (int(v) for v in r["centre"].split("x"))
+        # 12 mm = 6 voxels of 2 mm: no air within 5 voxels (10 mm) in-plane of the centre
+        xx, yy = np.mgrid[-5:6, -5:6]
+        disc = xx**2 + yy**2 <= 25
+        assert (vol[x - 5 : x + 6, y - 5 : y + 6, z][disc] > -500).all()
+    assert HEALTHY not in extract_patches([ingest_dir], patch_size=8, brain_margin_mm=1000.0).counts()

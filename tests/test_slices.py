@@ -59,7 +59,7 @@ def test_doctests() -> None:
 def test_volume_to_slices_context_channels_and_padding() -> None:
     vol = np.stack([np.full((4, 6), z / 10.0) for z in range(5)], axis=-1).astype(np.float32)  # value = z / 10
     out = sl.volume_to_slices(vol, image_size=6, context=2)
-    assert out.shape == (5, 5, 6, 6) and out.dtype == torch.float32
+    assert out.shape == (5, 5, 6, 6) and out.dtype == torch.float32 and type(out) is torch.Tensor
     # channel 2 is the slice itself, others its neighbours clamped at the ends
     centre = out[:, :, 3, 3]
     assert torch.allclose(centre[:, 2], torch.tensor([0.0, 0.1, 0.2, 0.3, 0.4]))
@@ -106,6 +106,9 @@ def test_load_unpaired_slices_sides_and_meta(ingest: Path) -> None:
     assert meta["context"] == 1 and meta["in_channels"] == 3 and meta["image_size"] == 16
     assert meta["train_subjects"] == train_subjects and not set(meta["train_subjects"]) & test_subjects
     assert set(meta["spacing"]) == {"MR", "CT"} and len(meta["spacing"]["CT"]) == 3
+    lo, hi = meta["mr_landmarks_median"]
+    assert 0 <= lo < hi  # raw MR units of the training volumes
+    assert type(data.a[0]) is torch.Tensor
     # MR subjects only on side a, CT only on side b
     mr_subjects = {r["subject_id"] for r in rows if r["split"] == "train" and r["modality"] == "MR"}
     assert set(data.a.subject) == mr_subjects
@@ -148,3 +151,22 @@ def test_bad_inputs_name_the_problem(tmp_path: Path, ingest: Path) -> None:
         sl.load_unpaired_slices([tmp_path], image_size=16)
     with pytest.raises(ValueError, match="min_foreground"):
         sl.load_unpaired_slices([ingest], image_size=16, min_foreground=1.5)
+
+
+def test_load_training_inputs_holds_out_test_split_for_structure_scores(ingest: Path) -> None:
+    inputs = sl.load_training_inputs([ingest], image_size=32, in_channels=3)
+    assert inputs.held_out_split == "test" and inputs.evaluate is not None
+    assert inputs.data.meta["in_channels"] == 3 and inputs.data.a[0].shape == (3, 32, 32)
+    identity = torch.nn.Conv2d(3, 3, 1)
+    scores = inputs.evaluate(identity, identity)
+    assert "structure" in scores and all(isinstance(v, float) for v in scores.values())
+    with pytest.raises(ValueError, match="odd"):
+        sl.load_training_inputs([ingest], image_size=32, in_channels=2)
+
+
+def test_slice_config_validates() -> None:
+    assert sl.SliceConfig().hu_window == (-1000.0, 1000.0)
+    with pytest.raises(ValueError, match="hu_window"):
+        sl.SliceConfig(hu_window=(100.0, -100.0))
+    with pytest.raises(ValueError, match="extra"):
+        sl.SliceConfig.model_validate({"min_forground": 0.2})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import gzip
 import json
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def _oblique_lps_affine() -> np.ndarray:
 def test_translated_image_keeps_exact_source_geometry_and_is_marked(tmp_path: Path) -> None:
     made = nib.Nifti1Image(_mr_volume((16, 20, 5)), _oblique_lps_affine())
     made.header.set_xyzt_units("mm")
+    made.header["aux_file"] = b"DOE^JOHN"
+    made.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"PatientName=DOE^JOHN"))
     nib.save(made, str(tmp_path / "src.nii.gz"))
     src_img = nib.load(str(tmp_path / "src.nii.gz"))  # the geometry as a file holds it (float32)
     data = tr.translate_image(IDENTITY, src_img, "mri2ct", tr.TranslationSettings(image_size=16))
@@ -114,6 +117,8 @@ def test_translated_image_keeps_exact_source_geometry_and_is_marked(tmp_path: Pa
     assert back.header.get_zooms() == src_img.header.get_zooms()
     assert back.header["descrip"].tobytes().rstrip(b"\0") == b"medaug synthetic"
     assert back.get_data_dtype() == np.float32
+    assert b"DOE" in gzip.decompress((tmp_path / "src.nii.gz").read_bytes())
+    assert b"DOE" not in gzip.decompress(out.read_bytes()) and len(back.header.extensions) == 0
 
 
 def test_translation_happens_in_ras_whatever_the_file_orientation() -> None:

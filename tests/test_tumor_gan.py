@@ -209,7 +209,8 @@ def test_training_writes_checkpoint_card_samples_and_health_metrics(tmp_path: Pa
     for key in ("d_real", "d_fake", "grad_g", "grad_d", "loss_d", "loss_g", "diversity/round", "aug_p"):
         assert key in rows[-1]
     assert rows[-1]["aug_p"] > 0, "ADA raised p (D is confident on reals early)"
-    assert sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png")) == ["step_000002.png", "step_000004.png"]
+    grids = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
+    assert grids == [f"step_{s:06d}_{c}.png" for s in (2, 4) for c in ("healthy", "necrotic", "round")]
     # EMA: the sampler's weights are the average, not the live generator's
     state = load_checkpoint(result.checkpoint)
     live, ema = state["generator"], state["ema"]["module"]

@@ -79,10 +79,12 @@ def test_errors_are_one_line(ingest: Path, tmp_path: Path) -> None:
 
 def test_benchmark_smoke_runs_on_cpu() -> None:
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location("bench_tumor_gan", Path(__file__).resolve().parents[1] / "bench" / "tumor_gan.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up there
     spec.loader.exec_module(bench)
     report = bench.main(["--smoke"])
     assert "| baseline: fp32, batch 4 |" in report and "fastest / baseline" in report

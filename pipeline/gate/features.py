@@ -11,6 +11,7 @@ returning one, importable from the running environment).
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -30,7 +31,7 @@ from pipeline.gate.encoder import (
     state_dict_sha256,
     train_domain_encoder,
 )
-from pipeline.gate.inception import FIDInceptionV3, load_fid_inception
+from pipeline.gate.inception import FIDInceptionV3, TorchScriptInception, load_fid_inception
 from pipeline.manifest import sha256_file
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class DomainExtractor:
 class InceptionExtractor:
     """FID InceptionV3 pool3 (2048-d) as a FeatureExtractor (name "fid-inception-v3")."""
 
-    def __init__(self, model: FIDInceptionV3, sha256: str, device: str = "cpu", batch: int = 32) -> None:
+    def __init__(self, model: FIDInceptionV3 | TorchScriptInception, sha256: str, device: str = "cpu", batch: int = 32) -> None:
         self.model = model.to(torch.device(device)).eval()
         self.sha256 = sha256
         self.name = "fid-inception-v3"
@@ -87,7 +88,8 @@ def _plugin(spec: str) -> FeatureExtractor:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"gate.extractor {spec!r}: cannot import {module_name}.{attr} ({exc})") from None
-    if not isinstance(obj, FeatureExtractor) and callable(obj):
+    # a class or a factory function is called; an object with the protocol is used as it is
+    if inspect.isclass(obj) or (not isinstance(obj, FeatureExtractor) and callable(obj)):
         obj = obj()
     if not isinstance(obj, FeatureExtractor):
         raise ConfigError(
@@ -97,11 +99,16 @@ def _plugin(spec: str) -> FeatureExtractor:
     return obj
 
 
-def build_extractor(cfg: GateConfig, real_images: torch.Tensor, out: Path | None) -> FeatureExtractor:
+def needs_real_images(cfg: GateConfig) -> bool:
+    """Whether building the extractor trains on the real images (a domain encoder not given by path)."""
+    return cfg.extractor == "domain" and cfg.encoder_path is None
+
+
+def build_extractor(cfg: GateConfig, real_images: torch.Tensor | None, out: Path | None) -> FeatureExtractor:
     """The extractor `cfg.extractor` names.
 
     "domain": loaded from cfg.encoder_path when set, else trained on `real_images`
-    (N, 1, H, W) and saved to OUT/domain_encoder.pt (when `out` is given).
+    (N, 1, H, W; required then) and saved to OUT/domain_encoder.pt (when `out` is given).
     Raises ConfigError for a bad plug-in, WeightsMissingError for missing weights files.
     """
     match cfg.extractor:
@@ -110,6 +117,8 @@ def build_extractor(cfg: GateConfig, real_images: torch.Tensor, out: Path | None
                 model, digest = load_domain_encoder(cfg.encoder_path)
                 log.info("domain encoder loaded from %s (sha256 %s)", cfg.encoder_path.name, digest[:12])
                 return DomainExtractor(model, digest, cfg.device)
+            if real_images is None:
+                raise ValueError("training a domain encoder needs the real images")
             model = train_domain_encoder(real_images, steps=cfg.encoder_steps, batch=cfg.encoder_batch, width=cfg.encoder_width,
                                          lr=cfg.encoder_lr, temperature=cfg.encoder_temperature, seed=cfg.seed, device=cfg.device)
             model = model.cpu()

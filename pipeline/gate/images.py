@@ -6,9 +6,10 @@ plain folder of NIfTI (.nii, .nii.gz) or .npy files. 3-D volumes are scored as a
 slices: each volume is normalised per modality exactly as the generators see it
 (pipeline.preprocess: CT through an HU window, MR through its foreground percentiles),
 only slices with enough body are kept, and they are fitted into gate_size x gate_size with
-the CycleGAN's own geometry (pipeline.slices.volume_to_slices). 2-D patches (or (s, s, 1)
-volumes) are taken as they are: patch folders already hold [-1, 1] values; a patch with
-values outside [-1, 1] is in scanner units and is normalised like a volume.
+the CycleGAN's own geometry (pipeline.slices.volume_to_slices). Files whose values already
+lie in [-1, 1] (patch folders and sample-tumors output, 2-D (s, s) / (s, s, 1) or 3-D
+cubes) are taken as they are: every slice scored, no resizing when all share one square
+size. A 2-D patch in scanner units is normalised like a volume.
 
 Each slice remembers its item (file), which is also its group: neighbours and pairs in the
 metrics are taken across items only.
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".npy")
 """Files a plain folder may hold."""
+
+UNIT_TOL = 1.001
+"""A file whose values all lie within +-UNIT_TOL is already normalised to [-1, 1] (a patch)."""
 
 CT_GUESS_HU = -500.0
 """A volume whose 1st percentile is below this is CT (air at -1000 HU); MR air is near 0."""
@@ -102,6 +106,17 @@ class GateSet:
         return GateSet(self.folder, self.items, self.images[k], self.item_of[keep], self.slice_of[keep], self.columns)
 
 
+def capped_indices(n: int, cap: int, seed: list[int]) -> NDArray[np.int64]:
+    """Sorted indices of a seeded random subset of at most `cap` of n slices (all when n <= cap).
+
+    >>> capped_indices(5, 10, [0]).tolist()
+    [0, 1, 2, 3, 4]
+    """
+    if n <= cap:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(n, cap, replace=False)).astype(np.int64)
+
+
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """Images (N, 1, H, W) -> (N, 1, size, size), bilinear with anti-aliasing when shrinking."""
     if images.shape[-1] == size and images.shape[-2] == size:
@@ -143,9 +158,7 @@ def _read_array(path: Path) -> NDArray[np.float32]:
 
 
 def _modality(row: dict[str, str], raw: NDArray[np.float32], cfg: GateConfig) -> Modality:
-    value = (row.get("modality") or "").strip().upper()
-    if not value:
-        value = cfg.modality
+    value = ((row.get("modality") or "").strip() or cfg.modality).upper()
     match value:
         case "CT":
             return "CT"
@@ -154,7 +167,7 @@ def _modality(row: dict[str, str], raw: NDArray[np.float32], cfg: GateConfig) ->
         case "AUTO":
             return "CT" if float(np.percentile(raw, 1.0)) < CT_GUESS_HU else "MR"
         case _:
-            raise DatasetError(f"modality {value!r} is not one of CT, MR")
+            raise DatasetError(f"{row['path']}: modality {value!r} is not one of CT, MR (manifest column modality)")
 
 
 def _normalise(raw: NDArray[np.float32], modality: Modality, cfg: GateConfig) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
@@ -168,12 +181,13 @@ def _normalise(raw: NDArray[np.float32], modality: Modality, cfg: GateConfig) ->
     return unit, mask
 
 
-def load_gate_set(folder: Path, cfg: GateConfig, role: Role, modalities: set[str] | None = None) -> GateSet:
+def load_gate_set(folder: Path, cfg: GateConfig, role: Role, modalities: set[str] | None = None, cap: bool = True) -> GateSet:
     """Read `folder` into a GateSet of scored slices (see the module doc).
 
     role "real" keeps rows of `cfg.real_split` (and rows with an empty split) and, when
     `modalities` is given and some rows match it, only rows of those modalities (the
-    synthetic set's). At most `cfg.max_slices` slices are kept (seeded subset).
+    synthetic set's). With `cap`, at most `cfg.max_slices` slices are kept (seeded subset);
+    run_gate loads the synthetic set uncapped so that every item gets a per-sample decision.
     Raises DatasetError for unreadable folders or files.
     """
     rows, columns = _rows(folder)
@@ -208,8 +222,18 @@ def load_gate_set(folder: Path, cfg: GateConfig, role: Role, modalities: set[str
                         (row.get("class") or "").strip(), modality, "patch" if raw.ndim == 2 else "volume", dict(row))
         idx = len(items)
         items.append(item)
+        if float(np.abs(raw).max()) <= UNIT_TOL:
+            # already in [-1, 1] (patch folders, sample-tumors): taken as it is, every slice scored
+            item.kind = "patch"
+            unit = np.clip(raw, -1.0, 1.0)
+            stack = torch.as_tensor(unit[..., None] if unit.ndim == 2 else unit, dtype=torch.float32).permute(2, 0, 1)[:, None]
+            stacks.append(stack)
+            patch_sizes.add((int(stack.shape[-2]), int(stack.shape[-1])))
+            item_of.append(np.full(stack.shape[0], idx, np.int64))
+            slice_of.append(np.arange(stack.shape[0], dtype=np.int64))
+            continue
         if raw.ndim == 2:
-            unit = np.clip(raw, -1.0, 1.0) if float(np.abs(raw).max()) <= 1.001 else _normalise(raw[..., None], modality, cfg)[0][..., 0]
+            unit = _normalise(raw[..., None], modality, cfg)[0][..., 0]
             stacks.append(torch.as_tensor(unit, dtype=torch.float32)[None, None])
             patch_sizes.add((int(unit.shape[0]), int(unit.shape[1])))
             item_of.append(np.array([idx], np.int64))
@@ -220,19 +244,19 @@ def load_gate_set(folder: Path, cfg: GateConfig, role: Role, modalities: set[str
         if len(keep) == 0:
             item.skipped = f"no axial slice has {cfg.min_foreground:.0%} body or more"
             continue
-        stacks.append(volume_to_slices(unit[..., keep], cfg.gate_size)[:, :1])
+        # a plain tensor, not MONAI's MetaTensor: the metrics need no metadata
+        stacks.append(volume_to_slices(unit[..., keep], cfg.gate_size)[:, :1].as_subclass(torch.Tensor))
         item_of.append(np.full(len(keep), idx, np.int64))
         slice_of.append(keep.astype(np.int64))
 
     if not stacks:
         raise DatasetError(f"{folder}: no {role} item has a scored slice (all near-empty)")
-    # 2-D patches of one common size keep it; anything else goes to gate_size
+    # patches of one common square size keep it; anything else goes to gate_size
     native = next(iter(patch_sizes)) if len(patch_sizes) == 1 else None
     size = native[0] if native and native[0] == native[1] and all(s.shape[-1] == native[0] for s in stacks) else cfg.gate_size
     images = torch.cat([resize_images(s, size) for s in stacks])
     out = GateSet(folder, items, images, np.concatenate(item_of), np.concatenate(slice_of), columns)
-    if len(out.item_of) > cfg.max_slices:
-        rng = np.random.default_rng([cfg.seed, 0 if role == "real" else 1])
-        out = out.subset(np.sort(rng.choice(len(out.item_of), cfg.max_slices, replace=False)))
+    if cap and len(out.item_of) > cfg.max_slices:
+        out = out.subset(capped_indices(len(out.item_of), cfg.max_slices, [cfg.seed, 0 if role == "real" else 1]))
     log.info("gate %s: %d items, %d scored slices of %dx%d", role, len(items), len(out.item_of), size, size)
     return out

@@ -1,6 +1,7 @@
 """The FID InceptionV3 (pool3, 2048-d), written in plain torch so no torchvision is needed.
 
-The network is the TensorFlow FID Inception of Heusel et al. 2017 as ported to PyTorch by
+clean-fid's TorchScript file (inception-2015-12-05.pt) is accepted too and wrapped as
+TorchScriptInception. The network is the TensorFlow FID Inception of Heusel et al. 2017 as ported to PyTorch by
 pytorch-fid: torchvision's Inception3 layout with 1008 classes, no auxiliary head, BN eps
 1e-3, average pools that exclude padding, and a max pool in the last block's pool branch.
 Module and parameter names match torchvision's, so the state dict file
@@ -14,6 +15,9 @@ own [0, 1] -> [-1, 1] scaling. Output: the 2048-d average-pooled features (pool3
 
 from __future__ import annotations
 
+import pickle
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -201,19 +205,61 @@ class FIDInceptionV3(nn.Module):
         return self(x)
 
 
-def load_fid_inception(path: Path | None, setting: str = "gate.inception_weights") -> FIDInceptionV3:
-    """The FID InceptionV3 with weights from the local state dict file `path` (eval mode).
+class TorchScriptInception(nn.Module):
+    """clean-fid's TorchScript FID Inception (inception-2015-12-05.pt) behind the same `features` call.
 
-    Raises WeightsMissingError naming `setting` when the path is unset or missing, and when
-    the file's keys or shapes do not match the network.
+    clean-fid feeds the scripted network RGB in [0, 255] at 299x299 and asks for pool3 with
+    `return_features=True`; gate images (N, 1, H, W) in [-1, 1] are mapped accordingly.
+    """
+
+    def __init__(self, scripted: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.base = scripted
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Gate images (N, 1, H, W) in [-1, 1] -> (N, 2048)."""
+        x = images.float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float()
+        x = (x.clamp(-1.0, 1.0) + 1.0) * 127.5
+        if x.shape[-2:] != (299, 299):
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.base(x, return_features=True).reshape(x.shape[0], -1)
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def load_fid_inception(path: Path | None, setting: str = "gate.inception_weights") -> FIDInceptionV3 | TorchScriptInception:
+    """The FID InceptionV3 from local weights at `path` (eval mode).
+
+    A state dict file (pytorch-fid's pt_inception-2015-12-05-6726825d.pth) loads into
+    FIDInceptionV3 with strict keys; a TorchScript archive (clean-fid's
+    inception-2015-12-05.pt) is wrapped as TorchScriptInception. Raises WeightsMissingError
+    naming `setting` when the path is unset or missing, or when the file is neither.
     """
     if path is None or not Path(path).is_file():
         where = "is not set" if path is None else f"points to {path}, which does not exist"
         raise WeightsMissingError(
-            f"{setting} {where}: the inception extractor needs pytorch-fid's {FID_INCEPTION_FILE} on local disk "
-            f"(it is never downloaded); set {setting} to its path, or use extractor: domain"
+            f"{setting} {where}: the inception extractor needs pytorch-fid's {FID_INCEPTION_FILE} (or clean-fid's "
+            f"inception-2015-12-05.pt) on local disk (it is never downloaded); set {setting} to its path, or use extractor: domain"
         )
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    path = Path(path)
+    if _is_torchscript(path):
+        with warnings.catch_warnings():
+            # torch.jit is deprecated, but clean-fid's file is TorchScript and loads no other way
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return TorchScriptInception(torch.jit.load(str(path), map_location="cpu")).eval()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+        raise WeightsMissingError(f"{setting} = {path} is not a torch state dict: {str(exc)[:200]}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     model = FIDInceptionV3()

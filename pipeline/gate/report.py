@@ -51,7 +51,9 @@ class SampleDecision:
 
     `pixel_ratio` / `feature_ratio`: smallest over its slices of the distance to the nearest
     training image divided by the median real-to-real nearest-neighbour distance;
-    `outlier_share`: share of its slices farther than the outlier threshold.
+    `outlier_share`: share of its slices farther than the outlier threshold;
+    `nearest_real` / `nearest_real_feature`: the training slice (`<path>#z<slice>`) nearest in
+    pixel / feature space to its closest slice.
     """
 
     path: str
@@ -64,6 +66,7 @@ class SampleDecision:
     feature_ratio: float | None = None
     outlier_share: float | None = None
     nearest_real: str = ""
+    nearest_real_feature: str = ""
 
 
 @dataclass

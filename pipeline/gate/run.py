@@ -15,7 +15,11 @@ The checks (thresholds in GateConfig):
   precision     realism: synthetic samples inside real k-NN balls (noise fails);
   recall, coverage  the real distribution is covered (mode collapse fails);
   diversity     mean pairwise MS-SSIM of synthetic minus real (mode collapse raises it);
+  duplicates    share of synthetic slices with a near-copy in another synthetic item (collapse);
   memorization  share of synthetic slices that are near-copies of training slices.
+
+Distances are normalised by the median real-to-real nearest-neighbour distance between
+different items (subjects), so "near" means "much nearer than two real subjects are".
 """
 
 from __future__ import annotations
@@ -28,11 +32,11 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from pipeline.errors import DatasetError
+from pipeline.errors import ConfigError, DatasetError
 from pipeline.gate import metrics as M
 from pipeline.gate.config import CHECKS, GateConfig
-from pipeline.gate.features import build_extractor
-from pipeline.gate.images import GateSet, load_gate_set, resize_images
+from pipeline.gate.features import FeatureExtractor, build_extractor, needs_real_images
+from pipeline.gate.images import GateSet, capped_indices, load_gate_set, resize_images
 from pipeline.gate.report import (
     FIG_ACCEPTED,
     FIG_COPIES,
@@ -76,34 +80,47 @@ def _real_halves(groups: NDArray[np.int64], seed: int) -> tuple[NDArray[np.int64
     return np.flatnonzero(mask), np.flatnonzero(~mask)
 
 
-def _memorization(real: GateSet, syn: GateSet, fr: F64, fs: F64) -> dict[str, F64]:
-    """Nearest training slice of each synthetic slice in pixel and feature space, and the
-    ratios of those distances to the median real-to-real (other item) nearest-neighbour distance."""
-    pr = real.images.reshape(len(real.item_of), -1).double().numpy()
-    ps = syn.images.reshape(len(syn.item_of), -1).double().numpy()
+def _median_finite(x: F64) -> float:
+    ok = x[np.isfinite(x)]
+    return float(np.median(ok)) if len(ok) else float("nan")
+
+
+def _flat(s: GateSet, idx: NDArray[np.int64] | None = None) -> NDArray[np.float32]:
+    """Slices as rows of pixels (N, H*W), float32 (distances are taken in float64 per chunk)."""
+    images = s.images if idx is None else s.images[torch.as_tensor(idx)]
+    return np.asarray(images.reshape(images.shape[0], -1).numpy(), dtype=np.float32)
+
+
+def _memorization(real: GateSet, real_queries: NDArray[np.int64], syn: GateSet, fr: F64, fs: F64) -> dict[str, F64]:
+    """Nearest training slice (of all of `real`) of each synthetic slice in pixel and feature
+    space, and the ratios of those distances to the median real-to-real (other item)
+    nearest-neighbour distance, estimated from the `real_queries` slices against all of `real`."""
+    pr, ps = _flat(real), _flat(syn)
     d_pix, i_pix = M.nearest(ps, pr)
     d_feat, i_feat = M.nearest(fs, fr)
-    rr_pix, _ = M.nearest(pr, pr, real.item_of, real.item_of)
-    rr_feat, _ = M.nearest(fr, fr, real.item_of, real.item_of)
-    med_pix = float(np.median(rr_pix[np.isfinite(rr_pix)])) if np.isfinite(rr_pix).any() else float("nan")
-    med_feat = float(np.median(rr_feat[np.isfinite(rr_feat)])) if np.isfinite(rr_feat).any() else float("nan")
+    q = real_queries
+    rr_pix, _ = M.nearest(pr[q], pr, real.item_of[q], real.item_of)
+    rr_feat, _ = M.nearest(fr[q], fr, real.item_of[q], real.item_of)
+    med_pix, med_feat = _median_finite(rr_pix), _median_finite(rr_feat)
     return {
         "pixel_dist": d_pix, "pixel_idx": i_pix.astype(np.float64), "feature_dist": d_feat,
+        "feature_idx": i_feat.astype(np.float64),
         "pixel_ratio": d_pix / max(med_pix, 1e-12), "feature_ratio": d_feat / max(med_feat, 1e-12),
         "median_rr_pixel": np.array([med_pix]), "median_rr_feature": np.array([med_feat]),
     }
 
 
-def _duplicates(ref: GateSet, syn: GateSet, fs: F64, mem: dict[str, F64], cfg: GateConfig) -> F64:
-    """Per synthetic slice (of a subset no larger than the real set, so nearest-neighbour
-    distances are comparable): 1.0 when its nearest synthetic slice from another item is a
-    near-copy by the same rule as memorization (ratios to the median real-to-real distance)."""
-    _, si = M.equal_size_indices(len(ref.item_of), len(syn.item_of), _rng(cfg, 10))
-    ps = syn.images[si].reshape(len(si), -1).double().numpy()
-    d_pix, _ = M.nearest(ps, ps, syn.item_of[si], syn.item_of[si])
-    d_feat, _ = M.nearest(fs[si], fs[si], syn.item_of[si], syn.item_of[si])
-    pix = d_pix / max(float(mem["median_rr_pixel"][0]), 1e-12)
-    feat = d_feat / max(float(mem["median_rr_feature"][0]), 1e-12)
+def _duplicates(ref: GateSet, syn: GateSet, fr: F64, fs: F64, cfg: GateConfig) -> F64:
+    """Per synthetic slice of an equal-size pair of subsets: 1.0 when its nearest synthetic slice
+    from another item is a near-copy by the memorization rule, with the real-to-real baseline
+    taken inside the real subset (same size, so nearest-neighbour distances are comparable)."""
+    ri, si = M.equal_size_indices(len(ref.item_of), len(syn.item_of), _rng(cfg, 10))
+    pr, ps = _flat(ref, ri), _flat(syn, si)
+    rg, sg = ref.item_of[ri], syn.item_of[si]
+    base_pix = _median_finite(M.nearest(pr, pr, rg, rg)[0])
+    base_feat = _median_finite(M.nearest(fr[ri], fr[ri], rg, rg)[0])
+    pix = M.nearest(ps, ps, sg, sg)[0] / max(base_pix, 1e-12)
+    feat = M.nearest(fs[si], fs[si], sg, sg)[0] / max(base_feat, 1e-12)
     return ((pix < cfg.copy_ratio_pixel) | (feat < cfg.copy_ratio_feature)).astype(np.float64)
 
 
@@ -132,16 +149,36 @@ def _class_metrics(real: GateSet, syn: GateSet, fr: F64, fs: F64, copies: NDArra
             out[cls] = entry
             continue
         p = _prdc(fr[ri], fs[si], real.item_of[ri], syn.item_of[si], cfg.nearest_k, _rng(cfg, 400 + k))
+        fc, rc_feats = fs[si], fr[ri]
+        fid = M.fid(rc_feats, fc)
+        nb, lvl, rng_b = cfg.n_bootstrap, cfg.ci_level, _rng(cfg, 500 + k)
+
+        def class_fid(a: NDArray[np.int64], b: NDArray[np.int64], fc: F64 = fc, rf: F64 = rc_feats) -> float:
+            return M.fid(fc[a], rf[b])
+
         entry.update(
-            fid=M.fid(fr[ri], fs[si]),
+            fid=fid,
+            fid_ci=list(M.bootstrap_two_sample_ci(class_fid, len(si), len(ri), nb, lvl, rng_b, estimate=fid)),
             kid=M.kid(fs[si], fr[ri], max(1, cfg.kid_subsets // 5), cfg.kid_subset_size, _rng(cfg, 100 + k)).mean,
-            precision=p.precision, recall=p.recall, density=p.density, coverage=p.coverage,
+            precision=p.precision, precision_ci=list(M.bootstrap_mean_ci(p.in_real_ball, nb, lvl, rng_b)),
+            recall=p.recall, recall_ci=list(M.bootstrap_mean_ci(p.real_recalled, nb, lvl, rng_b)),
+            density=p.density,
+            coverage=p.coverage, coverage_ci=list(M.bootstrap_mean_ci(p.real_covered, nb, lvl, rng_b)),
             ms_ssim_synthetic=float(np.mean(v)) if len(v := _diversity(syn, si, cfg, 200 + k)) else float("nan"),
             ms_ssim_real=float(np.mean(v)) if len(v := _diversity(real, ri, cfg, 300 + k)) else float("nan"),
             copy_fraction=float(copies[si].mean()),
         )
         out[cls] = entry
     return out
+
+
+def _features(extractor: FeatureExtractor, images: torch.Tensor) -> F64:
+    """The extractor's features (N, D) float64, checked: a plug-in returning anything else is a ConfigError."""
+    f = np.asarray(extractor(images), dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] != images.shape[0] or not np.isfinite(f).all():
+        raise ConfigError(f"feature extractor {extractor.name!r} returned shape {f.shape} (or non-finite values) for "
+                          f"{images.shape[0]} images; it must return finite (N, D) features")
+    return f
 
 
 def _check(name: str, value: float | None, threshold: float | None, op: str, detail: str) -> CheckResult | None:
@@ -162,20 +199,29 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
     """
     cfg = cfg or GateConfig()
     out.mkdir(parents=True, exist_ok=True)
+    # a missing weights file or a bad plug-in fails before any image is read
+    extractor = None if needs_real_images(cfg) else build_extractor(cfg, None, out)
 
-    # data
-    syn = load_gate_set(synthetic, cfg, "synthetic")
-    ref = load_gate_set(real, cfg, "real", modalities=set(syn.modalities))
-    if ref.images.shape[-1] != syn.images.shape[-1]:
-        ref.images, syn.images = resize_images(ref.images, cfg.gate_size), resize_images(syn.images, cfg.gate_size)
-    for name, s in (("real", ref), ("synthetic", syn)):
+    # data: every synthetic slice (syn_all) gets a per-sample decision; batch metrics use
+    # at most cfg.max_slices of them (syn), like the real set (ref); memorization compares with
+    # every real slice (ref_all): a copy of an unsampled training slice is still a copy
+    syn_all = load_gate_set(synthetic, cfg, "synthetic", cap=False)
+    ref_all = load_gate_set(real, cfg, "real", modalities=set(syn_all.modalities), cap=False)
+    if ref_all.images.shape[-1] != syn_all.images.shape[-1]:
+        ref_all.images = resize_images(ref_all.images, cfg.gate_size)
+        syn_all.images = resize_images(syn_all.images, cfg.gate_size)
+    for name, s in (("real", ref_all), ("synthetic", syn_all)):
         if len(s.item_of) < cfg.min_samples:
             raise DatasetError(f"{name} folder {s.folder.name} has {len(s.item_of)} scored slices; the gate needs at least "
                                f"{cfg.min_samples} (gate.min_samples)")
+    sub = capped_indices(len(syn_all.item_of), cfg.max_slices, [cfg.seed, 1])
+    rsub = capped_indices(len(ref_all.item_of), cfg.max_slices, [cfg.seed, 0])
+    syn, ref = syn_all.subset(sub), ref_all.subset(rsub)
 
-    # features
-    extractor = build_extractor(cfg, ref.images, out)
-    fr, fs = extractor(ref.images), extractor(syn.images)
+    # features (the domain encoder trains on the capped real subset)
+    extractor = extractor or build_extractor(cfg, ref.images, out)
+    fr_all, fs_all = _features(extractor, ref_all.images), _features(extractor, syn_all.images)
+    fr, fs = fr_all[rsub], fs_all[sub]
     log.info("gate features: %s, %d-d", extractor.name, fr.shape[1])
 
     # metrics
@@ -188,7 +234,7 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
     w1 = M.intensity_w1(rng_pix.choice(pix_s, min(len(pix_s), 400_000), replace=False),
                         rng_pix.choice(pix_r, min(len(pix_r), 400_000), replace=False))
     fid = M.fid(fs, fr)
-    fid_ci = M.bootstrap_two_sample_ci(lambda a, b: M.fid(fs[a], fr[b]), len(fs), len(fr), nb, lvl, _rng(cfg, 2))
+    fid_ci = M.bootstrap_two_sample_ci(lambda a, b: M.fid(fs[a], fr[b]), len(fs), len(fr), nb, lvl, _rng(cfg, 2), estimate=fid)
     halves = _real_halves(ref.item_of, cfg.seed)
     fid_base = M.fid(fr[halves[0]], fr[halves[1]]) if halves is not None else float("nan")
     kid = M.kid(fs, fr, cfg.kid_subsets, cfg.kid_subset_size, _rng(cfg, 3))
@@ -196,10 +242,10 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
     ms_syn = _diversity(syn, all_s, cfg, 4)
     ms_real = _diversity(ref, all_r, cfg, 5)
     ms_s, ms_r = (float(v.mean()) if len(v) else float("nan") for v in (ms_syn, ms_real))
-    mem = _memorization(ref, syn, fr, fs)
+    mem = _memorization(ref_all, rsub, syn_all, fr_all, fs_all)
     copies = (mem["pixel_ratio"] < cfg.copy_ratio_pixel) | (mem["feature_ratio"] < cfg.copy_ratio_feature)
     outliers = mem["feature_ratio"] > cfg.outlier_ratio
-    dups = _duplicates(ref, syn, fs, mem, cfg)
+    dups = _duplicates(ref, syn, fr, fs, cfg)
     rng_b = _rng(cfg, 6)
     metrics: dict[str, Any] = {
         "intensity_w1": _metric(w1),
@@ -222,10 +268,10 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
     }
 
     # batch checks
-    missing = sorted(set(syn.modalities) - set(ref.modalities))
+    missing = sorted(set(syn_all.modalities) - set(ref_all.modalities))
     checks = [
         CheckResult("modality", float(len(missing)), 0.0, "<=", len(missing) == 0,
-                    f"synthetic {'/'.join(syn.modalities)} vs real {'/'.join(ref.modalities)}"
+                    f"synthetic {'/'.join(syn_all.modalities)} vs real {'/'.join(ref_all.modalities)}"
                     + (f": no real {', '.join(missing)} to compare with" if missing else "")),
         _check("intensity", w1, cfg.intensity_max, "<=", "Wasserstein-1 of pixel values in [-1, 1]"),
         _check("fid", fid / fid_base if fid_base > 0 else None, cfg.fid_max_ratio, "<=",
@@ -249,21 +295,21 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
     verdict = "reject" if failed else "accept"
 
     # per-sample filtering
-    samples = _decide_samples(ref, syn, mem, copies, outliers, cfg)
+    samples = _decide_samples(ref_all, syn_all, mem, copies, outliers, cfg)
     n_acc = sum(s.decision == "accept" for s in samples)
     report = GateReport(
         verdict=verdict,
         failed_checks=failed,
         checks=done,
         metrics=metrics,
-        per_class=_class_metrics(ref, syn, fr, fs, copies, cfg),
+        per_class=_class_metrics(ref, syn, fr, fs, copies[sub], cfg),
         samples=samples,
         feature_extractor={"name": extractor.name, "sha256": extractor.sha256, "dim": int(fr.shape[1])},
         inputs={
-            "real": {"content_sha256": ref.content_sha256(), "n_items": len(ref.items), "n_slices": len(ref.item_of),
-                     "modalities": ref.modalities},
-            "synthetic": {"content_sha256": syn.content_sha256(), "n_items": len(syn.items), "n_slices": len(syn.item_of),
-                          "modalities": syn.modalities},
+            "real": {"content_sha256": ref_all.content_sha256(), "n_items": len(ref_all.items),
+                     "n_slices": len(ref_all.item_of), "n_slices_batch_metrics": len(rsub), "modalities": ref_all.modalities},
+            "synthetic": {"content_sha256": syn_all.content_sha256(), "n_items": len(syn_all.items),
+                          "n_slices": len(syn_all.item_of), "n_slices_batch_metrics": len(sub), "modalities": syn_all.modalities},
             "image_size": int(syn.images.shape[-1]),
         },
         config=cfg.model_dump(mode="json"),
@@ -274,13 +320,18 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
     report.report_id = report_id(report)
 
     # files
-    figures = _write_figures(report, ref, syn, mem, copies, cfg, out)
+    figures = _write_figures(report, ref_all, syn_all, mem, copies, cfg, out)
     write_json(report, out)
     write_markdown(report, out, figures)
-    write_accepted(report, [it.row for it in syn.items], syn.columns, out)
+    write_accepted(report, [it.row for it in syn_all.items], syn_all.columns, out)
     log.info("gate %s%s: %d of %d synthetic items pass the per-sample filter (report %s)", verdict.upper(),
              f" (failed: {', '.join(failed)})" if failed else "", n_acc, len(samples), report.report_id[:12])
     return report
+
+
+def _slice_name(s: GateSet, i: int) -> str:
+    """`<item path>#z<slice>` of slice i of a set (a patch's slice is z0)."""
+    return f"{s.items[s.item_of[i]].path}#z{int(s.slice_of[i])}"
 
 
 def _decide_samples(ref: GateSet, syn: GateSet, mem: dict[str, F64], copies: NDArray[np.bool_],
@@ -290,15 +341,14 @@ def _decide_samples(ref: GateSet, syn: GateSet, mem: dict[str, F64], copies: NDA
     for idx, item in enumerate(syn.items):
         sl = np.flatnonzero(syn.item_of == idx)
         if item.skipped or len(sl) == 0:
-            reason = item.skipped or "no slice in the scored subset (gate.max_slices)"
-            decisions.append(SampleDecision(item.path, item.sha256, item.klass, "reject" if item.skipped else "accept",
-                                            [reason] if item.skipped else [], 0))
+            decisions.append(SampleDecision(item.path, item.sha256, item.klass, "reject", [item.skipped or "no scored slice"], 0))
             continue
         reasons = []
         copy_share, out_share = float(copies[sl].mean()), float(outliers[sl].mean())
         j = sl[int(np.argmin(mem["pixel_ratio"][sl]))]
-        nn = int(mem["pixel_idx"][j])
-        nearest = f"{ref.items[ref.item_of[nn]].path}#z{int(ref.slice_of[nn])}"
+        jf = sl[int(np.argmin(mem["feature_ratio"][sl]))]
+        nearest = _slice_name(ref, int(mem["pixel_idx"][j]))
+        nearest_feature = _slice_name(ref, int(mem["feature_idx"][jf]))
         if copy_share > cfg.item_share or (len(sl) == 1 and copy_share > 0):
             reasons.append(f"near-copy of training image {nearest}: pixel distance {mem['pixel_ratio'][j]:.2f} x, "
                            f"feature distance {float(mem['feature_ratio'][sl].min()):.2f} x the typical real-to-real distance "
@@ -309,7 +359,7 @@ def _decide_samples(ref: GateSet, syn: GateSet, mem: dict[str, F64], copies: NDA
         decisions.append(SampleDecision(
             item.path, item.sha256, item.klass, "reject" if reasons else "accept", reasons, len(sl),
             pixel_ratio=float(mem["pixel_ratio"][sl].min()), feature_ratio=float(mem["feature_ratio"][sl].min()),
-            outlier_share=out_share, nearest_real=nearest,
+            outlier_share=out_share, nearest_real=nearest, nearest_real_feature=nearest_feature,
         ))
     return decisions
 

@@ -52,7 +52,7 @@ class Deid:
     ('p', 13)
     """
 
-    key: bytes
+    key: bytes = field(repr=False)
     stable: bool = True
     _sub: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 

@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
+import zlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,17 +35,22 @@ import numpy.typing as npt
 
 from pipeline.errors import GeometryError, InputRejected
 from pipeline.ingest.discover import FileRef
+from pipeline.ingest.fastheader import read_fast
 from pipeline.ingest.geometry import orientation_key, slice_normal, stack_geometry
 
 log = logging.getLogger(__name__)
 
 IMAGE_MODALITIES = ("CT", "MR")
 
+NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2")
+"""Implicit VR LE, explicit VR LE, explicit VR BE: pixel data stored uncompressed."""
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
 HEADER_TAGS = [
     "SOPClassUID", "SOPInstanceUID", "Modality", "PatientID", "PatientName", "StudyInstanceUID",
     "SeriesInstanceUID", "SeriesNumber", "AcquisitionNumber", "EchoNumbers", "ImageType",
     "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
-    "NumberOfFrames", "BitsAllocated", "BitsStored", "PixelRepresentation", "SamplesPerPixel",
+    "NumberOfFrames", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel",
     "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept", "BurnedInAnnotation",
     "GantryDetectorTilt", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
     "DirectoryRecordSequence", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
@@ -71,6 +80,10 @@ class Frame:
     pixel_spacing: tuple[float, float]
     slope: float
     intercept: float
+    pixel_offset: int = -1
+    """Byte offset of uncompressed little-endian pixel data in the file, -1 to decode with pydicom."""
+    pixel_dtype: str = ""
+    """numpy dtype of those stored pixels, e.g. '<i2'."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,31 @@ def _floats(v: Any, n: int) -> tuple[float, ...] | None:
     return vals if len(vals) == n else None
 
 
+def _code(value: Any) -> str:
+    """A coded string (CS) fit for a message: uppercase letters, digits, space, underscore, at
+    most 16 characters; anything else is replaced (a free-text value could hold a name).
+
+    >>> _code("MONOCHROME1"), _code("John Doe")
+    ('MONOCHROME1', 'a non-standard value')
+    """
+    text = str(value or "").strip()
+    if not text:
+        return ""
+    return text if len(text) <= 16 and all(c.isupper() or c.isdigit() or c in " _" for c in text) \
+        else "a non-standard value"
+
+
+def _first_text(value: Any) -> str:
+    """First value of a possibly multi-valued element as text ('' when absent or empty).
+
+    >>> _first_text(["2", "3"]), _first_text(0), _first_text(None)
+    ('2', '0', '')
+    """
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        value = value[0] if len(value) else None
+    return "" if value is None else str(value).strip()
+
+
 def _sop_name(uid: str) -> str:
     from pydicom.uid import UID
 
@@ -120,10 +158,14 @@ def _sop_name(uid: str) -> str:
 
 def _decoder_problem(ts_uid: str) -> str:
     """'' when pixel data in `ts_uid` can be decoded here, else a reason naming what is missing."""
+    if ts_uid in NATIVE_SYNTAXES:
+        return ""
     from pydicom.pixels import get_decoder
     from pydicom.uid import UID
 
     uid = UID(ts_uid)
+    if not uid.is_transfer_syntax:  # is_compressed raises ValueError on these
+        return "TransferSyntaxUID is not a known transfer syntax; pixel data cannot be decoded"
     if not uid.is_compressed:
         return ""
     try:
@@ -184,11 +226,54 @@ def _frames(ds: Any) -> tuple[tuple[Frame, ...], str]:
     return (Frame(0, (p[0], p[1], p[2]), o, (s[0], s[1]), slope, intercept),), ""
 
 
+def _with_fast_path(ds: Any, ts: str, frame: Frame, n_pixels: int, tell: int, length: int) -> tuple[Frame, ...]:
+    """The frame with its raw pixel offset when numpy can read the stored values directly.
+
+    Only for native little-endian syntaxes with the usual bit layout (HighBit = BitsStored
+    - 1); the reader then masks unused high bits and sign-extends as pydicom does (12-bit
+    CT). Everything else goes through pydicom's decoders.
+    """
+    bits = int(_num(ds, "BitsAllocated", 0))
+    stored = int(_num(ds, "BitsStored", bits))
+    if ts not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") or bits not in (8, 16, 32) \
+            or not 0 < stored <= bits or int(_num(ds, "HighBit", stored - 1)) != stored - 1 \
+            or length != n_pixels * bits // 8:
+        return (frame,)
+    dtype = f"<{'i' if int(_num(ds, 'PixelRepresentation', 0)) == 1 else 'u'}{bits // 8}"
+    if stored < bits:
+        dtype += f":{stored}"
+    return (Frame(frame.index, frame.position, frame.orientation, frame.pixel_spacing, frame.slope,
+                  frame.intercept, pixel_offset=tell, pixel_dtype=dtype),)
+
+
+def _stored_values(data: bytes, raw_dtype: str, count: int, offset: int) -> npt.NDArray[Any]:
+    """Stored pixel values from raw little-endian bytes; 'dtype:bits' masks and sign-extends.
+
+    >>> _stored_values(bytes([0xFF, 0x0F, 0x00, 0xF8]), "<i2:12", 2, 0).tolist()
+    [-1, -2048]
+    >>> _stored_values(bytes([0xFF, 0x0F, 0x00, 0xF8]), "<u2:12", 2, 0).tolist()
+    [4095, 2048]
+    """
+    name, _, bits_text = raw_dtype.partition(":")
+    arr = np.frombuffer(data, dtype=name, count=count, offset=offset)
+    if not bits_text:
+        return arr
+    bits = int(bits_text)
+    unsigned = arr.view(name.replace("i", "u")) & ((1 << bits) - 1)
+    if name[1] == "u":
+        return unsigned
+    sign = 1 << (bits - 1)
+    wide = unsigned.astype(np.int64)
+    return (wide - ((wide & sign) << 1)).astype(name)
+
+
 def _looks_like_raw_dicom(head: bytes) -> bool:
-    """Files without the 128-byte preamble: the first element is usually group 0002 or 0008."""
-    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[2:4] in (
-        b"\x00\x00", b"\x01\x00", b"\x05\x00", b"\x08\x00", b"\x10\x00", b"\x12\x00", b"\x16\x00", b"\x18\x00",
-    )
+    """Files without the 128-byte preamble: the first element is usually in group 0002 or 0008
+    (little or big endian), followed by a valid explicit VR or an implicit-VR length."""
+    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08"):
+        return False
+    vr = head[4:6]
+    return (vr.isalpha() and vr.isupper()) or head[6:8] == b"\x00\x00"
 
 
 def _suffix(rel: str) -> str:
@@ -198,18 +283,55 @@ def _suffix(rel: str) -> str:
     return f" (.{ext})" if ext.isalnum() and len(ext) <= 5 else ""
 
 
-def read_header(ref: FileRef) -> DicomHeader | Disposition:
+def read_header(ref: FileRef, use_fast: bool = True) -> DicomHeader | Disposition:
     """Read one file's header (no pixels) and classify it.
 
     Returns a DicomHeader for a CT or MR image (its `problem` set when the file is truncated,
     lacks pixel data or cannot be decoded here) or a Disposition for everything else.
+    Plain explicit-VR files go through `fastheader.read_fast`, the rest through pydicom
+    (`use_fast=False` forces pydicom; the tests compare both).
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     named_dcm = ref.rel.lower().endswith((".dcm", ".dicom", ".ima"))
     if ref.size == 0:
         return Disposition("quarantined", "empty file (0 bytes)")
+    ds = read_fast(ref.path) if use_fast else None
+    if ds is not None:
+        return _classify(ref, ds)
+    with _no_value_warnings():  # pydicom converts values when _classify reads them
+        from pydicom.errors import BytesLengthException
+
+        try:
+            return _classify(ref, _read_pydicom(ref, named_dcm))
+        except (NotImplementedError, struct.error, BytesLengthException) as exc:  # a corrupted VR code or length
+            # met only when _classify reads the element (pydicom converts raw elements lazily)
+            return Disposition("quarantined", f"DICOM header cannot be parsed ({type(exc).__name__})")
+
+
+def read_fast_header(ref: FileRef) -> DicomHeader | Disposition | None:
+    """`read_header` through the fast reader only; None when the file needs pydicom."""
+    if ref.size == 0:
+        return Disposition("quarantined", "empty file (0 bytes)")
+    ds = read_fast(ref.path)
+    return None if ds is None else _classify(ref, ds)
+
+
+@contextmanager
+def _no_value_warnings() -> Iterator[None]:
+    """pydicom's reading validation can warn with a tag's value (a name, an ID); keep it off."""
+    from pydicom import config
+
+    old = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.IGNORE
+    try:
+        yield
+    finally:
+        config.settings.reading_validation_mode = old
+
+
+def _read_pydicom(ref: FileRef, named_dcm: bool) -> Any:
+    """A pydicom Dataset of the header (pixel data deferred) or a Disposition."""
+    import pydicom
+
     try:
         with open(ref.path, "rb") as f:
             head = f.read(132)
@@ -222,11 +344,18 @@ def read_header(ref: FileRef) -> DicomHeader | Disposition:
                     return Disposition("skipped", f"not a DICOM, NIfTI or JSON file{_suffix(ref.rel)}")
                 force = True
             ds = pydicom.dcmread(f, defer_size=1024, specific_tags=HEADER_TAGS, force=force)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError, OverflowError) as exc:
+    except Exception as exc:  # noqa: BLE001 - on corrupted bytes pydicom raises many types (struct.error,
+        # NotImplementedError for a bad VR code, BytesLengthException, ...): all mean "cannot be parsed"
         if isinstance(exc, EOFError) or "truncat" in str(exc).lower() or "end of file" in str(exc).lower():
             return Disposition("quarantined", "DICOM header is truncated; cannot be read")
         return Disposition("quarantined", f"DICOM header cannot be parsed ({type(exc).__name__})")
+    return ds
 
+
+def _classify(ref: FileRef, ds: Any) -> DicomHeader | Disposition:
+    """Turn a header (pydicom Dataset or FastDataset) into a DicomHeader or a Disposition."""
+    if isinstance(ds, Disposition):
+        return ds
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
     if sop_class == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds:
@@ -240,7 +369,8 @@ def read_header(ref: FileRef) -> DicomHeader | Disposition:
                                               "data (truncated or incomplete header)")
         return Disposition("skipped", f"non-image object ({_sop_name(sop_class)})")
     if modality not in IMAGE_MODALITIES:
-        return Disposition("skipped", f"image of modality {modality or 'unknown'} ({_sop_name(sop_class)}); only CT and MR are ingested")
+        return Disposition("skipped", f"image of modality {_code(modality) or 'unknown'} ({_sop_name(sop_class)}); "
+                                      "only CT and MR are ingested")
 
     ts = str(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")) if meta is not None else "1.2.840.10008.1.2"
     frames, geom_problem = _frames(ds)
@@ -251,32 +381,33 @@ def read_header(ref: FileRef) -> DicomHeader | Disposition:
     elif rows <= 0 or cols <= 0:
         problem = f"image of {rows} x {cols} pixels"
     elif int(_num(ds, "SamplesPerPixel", 1)) != 1 or not str(ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith("MONOCHROME"):
-        problem = f"colour image ({ds.get('PhotometricInterpretation', 'unknown')}); CT and MR must be greyscale"
+        problem = f"colour image ({_code(ds.get('PhotometricInterpretation', '')) or 'unknown'}); CT and MR must be greyscale"
     elif str(ds.get("BurnedInAnnotation", "NO")).upper() == "YES":
         problem = "pixel data has burned-in annotation (may show identifiers)"
     elif geom_problem:
         problem = geom_problem
     else:
         problem = _decoder_problem(ts)
-        if not problem and "PixelData" in ds and str(ts) not in ("1.2.840.10008.1.2.1.99",):
-            from pydicom.uid import UID
-
-            raw = ds.get_item("PixelData")
+        if not problem and "PixelData" in ds and str(ts) != DEFLATED:
+            raw = ds.get_item("PixelData", keep_deferred=True)
             length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
-            if not UID(ts).is_compressed:
+            if str(ts) in NATIVE_SYNTAXES:
                 n_frames = max(1, int(_num(ds, "NumberOfFrames", 1)))
                 expected = rows * cols * n_frames * max(1, int(_num(ds, "BitsAllocated", 16))) // 8
                 if ref.size < expected or (isinstance(length, int) and length < expected):
-                    problem = f"pixel data too short for the image size ({expected} bytes needed)"
+                    problem = f"file is truncated: pixel data shorter than the image ({expected} bytes needed)"
             if not problem and isinstance(length, int) and isinstance(tell, int) and length != 0xFFFFFFFF \
                     and tell + length > ref.size:
                 problem = f"file is truncated ({tell + length - ref.size} bytes of pixel data missing)"
+            if not problem and len(frames) == 1 and isinstance(tell, int) and isinstance(length, int):
+                frames = _with_fast_path(ds, ts, frames[0], rows * cols, tell, length)
 
     ident = str(ds.get("PatientID", "") or "").strip()
     if not ident:
         name = str(ds.get("PatientName", "") or "").strip()
         ident = f"name:{name}" if name else f"study:{ds.get('StudyInstanceUID', '')}"
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    image_type_value = ds.get("ImageType") or []
+    image_type = [str(v).upper() for v in ([image_type_value] if isinstance(image_type_value, str) else image_type_value)]
     echo = ds.get("EchoNumbers", "")
     return DicomHeader(
         ref=ref,
@@ -285,7 +416,7 @@ def read_header(ref: FileRef) -> DicomHeader | Disposition:
         series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
         sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
         series_number=int(_num(ds, "SeriesNumber", 0)),
-        echo=str(echo[0] if isinstance(echo, Sequence) and not isinstance(echo, str) and len(echo) else echo or ""),
+        echo=_first_text(echo),
         rows=rows,
         columns=cols,
         localizer="LOCALIZER" in image_type or "SCOUT" in image_type,
@@ -378,7 +509,10 @@ def plan_series(headers: list[DicomHeader]) -> list[SeriesPlan]:
 def _plan_one(uid: str, key: tuple[Any, ...], sub: list[DicomHeader]) -> SeriesPlan:
     first = sub[0]
     files = sorted(h.ref for h in sub)
-    normal = slice_normal(first.frames[0].orientation) if first.frames else np.array([0.0, 0.0, 1.0])
+    try:
+        normal = slice_normal(first.frames[0].orientation) if first.frames else np.array([0.0, 0.0, 1.0])
+    except GeometryError:  # a degenerate orientation: stack_geometry below quarantines the series
+        normal = np.array([0.0, 0.0, 1.0])
     first_pos = min((float(np.dot(f.position, normal)) for h in sub for f in h.frames), default=0.0)
     plan = SeriesPlan(
         modality=first.modality, patient=first.patient, uid_key=f"{uid}|{key}", series_number=first.series_number,
@@ -421,51 +555,110 @@ def _plan_one(uid: str, key: tuple[Any, ...], sub: list[DicomHeader]) -> SeriesP
 # --- conversion (worker process) --------------------------------------------------------
 
 
-def load_series(
-    frames: list[tuple[Path, int, float, float]], shape: tuple[int, int, int], hasher: Any | None = None
-) -> npt.NDArray[np.generic]:
-    """Stack frames into an (i, j, k) array in real units (HU for CT).
+FrameSpec = tuple[Path, int, float, float, int, str]
+"""(file, frame index, RescaleSlope, RescaleIntercept, raw pixel offset or -1, raw dtype)."""
+
+
+class OutOfRange(Exception):
+    """Rescaled values do not fit int16; the caller retries with float32."""
+
+
+def frame_spec(ref: FileRef, frame: Frame) -> FrameSpec:
+    """What a worker needs to read one frame (picklable, no identifiers)."""
+    return (ref.path, frame.index, frame.slope, frame.intercept, frame.pixel_offset, frame.pixel_dtype)
+
+
+def output_dtype(frames: Sequence[FrameSpec]) -> np.dtype[Any]:
+    """int16 when every slope and intercept is an integer (values then are), else float32."""
+    integral = all(float(f[2]).is_integer() and float(f[3]).is_integer() for f in frames)
+    return np.dtype(np.int16 if integral else np.float32)
+
+
+def iter_planes(
+    frames: Sequence[FrameSpec], rows: int, cols: int, dtype: np.dtype[Any], digests: dict[Path, bytes] | None = None
+) -> Iterator[npt.NDArray[np.generic]]:
+    """Yield each frame as a (rows, columns) = (j, i) plane in real units (HU for CT), as `dtype`.
 
     Args:
-        frames: (file, frame index, RescaleSlope, RescaleIntercept) in slice order.
-        shape: (columns, rows, slices).
-        hasher: optional hashlib-like object fed every file's bytes once (incremental state).
+        frames: FrameSpec of each slice, in the order wanted.
+        rows, cols: DICOM Rows and Columns of every frame.
+        dtype: int16 or float32 (see output_dtype); int16 raises OutOfRange on overflow.
+        digests: filled with `file_digest` of each file's bytes (incremental state).
 
-    Returns int16 when every rescaled value is an integer in int16 range, else float32.
     Raises InputRejected naming the slice when a file cannot be decoded.
     """
-    import pydicom
-
-    integral = all(float(s).is_integer() and float(b).is_integer() for _, _, s, b in frames)
-    out: npt.NDArray[np.generic] = np.empty(shape, dtype=np.int16 if integral else np.float32, order="F")
     cache: dict[Path, npt.NDArray[np.generic]] = {}
-    for k, (path, index, slope, intercept) in enumerate(frames):
+    n = len(frames)
+    # File digests run in a thread (hashlib releases the GIL) while this one decodes.
+    hashing = ThreadPoolExecutor(1) if digests is not None else None
+    pending: dict[Path, Future[bytes]] = {}
+    try:
+        yield from _planes(frames, rows, cols, dtype, cache, n, hashing, pending)
+    finally:
+        if hashing is not None:
+            hashing.shutdown(wait=True)
+            assert digests is not None
+            digests.update({p: f.result() for p, f in pending.items() if f.done() and not f.exception()})
+
+
+def file_digest(data: bytes) -> bytes:
+    """Change-detection digest of a file's bytes: CRC-32 and size (12 bytes).
+
+    Only tells whether an input changed since the last run (to skip its re-conversion);
+    not an integrity or security check. CRC-32 runs at ~3.4 GB/s here against ~1.1 GB/s
+    for sha256 (measured on the bench CT), which is ~0.13 s CPU saved on a 200 MB series.
+    The state file stores only an HMAC over these digests.
+    """
+    return struct.pack("<IQ", zlib.crc32(data), len(data))
+
+
+def _planes(
+    frames: Sequence[FrameSpec], rows: int, cols: int, dtype: np.dtype[Any], cache: dict[Path, npt.NDArray[np.generic]],
+    n: int, hashing: ThreadPoolExecutor | None, pending: dict[Path, Future[bytes]],
+) -> Iterator[npt.NDArray[np.generic]]:
+    for k, (path, index, slope, intercept, offset, raw_dtype) in enumerate(frames):
         if path not in cache:
             cache.clear()
             try:
                 data = path.read_bytes()
-                if hasher is not None:
-                    hasher.update(data)
-                ds = pydicom.dcmread(io.BytesIO(data), force=True)
-                arr = ds.pixel_array
+                if hashing is not None:
+                    pending[path] = hashing.submit(file_digest, data)
+                if offset >= 0:
+                    arr = _stored_values(data, raw_dtype, rows * cols, offset).reshape(rows, cols)
+                else:
+                    import pydicom  # only here: importing it costs ~0.3 s per process
+
+                    with _no_value_warnings():
+                        arr = pydicom.dcmread(io.BytesIO(data), force=True).pixel_array
             except Exception as exc:  # any decoder failure quarantines the series
-                why = "truncated" if "truncat" in str(exc).lower() or "short" in str(exc).lower() else type(exc).__name__
-                raise InputRejected(f"slice {k + 1} of {shape[2]}: pixel data cannot be decoded ({why})") from None
+                text = str(exc).lower()
+                why = "truncated" if "truncat" in text or "short" in text or "buffer" in text else type(exc).__name__
+                raise InputRejected(f"slice {k + 1} of {n}: pixel data cannot be decoded ({why})") from None
             cache[path] = arr
         arr = cache[path]
         plane = arr[index] if arr.ndim == 3 else arr
-        if plane.shape != (shape[1], shape[0]):
-            raise InputRejected(f"slice {k + 1} of {shape[2]}: pixel array is {plane.shape}, header says {shape[1]}x{shape[0]}")
-        if out.dtype == np.int16:
-            vals = plane.astype(np.int32) if slope == 1 and intercept == 0 else plane.astype(np.int64) * int(slope) + int(intercept)
-            if vals.min(initial=0) < -32768 or vals.max(initial=0) > 32767:
-                out = out.astype(np.float32, order="F")
-                out[:, :, k] = vals.T
-            else:
-                out[:, :, k] = vals.T
+        if plane.shape != (rows, cols):
+            raise InputRejected(f"slice {k + 1} of {n}: pixel array is {plane.shape}, header says {rows}x{cols}")
+        if dtype == np.int16:
+            yield _rescale_int16(plane, int(slope), int(intercept))
         else:
-            out[:, :, k] = (plane.astype(np.float64) * slope + intercept).T
-    if out.dtype != np.int16 and np.all(np.isfinite(out)) and np.array_equal(out, np.round(out)) \
-            and out.min(initial=0) >= -32768 and out.max(initial=0) <= 32767:
-        out = out.astype(np.int16, order="F")
-    return out
+            yield (plane.astype(np.float32) * np.float32(slope) + np.float32(intercept)) if plane.itemsize <= 2 \
+                else (plane.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def _rescale_int16(plane: npt.NDArray[Any], slope: int, intercept: int) -> npt.NDArray[np.int16]:
+    """stored * slope + intercept as int16; raises OutOfRange when a value does not fit.
+
+    >>> _rescale_int16(np.array([[0, 2000]], np.uint16), 1, -1024).tolist()
+    [[-1024, 976]]
+    """
+    lo, hi = (int(plane.min()), int(plane.max())) if plane.size else (0, 0)
+    ends = (lo * slope + intercept, hi * slope + intercept)
+    if min(ends) < -32768 or max(ends) > 32767:
+        raise OutOfRange
+    if slope == 1 and lo >= -32768 and hi <= 32767 and -32768 <= intercept <= 32767:
+        out = plane.astype(np.int16, copy=plane.dtype != np.int16 or intercept != 0)
+        if intercept:
+            out += np.int16(intercept)  # no overflow: the result range was checked
+        return out
+    return (plane.astype(np.int64) * slope + intercept).astype(np.int16)

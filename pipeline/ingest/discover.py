@@ -10,6 +10,7 @@ exactly once. Paths are kept relative to their input root and never logged.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.errors import FatalIngestError
+
+log = logging.getLogger(__name__)
 
 Status = Literal["used", "skipped", "quarantined"]
 
@@ -77,10 +80,13 @@ class Ledger:
         self._status: dict[FileRef, tuple[Status, str]] = {}
 
     def mark(self, ref: FileRef, status: Status, reason: str = "") -> None:
-        """Record the disposition of `ref`; a second, different disposition is a bug."""
+        """Record the disposition of `ref`; the first one stands (a file shared by two inputs,
+        e.g. one label named by two dataset.json entries, is still counted once)."""
         old = self._status.get(ref)
-        if old is not None and old != (status, reason):
-            raise AssertionError(f"file {ref.root}:{hash(ref.rel)} counted twice: {old} then {(status, reason)}")
+        if old is not None:
+            if old != (status, reason):
+                log.debug("file already counted as %s; second disposition %s ignored", old[0], status)
+            return
         self._status[ref] = (status, reason)
 
     def status(self, ref: FileRef) -> tuple[Status, str] | None:

@@ -120,8 +120,8 @@ def stack_geometry(
     >>> g = stack_geometry([[0, 0, 2.0], [0, 0, 0.0], [0, 0, 1.0]], [1, 0, 0, 0, 1, 0], (0.5, 0.7))
     >>> g.order.tolist(), g.spacing
     ([1, 2, 0], (0.7, 0.5, 1.0))
-    >>> g.affine[:3, 3].tolist()  # LPS (0, 0, 0) is RAS (0, 0, 0); x and y flip sign
-    [-0.0, -0.0, 0.0]
+    >>> g.affine[:2, :2].tolist()  # LPS -> RAS: x and y flip sign
+    [[-0.7, 0.0], [0.0, -0.5]]
     """
     pos = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
     n_slices = pos.shape[0]

@@ -41,6 +41,8 @@ def prefect_environment(home: Path, verbose: bool = False) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline,models",
+        # pipeline/models lines from worker threads outside a task run stay on the console
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     }
     if not os.environ.get("PREFECT_API_URL"):
         env["PREFECT_HOME"] = str(home)

@@ -22,6 +22,9 @@ for _key, _value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline,models",
+    # pipeline/ and models/ are also called outside flow runs here: their log lines then
+    # have no run to go to, which is expected, not worth a warning per line
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }.items():
     os.environ[_key] = _value
 os.environ.pop("PREFECT_API_URL", None)

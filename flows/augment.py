@@ -7,8 +7,9 @@ and the stages that run several independent jobs (ingest of several source group
 generation) are subflows whose task runner `runtime.task_runner` picks (a thread pool or
 prefect-dask's DaskTaskRunner). Outputs of a run, under OUT:
 
-    OUT/phantoms/       the phantom cohort (phantoms.enabled: true, or auto while ingest.sources is empty)
-    OUT/ingest/         the labelled NIfTI route: the volumes training and the dataset use
+    OUT/phantoms/       the phantom cohort (phantoms.enabled: true, or auto while no source is named)
+    OUT/ingest/         the labelled NIfTI route and the PACS series (ingest.dicomweb): the volumes
+                        training and the dataset use
     OUT/ingest-dicom/   DICOM trees, de-identified (shown, not used for training)
     OUT/patches/        tumor-patches: the real patches (the GAN's training data and the real reference)
     OUT/runs/NAME-HASH/ the training run (checkpoints/last.pt + last.json card, samples, metrics)
@@ -47,6 +48,7 @@ from flows.tasks import (
     ingest_task,
     patches_task,
     phantoms_task,
+    retry_unless_config_error,
     run_dir_for,
     sample_tumors_task,
     slices_task,
@@ -85,12 +87,18 @@ def task_runner(rt: RuntimeConfig) -> TaskRunner[Any]:
 
 @flow(name="ingest-sources")
 def ingest_sources(jobs: list[dict[str, Any]], retries: int, retry_backoff_s: float, cache: bool) -> list[dict[str, Any]]:
-    """Ingest each job ({"sources": [...], "out": DIR, "modality": ...}) side by side; returns their summaries."""
+    """Ingest each job side by side; returns their summaries.
+
+    A job is {"sources": [...], "out": DIR, "modality": ..., "key_source": ..., "pacs": [...]},
+    where each PACS is {"url", "query", "credentials": "env" | "secret:NAME"}: the name of
+    where its credentials are, never their value. A job with PACS always runs (not cached).
+    """
     futures = []
     for job in jobs:
-        fresh = not cache or not (Path(job["out"]) / "manifest.csv").is_file()
-        runnable = ingest_task.with_options(retries=retries, retry_delay_seconds=backoff(retry_backoff_s), refresh_cache=fresh)
-        futures.append(runnable.submit(job["sources"], job["out"], job.get("modality"), job["key_source"]))
+        fresh = not cache or bool(job.get("pacs")) or not (Path(job["out"]) / "manifest.csv").is_file()
+        runnable = ingest_task.with_options(retries=retries, retry_delay_seconds=backoff(retry_backoff_s),
+                                            refresh_cache=fresh, retry_condition_fn=retry_unless_config_error)
+        futures.append(runnable.submit(job["sources"], job["out"], job.get("modality"), job["key_source"], job.get("pacs") or []))
     return [f.result() for f in futures]
 
 
@@ -127,10 +135,16 @@ def run_augment(params: AugmentParams) -> dict[str, Any]:
 
     sources = [str(Path(s).expanduser().resolve()) for s in cfg.ingest.sources]
     dicom_sources = [str(Path(s).expanduser().resolve()) for s in cfg.ingest.dicom_sources]
-    phantoms_only = use_phantoms(cfg.phantoms, cfg.ingest) and not sources and not dicom_sources
+    # where each PACS's credentials are ("env" or "secret:NAME"); the ingest task reads them
+    pacs = [
+        {"url": p.url, "query": dict(p.query),
+         "credentials": f"secret:{p.credentials_secret}" if p.credentials_secret else "env"}
+        for p in cfg.ingest.dicomweb
+    ]
+    phantoms_only = use_phantoms(cfg.phantoms, cfg.ingest) and not sources and not dicom_sources and not pacs
     if use_phantoms(cfg.phantoms, cfg.ingest):
         if cfg.phantoms.enabled == "auto":
-            logger.warning("ingest.sources is empty: running on a generated phantom cohort (phantoms.enabled: auto)")
+            logger.warning("ingest names no sources: running on a generated phantom cohort (phantoms.enabled: auto)")
         with stage("phantoms"):
             p = cfg.phantoms
             cohort = phantoms_task(out / "phantoms", p.n_subjects, p.size, p.seed)
@@ -139,14 +153,14 @@ def run_augment(params: AugmentParams) -> dict[str, Any]:
         result["phantoms"] = cohort["out"]
 
     with stage("ingest"):
-        if not sources:
-            raise ConfigError(f"nothing to ingest: {Path(params.config).name} names no ingest.sources "
-                              "(set them, or phantoms.enabled: auto for a phantom cohort)")
+        if not sources and not pacs:
+            raise ConfigError(f"nothing to ingest: {Path(params.config).name} names no ingest.sources and no "
+                              "ingest.dicomweb (set them, or phantoms.enabled: auto for a phantom cohort)")
         key_source = (
             f"secret:{cfg.ingest.deid_key_secret}" if cfg.ingest.deid_key_secret else "demo" if phantoms_only else "env"
         )
         common = {"modality": cfg.ingest.modality, "key_source": key_source}
-        jobs = [{"sources": sources, "out": str(out / "ingest"), **common}]
+        jobs: list[dict[str, Any]] = [{"sources": sources, "out": str(out / "ingest"), "pacs": pacs, **common}]
         if dicom_sources:
             jobs.append({"sources": dicom_sources, "out": str(out / "ingest-dicom"), **common})
         runner_flow = ingest_sources.with_options(task_runner=task_runner(rt))

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from medaug.config import apply_overrides, read_yaml
 from models.train_cyclegan import CycleGANConfig
@@ -21,6 +22,7 @@ from models.train_tumor_gan import TumorGANConfig
 from pipeline.dataset.config import DatasetConfig, Deployment
 from pipeline.errors import ConfigError
 from pipeline.gate.config import GateConfig
+from pipeline.ingest.dicomweb import QUERY_KEYS, redact_url
 from pipeline.slices import SliceConfig
 from pipeline.types import HUWindow, Modality
 
@@ -39,7 +41,7 @@ class PhantomsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool | Literal["auto"] = Field(default=False, description="Generate a phantom cohort under OUT/phantoms and ingest it: true (demo, tests), false (real data), or auto: only while ingest.sources is empty (so a fresh checkout's deployments run end to end).")
+    enabled: bool | Literal["auto"] = Field(default=False, description="Generate a phantom cohort under OUT/phantoms and ingest it: true (demo, tests), false (real data), or auto: only while ingest.sources, dicom_sources and dicomweb are empty (so a fresh checkout's deployments run end to end).")
     n_subjects: int = Field(default=16, ge=2, description="Number of phantom subjects (about 85/15 round/necrotic tumors).")
     size: int = Field(default=64, ge=16, description="In-plane size in voxels; volumes are size x size x size//2.")
     seed: int = Field(default=0, description="Seed of the phantom cohort (same seed, same files).")
@@ -52,8 +54,46 @@ def use_phantoms(phantoms: PhantomsConfig, ingest: IngestSection) -> bool:
     (True, False)
     """
     if phantoms.enabled == "auto":
-        return not ingest.sources and not ingest.dicom_sources
+        return not ingest.sources and not ingest.dicom_sources and not ingest.dicomweb
     return bool(phantoms.enabled)
+
+
+class DicomWebSource(BaseModel):
+    """A PACS the training ingest queries over DICOMweb (pipeline.ingest.dicomweb.ingest_with_pacs).
+
+    Only the secret's name is config; its value is read inside the ingest task, so it is
+    never a flow or task parameter, never stored with a run and never logged.
+    """
+
+    # a rejected URL may carry a password: keep input values out of validation messages
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, coerce_numbers_to_str=True)
+
+    url: str = Field(description="DICOMweb root of the PACS, e.g. http://pacs.local:8042/dicom-web; credentials never go in it (use credentials_secret or the environment).")
+    query: dict[str, str] = Field(default_factory=dict, description=f"QIDO-RS study filters, e.g. {{ModalitiesInStudy: CT, StudyDate: 20240101-20241231}}; keys: {', '.join(QUERY_KEYS)}. Empty: every study.")
+    credentials_secret: str | None = Field(default=None, min_length=1, description='Name of a Prefect Secret block holding {"user": ..., "password": ...}, {"token": ...} or a bearer-token string; None: the MEDAUG_DICOMWEB_USER/MEDAUG_DICOMWEB_PASSWORD or MEDAUG_DICOMWEB_TOKEN environment variables of the process that runs the flow.')
+
+    @field_validator("url")
+    @classmethod
+    def _plain_http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                f"{redact_url(url)} must not carry user:password; put the credentials in a Prefect Secret block "
+                "(credentials_secret) or in MEDAUG_DICOMWEB_USER/MEDAUG_DICOMWEB_PASSWORD"
+            )
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL such as http://pacs.local:8042/dicom-web; got {redact_url(url)!r}")
+        return url
+
+    @field_validator("query")
+    @classmethod
+    def _known_query_keys(cls, query: dict[str, str]) -> dict[str, str]:
+        for key, value in query.items():
+            if key not in QUERY_KEYS:
+                raise ValueError(f"key {key!r} is not supported; use one of: {', '.join(QUERY_KEYS)}")
+            if not str(value).strip():
+                raise ValueError(f"{key} is empty; give a value (e.g. ModalitiesInStudy: CT) or leave the key out")
+        return {k: str(v).strip() for k, v in query.items()}
 
 
 class IngestSection(BaseModel):
@@ -63,6 +103,7 @@ class IngestSection(BaseModel):
 
     sources: list[Path] = Field(default_factory=list, description="Folders or files to ingest for training (Decathlon NIfTI datasets, DICOM trees); relative to the working directory. With phantoms enabled, the phantom NIfTI datasets are added.")
     dicom_sources: list[Path] = Field(default_factory=list, description="DICOM trees ingested on their own into OUT/ingest-dicom (de-identified volumes, not used for training). With phantoms enabled, the phantom DICOM tree is added.")
+    dicomweb: list[DicomWebSource] = Field(default_factory=list, description="PACS queried over DICOMweb whose series are ingested for training with `sources`, in the same run (same validation, de-identification, manifest and quarantine; never cached, so each run asks the PACS again). Each: url, query, credentials_secret.")
     modality: Modality | None = Field(default=None, description="Modality of NIfTI inputs that have neither dataset.json nor a sidecar.")
     deid_key_secret: str | None = Field(default=None, description="Name of a Prefect Secret block holding the de-identification key; None: the MEDAUG_DEID_KEY environment variable (a fixed demo key for phantom runs).")
 

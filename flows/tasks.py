@@ -15,15 +15,18 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
-from pipeline.errors import MedaugError, StageFailed
+from pipeline.errors import ConfigError, MedaugError, StageFailed
 from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file
+
+if TYPE_CHECKING:
+    from pipeline.ingest.dicomweb import DicomWebAuth
 
 STAGE_LOGGER = logging.getLogger("medaug.flow")
 """Stage events (extra fields `medaug_stage`, `medaug_event`, `medaug_detail`) for progress displays."""
@@ -109,11 +112,19 @@ def _key(stage_name: str, **parts: Any) -> str:
     return f"medaug-{stage_name}-{hashlib.sha256(blob.encode()).hexdigest()}"
 
 
-def ingest_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+def ingest_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     """Cache key of `ingest_task`: the content of its input files, its output folder, modality
-    and de-identification key (as an HMAC under that key, which reveals nothing of it)."""
+    and de-identification key (as an HMAC under that key, which reveals nothing of it).
+
+    None (never cached, the task always runs) when the ingest queries a PACS: what a PACS
+    holds can change while no local file does, so a key from local file hashes would lie.
+    A re-run still only converts series whose retrieved files changed (run_ingest's
+    .ingest_state.json), but it asks the PACS and retrieves again.
+    """
     import hmac
 
+    if parameters.get("pacs"):
+        return None
     sources = [Path(p) for p in parameters["sources"]]
     key = resolve_deid_key(parameters.get("key_source", "env"))
     key_id = hmac.new(key, b"medaug-ingest-cache", hashlib.sha256).hexdigest() if key else "random-per-run"
@@ -132,6 +143,13 @@ def preprocess_cache_key(context: TaskRunContext, parameters: dict[str, Any]) ->
 def backoff(retry_backoff_s: float) -> Callable[[int], list[float]]:
     """Retry delays doubling from `retry_backoff_s` seconds (Prefect's exponential_backoff)."""
     return exponential_backoff(backoff_factor=retry_backoff_s)
+
+
+def retry_unless_config_error(task: Any, task_run: Any, state: Any) -> bool:
+    """A task's retry_condition_fn: retry, except after a ConfigError (a missing Secret block,
+    a malformed secret): a retry cannot fix those, and retrying credentials a PACS has just
+    refused would only risk locking the account."""
+    return not isinstance(state.data, ConfigError)
 
 
 # --- phantoms and ingest ------------------------------------------------------------------
@@ -156,7 +174,13 @@ def summarise_ingest(out: Path) -> dict[str, Any]:
     by_modality: dict[str, int] = {}
     for r in rows:
         by_modality[r.get("modality", "")] = by_modality.get(r.get("modality", ""), 0) + 1
-    return {"out": str(out), "volumes": len(rows), "quarantined": n_quarantined, "by_modality": by_modality}
+    summary: dict[str, Any] = {"out": str(out), "volumes": len(rows), "quarantined": n_quarantined,
+                               "by_modality": by_modality}
+    report = out / "ingest_report.json"  # pipeline.ingest.run.REPORT_NAME (its import is heavy)
+    if report.is_file():
+        counts = json.loads(report.read_text(encoding="utf-8"))
+        summary.update({k: counts[k] for k in ("pacs_series_found", "pacs_series_failed") if k in counts})
+    return summary
 
 
 DEMO_DEID_KEY = b"medaug-demo-key: phantom data only, never real patients"
@@ -186,21 +210,73 @@ def resolve_deid_key(key_source: str) -> bytes | None:
             raise ValueError(f"key_source must be env, demo or secret:NAME; got {key_source!r}")
 
 
-@task(name="ingest", cache_key_fn=ingest_cache_key, persist_result=True)
-def ingest_task(sources: list[str], out: str, modality: str | None = None, key_source: str = "env") -> dict[str, Any]:
-    """Ingest `sources` into `out` (pipeline.ingest.run_ingest); returns counts (no identifiers).
+def resolve_dicomweb_auth(credentials: str) -> DicomWebAuth:
+    """The PACS credentials named by `credentials`, resolved inside the ingest task.
 
-    Cached by the content hash of the input files: an unchanged cohort is not re-ingested.
+    "secret:NAME": the Prefect Secret block NAME, holding {"user", "password"}, {"token"} or
+    a bearer-token string (DicomWebAuth.from_secret_value); "env": MEDAUG_DICOMWEB_USER and
+    MEDAUG_DICOMWEB_PASSWORD, or MEDAUG_DICOMWEB_TOKEN. Like the de-identification key, the
+    value never becomes a task parameter, so it is never stored with a run or logged.
+    Raises ConfigError when the block cannot be loaded or holds something else.
+    """
+    from pipeline.ingest.dicomweb import DicomWebAuth
+
+    if credentials.startswith("secret:"):
+        from prefect.blocks.system import Secret
+
+        name = credentials.removeprefix("secret:")
+        source = f"the Prefect Secret block {name!r} (ingest.dicomweb credentials_secret)"
+        try:
+            block = Secret.load(name)
+        except ValueError:  # Prefect: no block document of that name (or not a Secret)
+            raise ConfigError(
+                f"{source} does not exist; create it (prefect block create secret, or "
+                f"Secret(value={{'user': ..., 'password': ...}}).save({name!r})) or fix the name"
+            ) from None
+        return DicomWebAuth.from_secret_value(block.get(), source=source)  # type: ignore[union-attr]
+    match credentials:
+        case "env":
+            return DicomWebAuth.from_env()
+        case _:
+            raise ValueError(f"credentials must be env or secret:NAME; got {credentials!r}")
+
+
+@task(name="ingest", cache_key_fn=ingest_cache_key, persist_result=True)
+def ingest_task(
+    sources: list[str], out: str, modality: str | None = None, key_source: str = "env",
+    pacs: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Ingest `sources` and the series of `pacs` into `out` in one run; returns counts (no identifiers).
+
+    Local sources go through pipeline.ingest.run_ingest; with PACS ({"url", "query",
+    "credentials": "env" | "secret:NAME"}, never a secret value) through
+    pipeline.ingest.dicomweb.ingest_with_pacs, which stages the PACS series and ingests them
+    with the local sources. Cached by the content hash of the input files (an unchanged
+    cohort is not re-ingested), except with PACS: never cached (see ingest_cache_key).
     """
     from pipeline.ingest import run_ingest
+    from pipeline.ingest.dicomweb import PacsSource, ingest_with_pacs, redact_url
 
     logger = get_run_logger()
-    report = run_ingest([Path(s) for s in sources], Path(out), modality=modality, key=resolve_deid_key(key_source))  # type: ignore[arg-type]
+    key = resolve_deid_key(key_source)
+    if pacs:
+        servers = [PacsSource(p["url"], p.get("query") or {}, resolve_dicomweb_auth(p.get("credentials", "env")))
+                   for p in pacs]
+        for i, server in enumerate(servers):
+            # filter keys only: a value may be a PatientID or an accession number
+            logger.info("ingest %s: PACS %d of %d, %s, studies filtered by %s", Path(out).name, i + 1, len(servers),
+                        redact_url(server.url), ", ".join(server.query) or "nothing (every study)")
+        report = ingest_with_pacs(servers, Path(out), [Path(s) for s in sources], modality=modality,  # type: ignore[arg-type]
+                                  key=key)
+    else:
+        report = run_ingest([Path(s) for s in sources], Path(out), modality=modality, key=key)  # type: ignore[arg-type]
     summary = summarise_ingest(Path(out))
     logger.info(
-        "ingest %s: %d volumes %s written %d, reused %d, %d quarantined",
+        "ingest %s: %d volumes %s written %d, reused %d, %d quarantined%s",
         Path(out).name, summary["volumes"], summary["by_modality"], report.volumes_written, report.volumes_reused,
         summary["quarantined"],
+        f"; PACS series {summary['pacs_series_found']} found, {summary['pacs_series_failed']} not retrieved"
+        if pacs else "",
     )
     return summary
 

@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 from orthanc_server import PASSWORD, USER, orthanc_available, run_faulty_proxy, run_orthanc
 
-from pipeline.errors import FatalIngestError
+from pipeline.errors import ConfigError, FatalIngestError
 from pipeline.ingest import run_ingest
 from pipeline.ingest.dicomweb import (
     DicomWebAuth,
     DicomWebError,
+    PacsSource,
     ingest_dicomweb,
+    ingest_with_pacs,
     parse_query,
     split_multipart,
 )
@@ -124,3 +126,74 @@ def test_always_dropping_server_ingests_nothing_half_retrieved(tmp_path: Path, p
     failed = [r for r in read_manifest(tmp_path / "out" / "quarantine.csv") if r["kind"] == "dicomweb"]
     assert failed and all("not ingested" in r["reason"] for r in failed)
     assert all(r["source"].startswith("dicomweb series ") for r in failed)
+
+
+def test_auth_from_secret_value_accepted_shapes() -> None:
+    basic = DicomWebAuth.from_secret_value({"user": "alice", "password": "s3cret-pw"}, source="block 'pacs'")
+    assert (basic.user, basic.password, basic.token, basic.source) == ("alice", "s3cret-pw", None, "block 'pacs'")
+    assert basic.headers() == {} and basic.httpx_auth() is not None
+    assert "s3cret-pw" not in repr(basic)
+    token = DicomWebAuth.from_secret_value({"token": "tok-123"})
+    assert token.headers() == {"Authorization": "Bearer tok-123"} and token.httpx_auth() is None
+    assert "tok-123" not in repr(token)
+    # a plain string is a bearer token (surrounding whitespace from a paste dropped)
+    assert DicomWebAuth.from_secret_value(" tok-456\n").headers() == {"Authorization": "Bearer tok-456"}
+    # a string holding a JSON object is that object
+    assert DicomWebAuth.from_secret_value('{"user": "bob", "password": "pw-2"}').password == "pw-2"
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ({"username": "alice", "password": "s3cret-pw"}, "has the keys password, username"),
+        ({"user": "alice"}, "has the keys user;"),
+        ({"user": "alice", "password": "s3cret-pw", "token": "tok-123"}, "has the keys password, token, user"),
+        ({"user": "alice", "password": ""}, "must be a non-empty string"),
+        ({"token": 12345678}, "must be a non-empty string"),
+        ("   ", "is empty"),
+        ('{"user": "alice", "password": "s3cret-pw"', "starts like JSON but does not parse"),
+        (["alice", "s3cret-pw"], "holds a value of type list"),
+        (12345678, "holds a value of type int"),
+    ],
+)
+def test_auth_from_malformed_secret_says_what_is_wrong_without_the_value(value: object, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle) as info:
+        DicomWebAuth.from_secret_value(value, source="the Prefect Secret block 'pacs'")
+    message = str(info.value)
+    assert "the Prefect Secret block 'pacs'" in message and '{"user": ..., "password": ...}' in message
+    for secret in ("s3cret-pw", "tok-123", "12345678"):
+        assert secret not in message
+
+
+@needs_orthanc
+def test_several_pacs_and_local_sources_in_one_ingest(tmp_path: Path, cohort: Path, pacs) -> None:  # type: ignore[no-untyped-def]
+    """CT from one PACS query and MR NIfTI from a local folder land in one manifest, each as its own
+    route would write it; a second query of the same PACS adds its series to the PACS counts."""
+    auth = DicomWebAuth(USER, PASSWORD)
+    servers = [
+        PacsSource(pacs.dicomweb, {"ModalitiesInStudy": "CT"}, auth),
+        PacsSource(pacs.dicomweb, {"ModalitiesInStudy": "MR", "StudyDate": "19000101-19000102"}, auth),  # matches none
+    ]
+    ingest_with_pacs(servers, tmp_path / "mixed", sources=[cohort / "nifti" / "MR"], key=KEY)
+    run_ingest([cohort / "dicom"], tmp_path / "dicom", key=KEY)
+    run_ingest([cohort / "nifti" / "MR"], tmp_path / "nifti", key=KEY)
+
+    def rows(folder: Path, modality: str) -> list[tuple[str, str]]:
+        return sorted((r["path"], r["sha256"]) for r in read_manifest(folder) if r["modality"] == modality)
+
+    assert rows(tmp_path / "mixed", "CT") == rows(tmp_path / "dicom", "CT") != []
+    assert rows(tmp_path / "mixed", "MR") == rows(tmp_path / "nifti", "MR") != []
+    import json
+
+    report = json.loads((tmp_path / "mixed" / "ingest_report.json").read_text())
+    assert report["pacs_series_found"] == len(rows(tmp_path / "dicom", "CT")) and report["pacs_series_failed"] == 0
+
+
+@needs_orthanc
+def test_auth_errors_name_where_the_credentials_come_from(tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
+    wrong = DicomWebAuth.from_secret_value({"user": USER, "password": "wrong-pw-987"}, source="the Prefect Secret block 'pacs'")
+    with pytest.raises(FatalIngestError, match="refused the credentials.*check the Prefect Secret block 'pacs'") as info:
+        ingest_with_pacs([PacsSource(pacs.dicomweb, {}, wrong)], tmp_path / "out", key=KEY)
+    assert "wrong-pw-987" not in str(info.value)
+    with pytest.raises(FatalIngestError, match="asks for credentials and none were given.*MEDAUG_DICOMWEB_USER"):
+        ingest_with_pacs([PacsSource(pacs.dicomweb, {}, DicomWebAuth.from_env({}))], tmp_path / "out", key=KEY)

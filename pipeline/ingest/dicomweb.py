@@ -6,12 +6,14 @@ a private staging folder, one file per instance, named only by counters (never b
 any other identifier). A series is staged only when every instance that QIDO-RS announced
 arrived intact; otherwise it is retried with backoff and then reported as failed, so
 nothing half-retrieved is ever ingested. The staged folder then goes through the same
-validation and de-identification as a folder ingest (`pipeline.ingest.run_ingest`).
+validation and de-identification as a folder ingest (`pipeline.ingest.run_ingest`);
+`ingest_with_pacs` stages several PACS queries and ingests them in one run together with
+local folders, so PACS and folder volumes land in one ingest folder and one manifest.
 
 Credentials come from the environment (MEDAUG_DICOMWEB_USER and MEDAUG_DICOMWEB_PASSWORD,
-or MEDAUG_DICOMWEB_TOKEN for a bearer token) or from the caller (a Prefect Secret block in
-flows/); they are never logged, and user:password parts of a URL are removed from every
-message.
+or MEDAUG_DICOMWEB_TOKEN for a bearer token) or from the caller (the value of a Prefect
+Secret block, `DicomWebAuth.from_secret_value`, resolved in flows/); they are never logged
+nor put in an error message, and user:password parts of a URL are removed from every message.
 
 References: DICOM PS3.18 (Web Services), sections 10.4 (WADO-RS) and 10.6 (QIDO-RS).
 """
@@ -25,15 +27,19 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from pipeline.errors import FatalIngestError, MedaugError
+from pipeline.errors import ConfigError, FatalIngestError, MedaugError
+from pipeline.types import Modality
+
+if TYPE_CHECKING:
+    from pipeline.ingest.run import IngestReport
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +67,22 @@ class DicomWebError(MedaugError):
     """A DICOMweb request failed for good (after retries) or the server answered nonsense."""
 
 
+ENV_HINT = "the environment variables MEDAUG_DICOMWEB_USER/MEDAUG_DICOMWEB_PASSWORD or MEDAUG_DICOMWEB_TOKEN"
+"""Where credentials come from when the caller gives none (what an auth error tells to check)."""
+
+
 @dataclass(frozen=True)
 class DicomWebAuth:
-    """HTTP credentials: basic (user, password) or a bearer token. repr hides the secrets."""
+    """HTTP credentials: basic (user, password) or a bearer token. repr hides the secrets.
+
+    `source` says where they came from ("the Prefect Secret block 'pacs'"), so an error can
+    say what to fix without showing a value.
+    """
 
     user: str | None = None
     password: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
+    source: str = field(default=ENV_HINT, compare=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> DicomWebAuth:
@@ -77,7 +92,49 @@ class DicomWebAuth:
             user=env.get("MEDAUG_DICOMWEB_USER") or None,
             password=env.get("MEDAUG_DICOMWEB_PASSWORD") or None,
             token=env.get("MEDAUG_DICOMWEB_TOKEN") or None,
+            source=ENV_HINT,
         )
+
+    @classmethod
+    def from_secret_value(cls, value: object, source: str = "the secret") -> DicomWebAuth:
+        """Credentials from a secret's value (a Prefect Secret block's `.get()`).
+
+        Accepted: {"user": U, "password": P} (HTTP basic), {"token": T}, or a plain string T
+        (a bearer token; a string holding a JSON object is read as that object). Anything
+        else raises ConfigError naming the accepted shapes and `source`, never the value.
+
+        >>> DicomWebAuth.from_secret_value({"user": "alice", "password": "pw"})
+        DicomWebAuth(user='alice', source='the secret')
+        >>> DicomWebAuth.from_secret_value("abc123").headers()
+        {'Authorization': 'Bearer abc123'}
+        """
+        shapes = 'a JSON object {"user": ..., "password": ...} or {"token": ...}, or a plain bearer-token string'
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"{source} holds text that starts like JSON but does not parse; it must hold {shapes}") from None
+        if isinstance(value, str):
+            if not value.strip():
+                raise ConfigError(f"{source} is empty; it must hold {shapes}")
+            return cls(token=value.strip(), source=source)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source} holds a value of type {type(value).__name__}; it must hold {shapes}")
+        keys = sorted(str(k) for k in value)
+        if not all(isinstance(v, str) and v for v in value.values()):
+            raise ConfigError(f"{source}: every value (keys {', '.join(keys)}) must be a non-empty string; it must hold {shapes}")
+        match keys:
+            case ["password", "user"]:
+                return cls(user=value["user"], password=value["password"], source=source)
+            case ["token"]:
+                return cls(token=value["token"], source=source)
+            case _:
+                raise ConfigError(f"{source} has the keys {', '.join(keys) or '(none)'}; it must hold {shapes}")
+
+    @property
+    def given(self) -> bool:
+        """Whether there is anything to send (a user or a token)."""
+        return self.user is not None or self.token is not None
 
     def httpx_auth(self) -> httpx.Auth | None:
         if self.user is not None:
@@ -172,6 +229,8 @@ class DicomWebClient:
         self.backoff_s = backoff_s
         self._sleep = sleep
         auth = auth or DicomWebAuth()
+        self._auth_source = auth.source
+        self._auth_given = auth.given
         self._client = httpx.Client(
             auth=auth.httpx_auth(), headers=auth.headers(), timeout=timeout_s, follow_redirects=False
         )
@@ -200,9 +259,10 @@ class DicomWebClient:
                 last = f"connection failed ({type(exc).__name__})"
                 continue
             if response.status_code in (401, 403):
+                given = "refused the credentials" if self._auth_given else "asks for credentials and none were given"
                 raise DicomWebError(
-                    f"DICOMweb server {self.label} refused the credentials (HTTP {response.status_code}); "
-                    "set MEDAUG_DICOMWEB_USER/MEDAUG_DICOMWEB_PASSWORD or MEDAUG_DICOMWEB_TOKEN"
+                    f"DICOMweb server {self.label} {given} (HTTP {response.status_code}); "
+                    f"check {self._auth_source}"
                 )
             if response.status_code in RETRYABLE_STATUS:
                 last = f"HTTP {response.status_code}"
@@ -284,21 +344,22 @@ def split_multipart(content_type: str, body: bytes) -> list[bytes]:
     return parts
 
 
-def fetch_series(client: DicomWebClient, query: Mapping[str, str], staging: Path) -> FetchResult:
+def fetch_series(client: DicomWebClient, query: Mapping[str, str], staging: Path, where: str = "") -> FetchResult:
     """Stage every series matching `query` under `staging`/sNNNN/iNNNNN.dcm.
 
     A series folder appears (by an atomic rename) only once all its instances arrived;
-    failed series are listed with a reason and leave nothing behind.
+    failed series are listed with a reason and leave nothing behind. `where` is appended
+    to series labels when several PACS are fetched ("dicomweb series 3 of 7 (PACS 2 of 2)").
     """
     try:
         refs = client.search_series(query)
     except DicomWebError as exc:
-        raise FatalIngestError(f"cannot query the PACS: {exc}") from None
+        raise FatalIngestError(f"cannot query the PACS{where}: {exc}") from None
     staging.mkdir(parents=True, exist_ok=True)
     staged: list[Path] = []
     failed: list[tuple[str, str]] = []
     for ref in refs:
-        label = f"dicomweb series {ref.index} of {len(refs)}"
+        label = f"dicomweb series {ref.index} of {len(refs)}{where}"
         target = staging / f"s{ref.index:04d}"
         partial = staging / f".s{ref.index:04d}.partial"
         try:
@@ -317,6 +378,76 @@ def fetch_series(client: DicomWebClient, query: Mapping[str, str], staging: Path
     return FetchResult(staged=staged, failed=failed, n_series=len(refs))
 
 
+@dataclass(frozen=True)
+class PacsSource:
+    """One PACS query to ingest: DICOMweb root, QIDO-RS study filters, credentials.
+
+    `auth` None reads the environment (DicomWebAuth.from_env) when the ingest runs.
+    """
+
+    url: str
+    query: Mapping[str, str] = field(default_factory=dict)
+    auth: DicomWebAuth | None = field(default=None, repr=False)
+
+
+def ingest_with_pacs(
+    pacs: Sequence[PacsSource],
+    out: Path,
+    sources: Sequence[Path] = (),
+    modality: Modality | None = None,
+    key: bytes | None = None,
+    workers: int = 2,
+    retries: int = 3,
+    backoff_s: float = 0.5,
+) -> IngestReport:
+    """Stage the series of every PACS query and ingest them in one run with local `sources`.
+
+    Args:
+        pacs: PACS queries; each is staged into its own temporary folder (fetch_series).
+        out: ingest output folder (the layout of pipeline.ingest.run_ingest).
+        sources: local folders or files ingested in the same run (DICOM trees, NIfTI, Decathlon).
+        modality: modality of NIfTI inputs without dataset.json or sidecar.
+        key: de-identification key (see pipeline.ingest.deid).
+        workers, retries, backoff_s: conversion processes; HTTP retries and first backoff (s).
+
+    One `run_ingest` over [sources..., staged folders...] means PACS series get the same
+    validation, de-identification, manifest and quarantine as local files. Series that
+    could not be retrieved intact are added to out/quarantine.csv (kind "dicomweb") and
+    ingest_report.json gets `pacs_series_found` and `pacs_series_failed` (summed over the
+    PACS). The staging folders are deleted afterwards. Returns the IngestReport.
+    Raises FatalIngestError when a PACS cannot be queried at all (down, credentials refused).
+    """
+    from pipeline.ingest.run import QUARANTINE_COLUMNS, REPORT_NAME, run_ingest
+    from pipeline.ingest.writer import write_atomic
+    from pipeline.manifest import read_manifest, write_manifest
+
+    found = 0
+    failed: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="medaug-pacs-") as tmp:
+        staged: list[Path] = []
+        for i, source in enumerate(pacs):
+            where = f" (PACS {i + 1} of {len(pacs)})" if len(pacs) > 1 else ""
+            auth = source.auth or DicomWebAuth.from_env()
+            with DicomWebClient(source.url, auth, retries=retries, backoff_s=backoff_s) as client:
+                fetched = fetch_series(client, source.query, Path(tmp) / f"pacs{i + 1}", where=where)
+                if fetched.n_series == 0:
+                    log.warning("DICOMweb %s%s: no series match the query", client.label, where)
+            staged.append(Path(tmp) / f"pacs{i + 1}")
+            found += fetched.n_series
+            failed += fetched.failed
+        report = run_ingest([*[Path(s) for s in sources], *staged], out, modality=modality, key=key, workers=workers)
+
+    if failed:
+        rows = read_manifest(out / "quarantine.csv")
+        rows += [{"source": label, "kind": "dicomweb", "reason": reason} for label, reason in failed]
+        write_manifest(out, rows, QUARANTINE_COLUMNS, name="quarantine.csv")
+    summary = json.loads((out / REPORT_NAME).read_text())
+    summary["pacs_series_found"] = found
+    summary["pacs_series_failed"] = len(failed)
+    write_atomic(out / REPORT_NAME, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    return report
+
+
 def ingest_dicomweb(
     url: str,
     query: Mapping[str, str],
@@ -326,8 +457,8 @@ def ingest_dicomweb(
     workers: int = 2,
     retries: int = 3,
     backoff_s: float = 0.5,
-) -> Any:
-    """Query a DICOMweb server, stage the matching series, and ingest them like a folder.
+) -> IngestReport:
+    """Query one DICOMweb server, stage the matching series, and ingest them like a folder.
 
     Args:
         url: DICOMweb root, e.g. "http://127.0.0.1:8042/dicom-web".
@@ -336,29 +467,7 @@ def ingest_dicomweb(
         auth: credentials; default from the environment (DicomWebAuth.from_env).
         key: de-identification key (see pipeline.ingest.deid).
 
-    Series that could not be retrieved intact are added to out/quarantine.csv (kind
-    "dicomweb") and counted in ingest_report.json as `pacs_series_failed`; the staging
-    folder is deleted afterwards. Returns the IngestReport.
+    `ingest_with_pacs` with one PACS and no local sources (see there). Returns the IngestReport.
     """
-    from pipeline.ingest.run import QUARANTINE_COLUMNS, REPORT_NAME, run_ingest
-    from pipeline.ingest.writer import write_atomic
-    from pipeline.manifest import read_manifest, write_manifest
-
-    with (
-        DicomWebClient(url, auth or DicomWebAuth.from_env(), retries=retries, backoff_s=backoff_s) as client,
-        tempfile.TemporaryDirectory(prefix="medaug-pacs-") as tmp,
-    ):
-        fetched = fetch_series(client, query, Path(tmp))
-        if fetched.n_series == 0:
-            log.warning("DICOMweb %s: no series match the query", client.label)
-        report = run_ingest([Path(tmp)], out, key=key, workers=workers)
-
-    if fetched.failed:
-        rows = read_manifest(out / "quarantine.csv")
-        rows += [{"source": label, "kind": "dicomweb", "reason": reason} for label, reason in fetched.failed]
-        write_manifest(out, rows, QUARANTINE_COLUMNS, name="quarantine.csv")
-    summary = json.loads((out / REPORT_NAME).read_text())
-    summary["pacs_series_found"] = fetched.n_series
-    summary["pacs_series_failed"] = len(fetched.failed)
-    write_atomic(out / REPORT_NAME, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
-    return report
+    return ingest_with_pacs([PacsSource(url, query, auth)], out, key=key, workers=workers, retries=retries,
+                            backoff_s=backoff_s)

@@ -27,7 +27,9 @@ lint: setup
 test: setup lint
 	OMP_NUM_THREADS=2 $(BIN)/pytest -q tests
 
+# bench/gate.py defaults to N=10000, 256x256 on a GPU; here it runs on CPU at N=1000, 64x64 (a few minutes)
 bench: setup
+	$(BIN)/python bench/gate.py --device cpu --n 1000 --size 64 --inception-n 64
 	$(BIN)/python bench/ingest.py
 
 clean:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.gate import metrics as M
+from pipeline.gate import run as gate_run
+from pipeline.gate.config import GateConfig
+from pipeline.gate.images import GateSet
+from pipeline.gate.run import run_gate
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -160,3 +166,189 @@ def test_bootstrap_intervals_are_seeded_and_cover_the_mean() -> None:
 def test_equal_size_indices() -> None:
     ri, fi = M.equal_size_indices(10, 4, np.random.default_rng(0))
     assert len(ri) == len(fi) == 4 and fi.tolist() == [0, 1, 2, 3] and len(set(ri.tolist())) == 4
+
+
+# --- chunked float64 matrix products on a device -------------------------------------------------
+
+
+def _direct_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Euclidean distances by differences (no matrix product): the reference the chunked code must match."""
+    return np.sqrt(((x[:, None, :] - y[None, :, :]) ** 2).sum(axis=-1))
+
+
+@pytest.fixture(scope="module")
+def clouds() -> dict[str, np.ndarray]:
+    """Two point sets in 8-d with 3-slice "items" (groups), sized so that chunk=3 leaves a partial last block."""
+    rng = np.random.default_rng(11)
+    return {"real": rng.normal(size=(41, 8)), "fake": rng.normal(0.3, 1.2, size=(37, 8)),
+            "rg": np.repeat(np.arange(14), 3)[:41], "fg": np.repeat(np.arange(13), 3)[:37]}
+
+
+def test_nearest_knn_and_prdc_in_tiny_chunks_equal_one_block(clouds: dict[str, np.ndarray]) -> None:
+    r, f, rg, fg = clouds["real"], clouds["fake"], clouds["rg"], clouds["fg"]
+    for q_groups, r_groups in ((None, None), (fg, rg)):
+        d3, i3 = M.nearest(f, r, q_groups, r_groups, chunk=3)
+        d_all, i_all = M.nearest(f, r, q_groups, r_groups, chunk=10**6)
+        assert i3.tolist() == i_all.tolist()
+        np.testing.assert_allclose(d3, d_all, rtol=1e-12)
+    for groups in (None, rg):
+        np.testing.assert_allclose(M.knn_radii(r, 5, groups, chunk=3), M.knn_radii(r, 5, groups, chunk=10**6), rtol=1e-12)
+    p3 = M.prdc(r, f, 5, rg, fg, chunk=3)
+    p_all = M.prdc(r, f, 5, rg, fg, chunk=10**6)
+    for name in ("in_real_ball", "real_balls_hit", "real_recalled", "real_covered"):
+        np.testing.assert_array_equal(getattr(p3, name), getattr(p_all, name))
+    assert (p3.precision, p3.recall, p3.density, p3.coverage) == (p_all.precision, p_all.recall, p_all.density, p_all.coverage)
+
+
+def test_neighbours_and_prdc_match_direct_differences(clouds: dict[str, np.ndarray]) -> None:
+    # the previous implementation's answers: full distance matrices by differences, masked, sorted
+    r, f, rg, fg = clouds["real"], clouds["fake"], clouds["rg"], clouds["fg"]
+    d_rf = _direct_distances(r, f)
+    d, i = M.nearest(f, r, chunk=4)
+    assert i.tolist() == d_rf.argmin(axis=0).tolist()
+    np.testing.assert_allclose(d, d_rf.min(axis=0), rtol=1e-12)
+
+    def radii(x: np.ndarray, g: np.ndarray, k: int) -> np.ndarray:
+        dd = _direct_distances(x, x)
+        dd[g[:, None] == g[None, :]] = np.inf
+        return np.sort(dd, axis=1)[:, k - 1]
+
+    np.testing.assert_allclose(M.knn_radii(r, 5, rg, chunk=4), radii(r, rg, 5), rtol=1e-12)
+    np.testing.assert_allclose(M.knn_radii(r, 5, chunk=4), radii(r, np.arange(len(r)), 5), rtol=1e-12)
+    rr, fr = radii(r, rg, 5), radii(f, fg, 5)
+    p = M.prdc(r, f, 5, rg, fg, chunk=4)
+    inside = d_rf < rr[:, None]
+    np.testing.assert_array_equal(p.in_real_ball, inside.any(axis=0))
+    np.testing.assert_array_equal(p.real_balls_hit, inside.sum(axis=0) / 5)
+    np.testing.assert_array_equal(p.real_recalled, (d_rf < fr[None, :]).any(axis=1))
+    np.testing.assert_array_equal(p.real_covered, d_rf.min(axis=1) < rr)
+
+
+def test_nearest_puts_a_copy_at_exactly_zero_and_excluded_rows_at_inf() -> None:
+    x = np.random.default_rng(12).normal(100.0, 1.0, size=(20, 64))  # large norms: the expanded form loses digits
+    d, i = M.nearest(x[[3, 7]], x)
+    assert d.tolist() == [0.0, 0.0] and i.tolist() == [3, 7]
+    d, _ = M.nearest(x[:2], x[:2], np.array([0, 0]), np.array([0, 0]))
+    assert np.isinf(d).all()
+    assert np.isinf(M.knn_radii(x[:3], 5)).all()
+
+
+def test_explicit_cpu_device_and_tensor_inputs_give_the_same_answers(clouds: dict[str, np.ndarray]) -> None:
+    r, f, rg, fg = clouds["real"], clouds["fake"], clouds["rg"], clouds["fg"]
+    cpu = torch.device("cpu")
+    for device in ("cpu", cpu):
+        assert M.nearest(f, r, device=device)[1].tolist() == M.nearest(f, r)[1].tolist()
+        np.testing.assert_array_equal(M.knn_radii(r, 3, rg, device=device), M.knn_radii(r, 3, rg))
+        assert M.prdc(r, f, 5, rg, fg, device=device).coverage == M.prdc(r, f, 5, rg, fg).coverage
+        assert M.fid(r, f, device=device) == pytest.approx(M.fid(r, f), rel=1e-12)
+        kid = M.kid(r, f, 5, 20, np.random.default_rng(0), device=device)
+        np.testing.assert_allclose(kid.values, M.kid(r, f, 5, 20, np.random.default_rng(0)).values, rtol=1e-12)
+    # float32 tensors are widened to float64 on the device, like float32 numpy arrays
+    r32 = r.astype(np.float32)
+    np.testing.assert_allclose(M.nearest(torch.from_numpy(r32), torch.from_numpy(r32), rg, rg, device="cpu")[0],
+                               M.nearest(r32, r32, rg, rg)[0], rtol=1e-15)
+    assert M.as_rows(torch.zeros(2, 3)).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"rows \(N, D\)"):
+        M.as_rows(np.zeros(3))
+    with pytest.raises(ValueError, match="8 and 5 values"):
+        M.nearest(r, r[:, :5])
+
+
+def test_kid_reproduces_the_unbiased_mmd_of_its_subsets() -> None:
+    rng = np.random.default_rng(13)
+    a, b = rng.normal(size=(30, 4)), rng.normal(0.5, 1.0, size=(25, 4))
+    k = M.kid(a, b, subsets=3, subset_size=10, rng=np.random.default_rng(1), device="cpu")
+    draw = np.random.default_rng(1)
+    for value in k.values:
+        x, y = a[draw.choice(30, 10, replace=False)], b[draw.choice(25, 10, replace=False)]
+        kxx, kyy, kxy = ((p @ q.T / 4 + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+        expected = (kxx.sum() - np.trace(kxx)) / 90 + (kyy.sum() - np.trace(kyy)) / 90 - 2 * kxy.mean()
+        assert value == pytest.approx(expected, rel=1e-12)
+
+
+def test_bad_device_is_a_config_error_that_names_the_choices(tmp_path: Path) -> None:
+    x = np.zeros((4, 2))
+    with pytest.raises(ConfigError, match=r"'gpu' is not a torch device; use \"cpu\", \"cuda\" or \"cuda:N\""):
+        M.nearest(x, x, device="gpu")
+    with pytest.raises(ConfigError, match="'meta'.*float64 on \"cpu\", \"cuda\" or \"cuda:N\""):
+        M.fid(x, x, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+            M.prdc(x, x, 1, device="cuda")
+    else:
+        with pytest.raises(ConfigError, match="CUDA GPU"):
+            M.knn_radii(x, 1, device=f"cuda:{torch.cuda.device_count()}")
+    # the gate checks gate.device before it reads a file or builds an encoder
+    with pytest.raises(ConfigError, match="gate.device"):
+        run_gate(tmp_path / "real", tmp_path / "synthetic", tmp_path / "out", GateConfig(device="gpu"))
+    assert not (tmp_path / "out").exists()
+
+
+def _gate_set(images: torch.Tensor, items: np.ndarray) -> GateSet:
+    return GateSet(Path("set"), [], images, items.astype(np.int64), np.zeros(len(items), np.int64))
+
+
+def test_memorization_and_duplicates_in_tiny_chunks_equal_one_block() -> None:
+    g = torch.Generator().manual_seed(14)
+    real = _gate_set(torch.rand((24, 1, 8, 8), generator=g) * 2 - 1, np.repeat(np.arange(8), 3))
+    syn_images = torch.rand((18, 1, 8, 8), generator=g) * 2 - 1
+    syn_images[:3] = real.images[:3] + 0.01  # near-copies of training slices
+    syn_images[9:12] = syn_images[3:6]  # a synthetic item repeated
+    syn = _gate_set(syn_images, np.repeat(np.arange(6), 3))
+    fr, fs = real.images.reshape(24, -1)[:, :16].double().numpy(), syn.images.reshape(18, -1)[:, :16].double().numpy()
+    cpu = M.metric_device("cpu")
+    queries = np.arange(0, 24, 2)
+    small = gate_run._memorization(real, queries, syn, fr, fs, cpu, chunk=3)
+    whole = gate_run._memorization(real, queries, syn, fr, fs, cpu, chunk=10**6)
+    for key in small:
+        np.testing.assert_allclose(small[key], whole[key], rtol=1e-12)
+    assert small["pixel_idx"][:3].tolist() == [0, 1, 2] and (small["pixel_ratio"][:3] < 0.2).all()
+    cfg = GateConfig()
+    dup_small = gate_run._duplicates(real, syn, fr, fs, cfg, cpu, chunk=3)
+    np.testing.assert_array_equal(dup_small, gate_run._duplicates(real, syn, fr, fs, cfg, cpu, chunk=10**6))
+    assert dup_small[3:6].tolist() == [1.0] * 3 and dup_small[9:12].tolist() == [1.0] * 3
+
+
+# --- FID with fewer samples than dimensions --------------------------------------------------------
+
+
+def test_fid_of_identical_and_shifted_sets_with_fewer_samples_than_dimensions() -> None:
+    # 128 samples of 2048-d (Inception's width): the covariances have rank 127
+    x = np.random.default_rng(15).normal(size=(128, 2048))
+    shift = np.random.default_rng(16).normal(0.0, 0.1, size=2048)
+    assert M.fid(x, x) == pytest.approx(0.0, abs=1e-9)
+    assert M.fid(x, x + shift) == pytest.approx(float(shift @ shift), abs=1e-9)
+
+
+def test_fid_closed_form_for_rotated_diagonal_covariances_with_n_below_d() -> None:
+    # +-c_i e_i for i < 4: 8 samples in 64-d, mean 0, covariance diag(2 c_i^2 / 7) exactly; a second
+    # set the same with other c_i and a shifted mean; a common random rotation hides the diagonal
+    d, r = 64, 4
+    c1, c2 = np.array([1.0, 2.0, 0.5, 3.0]), np.array([2.0, 0.5, 1.5, 1.0])
+    mu = np.random.default_rng(17).normal(size=d)
+    q, _ = np.linalg.qr(np.random.default_rng(18).normal(size=(d, d)))
+
+    def pm(c: np.ndarray) -> np.ndarray:
+        e = np.zeros((2 * r, d))
+        e[np.arange(r), np.arange(r)], e[r + np.arange(r), np.arange(r)] = c, -c
+        return e
+
+    x, y = pm(c1) @ q.T, (pm(c2) + mu) @ q.T
+    a, b = 2 * c1**2 / 7, 2 * c2**2 / 7
+    expected = float(mu @ mu + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum())
+    assert M.fid(x, y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_fid_with_one_set_larger_than_the_dimension_matches_an_independent_route() -> None:
+    # 600 x 256 (reduced to its QR factor) against 100 x 256; reference: tr sqrt(S1 S2) from the
+    # eigenvalues of the symmetric 100 x 100 matrix Y S1 Y^T / (m - 1), the same nonzero spectrum
+    rng = np.random.default_rng(19)
+    x = rng.normal(size=(600, 256)) @ rng.normal(0.0, 0.2, size=(256, 256))
+    y = rng.normal(0.2, 1.0, size=(100, 256))
+    mu1, s1 = M.gaussian_moments(x)
+    mu2, s2 = M.gaussian_moments(y)
+    yc = y - mu2
+    ev = np.linalg.eigvalsh(yc @ s1 @ yc.T / 99)
+    expected = float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
+    assert M.fid(x, y) == pytest.approx(expected, rel=1e-9)
+    assert M.fid(y, x) == pytest.approx(expected, rel=1e-9)

@@ -20,6 +20,9 @@ The checks (thresholds in GateConfig):
 
 Distances are normalised by the median real-to-real nearest-neighbour distance between
 different items (subjects), so "near" means "much nearer than two real subjects are".
+The metrics run on gate.device, like the encoder: float64 matrix products in blocks of rows
+(pipeline/gate/metrics.py), each set copied to the device once per search; MS-SSIM and the
+intensity distance stay on the CPU.
 """
 
 from __future__ import annotations
@@ -86,21 +89,25 @@ def _median_finite(x: F64) -> float:
 
 
 def _flat(s: GateSet, idx: NDArray[np.int64] | None = None) -> NDArray[np.float32]:
-    """Slices as rows of pixels (N, H*W), float32 (distances are taken in float64 per chunk)."""
+    """Slices as rows of pixels (N, H*W), float32 (the metrics widen them to float64 once, on their device)."""
     images = s.images if idx is None else s.images[torch.as_tensor(idx)]
     return np.asarray(images.reshape(images.shape[0], -1).numpy(), dtype=np.float32)
 
 
-def _memorization(real: GateSet, real_queries: NDArray[np.int64], syn: GateSet, fr: F64, fs: F64) -> dict[str, F64]:
+def _memorization(real: GateSet, real_queries: NDArray[np.int64], syn: GateSet, fr: F64, fs: F64, device: torch.device,
+                  chunk: int = M.CHUNK) -> dict[str, F64]:
     """Nearest training slice (of all of `real`) of each synthetic slice in pixel and feature
     space, and the ratios of those distances to the median real-to-real (other item)
-    nearest-neighbour distance, estimated from the `real_queries` slices against all of `real`."""
-    pr, ps = _flat(real), _flat(syn)
-    d_pix, i_pix = M.nearest(ps, pr)
-    d_feat, i_feat = M.nearest(fs, fr)
+    nearest-neighbour distance, estimated from the `real_queries` slices against all of `real`.
+    Each set goes to `device` once (float64) for the four searches."""
+    pr, ps = M.as_rows(_flat(real), device), M.as_rows(_flat(syn), device)
+    tr, ts = M.as_rows(fr, device), M.as_rows(fs, device)
+    d_pix, i_pix = M.nearest(ps, pr, chunk=chunk, device=device)
+    d_feat, i_feat = M.nearest(ts, tr, chunk=chunk, device=device)
     q = real_queries
-    rr_pix, _ = M.nearest(pr[q], pr, real.item_of[q], real.item_of)
-    rr_feat, _ = M.nearest(fr[q], fr, real.item_of[q], real.item_of)
+    qt = torch.as_tensor(q, device=device)
+    rr_pix, _ = M.nearest(pr[qt], pr, real.item_of[q], real.item_of, chunk=chunk, device=device)
+    rr_feat, _ = M.nearest(tr[qt], tr, real.item_of[q], real.item_of, chunk=chunk, device=device)
     med_pix, med_feat = _median_finite(rr_pix), _median_finite(rr_feat)
     return {
         "pixel_dist": d_pix, "pixel_idx": i_pix.astype(np.float64), "feature_dist": d_feat,
@@ -110,17 +117,22 @@ def _memorization(real: GateSet, real_queries: NDArray[np.int64], syn: GateSet, 
     }
 
 
-def _duplicates(ref: GateSet, syn: GateSet, fr: F64, fs: F64, cfg: GateConfig) -> F64:
+def _duplicates(ref: GateSet, syn: GateSet, fr: F64, fs: F64, cfg: GateConfig, device: torch.device,
+                chunk: int = M.CHUNK) -> F64:
     """Per synthetic slice of an equal-size pair of subsets: 1.0 when its nearest synthetic slice
     from another item is a near-copy by the memorization rule, with the real-to-real baseline
     taken inside the real subset (same size, so nearest-neighbour distances are comparable)."""
     ri, si = M.equal_size_indices(len(ref.item_of), len(syn.item_of), _rng(cfg, 10))
-    pr, ps = _flat(ref, ri), _flat(syn, si)
+    pr, ps = M.as_rows(_flat(ref, ri), device), M.as_rows(_flat(syn, si), device)
+    tr, ts = M.as_rows(fr[ri], device), M.as_rows(fs[si], device)
     rg, sg = ref.item_of[ri], syn.item_of[si]
-    base_pix = _median_finite(M.nearest(pr, pr, rg, rg)[0])
-    base_feat = _median_finite(M.nearest(fr[ri], fr[ri], rg, rg)[0])
-    pix = M.nearest(ps, ps, sg, sg)[0] / max(base_pix, 1e-12)
-    feat = M.nearest(fs[si], fs[si], sg, sg)[0] / max(base_feat, 1e-12)
+
+    def nn(x: torch.Tensor, g: NDArray[np.int64]) -> F64:
+        return M.nearest(x, x, g, g, chunk=chunk, device=device)[0]
+
+    base_pix, base_feat = _median_finite(nn(pr, rg)), _median_finite(nn(tr, rg))
+    pix = nn(ps, sg) / max(base_pix, 1e-12)
+    feat = nn(ts, sg) / max(base_feat, 1e-12)
     return ((pix < cfg.copy_ratio_pixel) | (feat < cfg.copy_ratio_feature)).astype(np.float64)
 
 
@@ -131,13 +143,15 @@ def _diversity(s: GateSet, idx: NDArray[np.int64], cfg: GateConfig, stream: int)
     return M.mean_pairwise_ms_ssim(s.images[idx], s.item_of[idx], cfg.max_pairs, _rng(cfg, stream), strata=s.slice_of[idx])
 
 
-def _prdc(fr: F64, fs: F64, rg: NDArray[np.int64], sg: NDArray[np.int64], k: int, rng: np.random.Generator) -> M.PRDC:
+def _prdc(fr: F64, fs: F64, rg: NDArray[np.int64], sg: NDArray[np.int64], k: int, rng: np.random.Generator,
+          device: torch.device) -> M.PRDC:
     """PRDC on equal-size sets (the larger subsampled); per-sample indicators of the subsample."""
     ri, si = M.equal_size_indices(len(fr), len(fs), rng)
-    return M.prdc(fr[ri], fs[si], min(k, len(ri) - 1), rg[ri], sg[si])
+    return M.prdc(fr[ri], fs[si], min(k, len(ri) - 1), rg[ri], sg[si], device=device)
 
 
-def _class_metrics(real: GateSet, syn: GateSet, fr: F64, fs: F64, copies: NDArray[np.bool_], cfg: GateConfig) -> dict[str, dict[str, Any]]:
+def _class_metrics(real: GateSet, syn: GateSet, fr: F64, fs: F64, copies: NDArray[np.bool_], cfg: GateConfig,
+                   device: torch.device) -> dict[str, dict[str, Any]]:
     """Metrics restricted to each class with at least cfg.min_class_samples slices in both sets."""
     out: dict[str, dict[str, Any]] = {}
     rc, sc = np.array(real.classes), np.array(syn.classes)
@@ -148,18 +162,18 @@ def _class_metrics(real: GateSet, syn: GateSet, fr: F64, fs: F64, copies: NDArra
             entry["note"] = f"fewer than {cfg.min_class_samples} slices in a set: not scored"
             out[cls] = entry
             continue
-        p = _prdc(fr[ri], fs[si], real.item_of[ri], syn.item_of[si], cfg.nearest_k, _rng(cfg, 400 + k))
+        p = _prdc(fr[ri], fs[si], real.item_of[ri], syn.item_of[si], cfg.nearest_k, _rng(cfg, 400 + k), device)
         fc, rc_feats = fs[si], fr[ri]
-        fid = M.fid(rc_feats, fc)
+        fid = M.fid(rc_feats, fc, device)
         nb, lvl, rng_b = cfg.n_bootstrap, cfg.ci_level, _rng(cfg, 500 + k)
 
         def class_fid(a: NDArray[np.int64], b: NDArray[np.int64], fc: F64 = fc, rf: F64 = rc_feats) -> float:
-            return M.fid(fc[a], rf[b])
+            return M.fid(fc[a], rf[b], device)
 
         entry.update(
             fid=fid,
             fid_ci=list(M.bootstrap_two_sample_ci(class_fid, len(si), len(ri), nb, lvl, rng_b, estimate=fid)),
-            kid=M.kid(fs[si], fr[ri], max(1, cfg.kid_subsets // 5), cfg.kid_subset_size, _rng(cfg, 100 + k)).mean,
+            kid=M.kid(fs[si], fr[ri], max(1, cfg.kid_subsets // 5), cfg.kid_subset_size, _rng(cfg, 100 + k), device).mean,
             precision=p.precision, precision_ci=list(M.bootstrap_mean_ci(p.in_real_ball, nb, lvl, rng_b)),
             recall=p.recall, recall_ci=list(M.bootstrap_mean_ci(p.real_recalled, nb, lvl, rng_b)),
             density=p.density,
@@ -195,9 +209,11 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
 
     Returns the GateReport (verdict "accept" or "reject", failed checks named). Raises
     DatasetError for unusable folders or too few samples, WeightsMissingError for missing
-    weights, ConfigError for a bad extractor plug-in.
+    weights, ConfigError for a bad extractor plug-in or a device torch cannot use.
     """
     cfg = cfg or GateConfig()
+    # one device for the encoder, the features and the metrics (float64), checked before any work
+    dev = M.metric_device(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
     # a missing weights file or a bad plug-in fails before any image is read
     extractor = None if needs_real_images(cfg) else build_extractor(cfg, None, out)
@@ -233,19 +249,21 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
     rng_pix = _rng(cfg, 1)
     w1 = M.intensity_w1(rng_pix.choice(pix_s, min(len(pix_s), 400_000), replace=False),
                         rng_pix.choice(pix_r, min(len(pix_r), 400_000), replace=False))
-    fid = M.fid(fs, fr)
-    fid_ci = M.bootstrap_two_sample_ci(lambda a, b: M.fid(fs[a], fr[b]), len(fs), len(fr), nb, lvl, _rng(cfg, 2), estimate=fid)
+    log.info("gate metrics on %s (float64)", dev)
+    fid = M.fid(fs, fr, dev)
+    fid_ci = M.bootstrap_two_sample_ci(lambda a, b: M.fid(fs[a], fr[b], dev), len(fs), len(fr), nb, lvl, _rng(cfg, 2),
+                                       estimate=fid)
     halves = _real_halves(ref.item_of, cfg.seed)
-    fid_base = M.fid(fr[halves[0]], fr[halves[1]]) if halves is not None else float("nan")
-    kid = M.kid(fs, fr, cfg.kid_subsets, cfg.kid_subset_size, _rng(cfg, 3))
-    p = _prdc(fr, fs, ref.item_of, syn.item_of, k, _rng(cfg, 8))
+    fid_base = M.fid(fr[halves[0]], fr[halves[1]], dev) if halves is not None else float("nan")
+    kid = M.kid(fs, fr, cfg.kid_subsets, cfg.kid_subset_size, _rng(cfg, 3), dev)
+    p = _prdc(fr, fs, ref.item_of, syn.item_of, k, _rng(cfg, 8), dev)
     ms_syn = _diversity(syn, all_s, cfg, 4)
     ms_real = _diversity(ref, all_r, cfg, 5)
     ms_s, ms_r = (float(v.mean()) if len(v) else float("nan") for v in (ms_syn, ms_real))
-    mem = _memorization(ref_all, rsub, syn_all, fr_all, fs_all)
+    mem = _memorization(ref_all, rsub, syn_all, fr_all, fs_all, dev)
     copies = (mem["pixel_ratio"] < cfg.copy_ratio_pixel) | (mem["feature_ratio"] < cfg.copy_ratio_feature)
     outliers = mem["feature_ratio"] > cfg.outlier_ratio
-    dups = _duplicates(ref, syn, fr, fs, cfg)
+    dups = _duplicates(ref, syn, fr, fs, cfg, dev)
     rng_b = _rng(cfg, 6)
     metrics: dict[str, Any] = {
         "intensity_w1": _metric(w1),
@@ -302,7 +320,7 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
         failed_checks=failed,
         checks=done,
         metrics=metrics,
-        per_class=_class_metrics(ref, syn, fr, fs, copies[sub], cfg),
+        per_class=_class_metrics(ref, syn, fr, fs, copies[sub], cfg, dev),
         samples=samples,
         feature_extractor={"name": extractor.name, "sha256": extractor.sha256, "dim": int(fr.shape[1])},
         inputs={

@@ -8,7 +8,8 @@ minority) three ways and tested on the real-only test split (held-out subjects):
                    (class_balanced_sampler) and classical MONAI augmentation
                    (random affine, intensity scale/shift, Gaussian noise);
   (c) medaug:      the balanced dataset written by `medaug build-dataset` (real + gated
-                   synthetic patches from the tumor GAN), shuffled, no augmentation.
+                   synthetic items: tumor GAN patches, or CycleGAN MRI->CT translations),
+                   shuffled, no augmentation.
 
 When the gate rejects the synthetic batch, medaug refuses to add it and (c) is real-only; the
 bench then also trains a diagnostic arm (c') on the same fill built without the gate, to show
@@ -18,10 +19,24 @@ Every arm takes the same number of optimiser steps with the same batch size, for
 seeds; balanced accuracy and minority-class (necrotic) recall are reported per seed, as a
 mean with a 95% t-interval over seeds, and as paired differences (c - a), (c - b).
 
-Pipeline (all real stages, CPU, a few minutes): phantom cohort -> ingest -> real patches ->
-tumor GAN -> sample tumors -> gate -> build-dataset -> classifiers.
+Two deployments (`--deployment`):
+
+  tumor-patches (default): phantom cohort -> ingest (CT) -> real patches -> tumor GAN ->
+      sample tumors -> gate -> build-dataset -> classifiers (all real stages, CPU, minutes);
+  mri-ct: phantom cohort -> ingest (CT and MR) -> CycleGAN (configs/cyclegan.yaml) -> translate
+      the MR training split to CT with the EMA weights of best.pt (else last.pt), as the augment
+      flow does -> gate (configs/gate.yaml; reference: the real CT training volumes) ->
+      build-dataset (configs/dataset.yaml + mri-ct.yaml's dataset section: translated volumes
+      inherit their MR source's class and mask) -> lesion-centred CT patches
+      (pipeline.patches.extract_patches on the dataset's volumes) -> classifiers. (a) and (b)
+      train on patches of the real CT training volumes, (c) on the dataset's training split
+      (real CT + gated translated CT), and every arm is tested on patches of the real CT
+      volumes of the held-out (test split) subjects. A CycleGAN run is kept in the work folder
+      under a hash of its config and data, so a rerun with the same inputs does not retrain.
 
     .venv/bin/python bench/downstream.py --subjects 40 --size 64 --seeds 5 --record
+    OMP_NUM_THREADS=1 .venv/bin/python bench/downstream.py --deployment mri-ct --subjects 80 --seeds 10 \
+        --work bench/_work/downstream-mrict --record
 """
 
 from __future__ import annotations
@@ -190,6 +205,24 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
 # --- pipeline stages (each skipped when its output is already in the work folder) -----------
 
 
+def stage_clock(work: Path) -> tuple[dict[str, float], Callable[[str, float], None]]:
+    """Stage wall times of a work folder (work/stage_timings.json) and `timed(name, t0)`, which records one.
+
+    A stage found done in the work folder (under 1 s) keeps the time it took when it ran.
+    """
+    timings_path = work / "stage_timings.json"
+    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    def timed(name: str, t0: float) -> None:
+        took = round(time.perf_counter() - t0, 1)
+        if took >= 1.0 or name not in timings:
+            timings[name] = took
+        timings_path.write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
+        log.info("stage %s: %.1f s", name, took)
+
+    return timings, timed
+
+
 def build_inputs(work: Path, subjects: int, size: int, seed: int, patch_size: int, gan_steps: int, n_synth: int) -> dict[str, Any]:
     """Phantom cohort -> ingest -> real patches -> tumor GAN -> samples -> gate. Returns paths and the gate verdict."""
     from models.train_tumor_gan import TumorGANConfig, train_tumor_gan
@@ -200,16 +233,7 @@ def build_inputs(work: Path, subjects: int, size: int, seed: int, patch_size: in
     from pipeline.phantoms import write_cohort
     from pipeline.sample_tumors import sample_tumors
 
-    # a stage found done in the work folder keeps the time it took when it ran
-    timings_path = work / "stage_timings.json"
-    timings: dict[str, float] = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
-
-    def timed(name: str, t0: float) -> None:
-        took = round(time.perf_counter() - t0, 1)
-        if took >= 1.0 or name not in timings:
-            timings[name] = took
-        timings_path.write_text(json.dumps(timings, indent=2) + "\n", encoding="utf-8")
-        log.info("stage %s: %.1f s", name, took)
+    timings, timed = stage_clock(work)
 
     cohort = work / "cohort"
     t0 = time.perf_counter()
@@ -290,40 +314,285 @@ def build_balanced(work: Path, inputs: dict[str, Any], seed: int, max_share: flo
     return out
 
 
+# --- mri-ct deployment: CycleGAN MRI->CT translations fill the CT minority class -----------------
+
+
+CONFIGS = REPO / "configs"
+
+
+def cyclegan_config(steps: int | None, seed: int) -> tuple[Any, Any]:
+    """configs/cyclegan.yaml's `cyclegan:` and `cyclegan_data:` sections as (CycleGANConfig, SliceConfig).
+
+    `steps` keeps the recipe's shape: half at the constant learning rate, half decaying to 0
+    (the config's own 1000 + 1000 when None).
+    """
+    from medaug.config import load_section
+    from models.train_cyclegan import CycleGANConfig
+    from pipeline.slices import SliceConfig
+
+    overrides = [f"cyclegan.seed={seed}"]
+    if steps is not None:
+        overrides += [f"cyclegan.n_steps_constant={steps // 2}", f"cyclegan.n_steps_decay={steps - steps // 2}"]
+    path = CONFIGS / "cyclegan.yaml"
+    return load_section(CycleGANConfig, path, "cyclegan", overrides), load_section(SliceConfig, path, "cyclegan_data")
+
+
+def mrict_dataset_config(work: Path, seed: int, max_share: float | None) -> Any:
+    """configs/dataset.yaml's `dataset:` section with configs/mri-ct.yaml's on top, for the tumor classes.
+
+    Every non-test subject goes to training (its MR or CT trained the CycleGAN, so the writer
+    would pin it there anyway); the held-out test subjects are the ingest manifest's test split.
+    """
+    from medaug.config import read_yaml
+    from pipeline.dataset import DatasetConfig
+
+    options: dict[str, Any] = dict(read_yaml(CONFIGS / "dataset.yaml").get("dataset") or {})
+    options.update(read_yaml(CONFIGS / "mri-ct.yaml").get("dataset") or {})
+    options.update({"classes": TUMOR_CLASSES, "seed": seed, "fractions": {"train": 1.0, "val": 0.0, "test": 0.0},
+                    "manifests_dir": work / "data_manifests"})
+    if max_share is not None:
+        options["max_synthetic_share"] = max_share
+    return DatasetConfig.model_validate(options)
+
+
+def check_cohort(work: Path, subjects: int, size: int, seed: int) -> None:
+    """Refuse a work folder whose cohort was made with other options (its CycleGAN run would not match the report)."""
+    stamp = work / "cohort_options.json"
+    wanted = {"subjects": subjects, "size": size, "seed": seed}
+    if stamp.is_file():
+        found = json.loads(stamp.read_text(encoding="utf-8"))
+        if found != wanted:
+            raise SystemExit(f"work folder {work} holds a cohort made with {found}, not {wanted}: "
+                             "pass --fresh to rebuild it, or another --work folder")
+    elif (work / "cohort" / "cohort.csv").is_file():
+        raise SystemExit(f"work folder {work} holds a cohort of unknown options: pass --fresh, or another --work folder")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(wanted) + "\n", encoding="utf-8")
+
+
+def build_mrict_inputs(work: Path, subjects: int, size: int, seed: int, cyclegan_steps: int | None) -> dict[str, Any]:
+    """Phantom cohort -> ingest (CT, MR) -> CycleGAN -> MR training split translated to CT -> gate.
+
+    Returns the paths (ingest = the real manifest, synthetic, gate, card), the checkpoint
+    used, the gate verdict with its checks, and the stage timings.
+    """
+    import hashlib
+
+    from medaug.config import load_section
+    from models.train_cyclegan import train_cyclegan
+    from pipeline.evaluate_translation import STRUCTURE_KEY
+    from pipeline.gate.config import GateConfig
+    from pipeline.gate.run import run_gate
+    from pipeline.ingest import run_ingest
+    from pipeline.manifest import sha256_file
+    from pipeline.phantoms import write_cohort
+    from pipeline.slices import load_training_inputs
+    from pipeline.translate import run_translate
+
+    check_cohort(work, subjects, size, seed)
+    timings, timed = stage_clock(work)
+
+    cohort = work / "cohort"
+    t0 = time.perf_counter()
+    if not (cohort / "cohort.csv").is_file():
+        write_cohort(cohort, n_subjects=subjects, size=size, seed=seed)
+    timed("cohort", t0)
+
+    ingest = work / "ingest"
+    t0 = time.perf_counter()
+    if not (ingest / "manifest.csv").is_file():
+        run_ingest([cohort / "nifti" / "CT", cohort / "nifti" / "MR"], ingest, key=b"bench-downstream")
+    timed("ingest", t0)
+
+    # the run folder is named by a hash of the config and the ingest manifest (which holds every
+    # volume's sha256), as the augment flow names its runs: same config and data, same run, no retraining
+    cfg, slice_cfg = cyclegan_config(cyclegan_steps, seed)
+    blob = json.dumps({"config": cfg.model_dump(mode="json"), "slices": slice_cfg.model_dump(mode="json"),
+                       "data": sha256_file(ingest / "manifest.csv")}, sort_keys=True, default=str)
+    run = work / "runs" / f"cyclegan-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    last = run / "checkpoints" / "last.pt"
+    done = last.is_file() and json.loads(last.with_suffix(".json").read_text()).get("step", 0) >= cfg.total_steps
+    t0 = time.perf_counter()
+    if not done:
+        inputs = load_training_inputs([ingest], cfg.image_size, cfg.in_channels, slice_cfg)
+        log.info("CycleGAN: %d MRI and %d CT training slices, %d steps, run %s", len(inputs.data.a), len(inputs.data.b),  # type: ignore[arg-type]
+                 cfg.total_steps, run.name)
+        result = train_cyclegan(cfg, inputs.data, run, resume=last.is_file(), device="cpu", evaluate=inputs.evaluate,
+                                best_key=STRUCTURE_KEY if inputs.evaluate is not None else None)
+        for warning in result.warnings:
+            log.warning("CycleGAN health: %s", warning)
+    timed("cyclegan", t0)
+    # as flows/tasks.py train_cyclegan_task: best.pt (picked by structure scores) when there is one
+    checkpoint = run / "checkpoints" / "best.pt"
+    if not checkpoint.is_file():
+        checkpoint = last
+
+    # translations, gate and datasets belong to this run: a new run gets new folders
+    derived = work / f"from-{run.name}"
+    synthetic = derived / "synthetic"
+    t0 = time.perf_counter()
+    if not (synthetic / "manifest.csv").is_file():
+        # the augment flow's generate defaults: the training split only, EMA weights
+        run_translate(checkpoint, "mri2ct", ingest, synthetic, batch_size=16, device="cpu", split="train", use_ema=True)
+    timed("translate", t0)
+
+    gate = derived / "gate"
+    t0 = time.perf_counter()
+    if not (gate / "gate_report.json").is_file():
+        # the real reference: the ingest folder's CT rows of the train split (the gate keeps the
+        # synthetic set's modality and GateConfig.real_split, "train")
+        run_gate(ingest, synthetic, gate, load_section(GateConfig, CONFIGS / "gate.yaml", "gate", [f"gate.seed={seed}"]))
+    timed("gate", t0)
+    report = json.loads((gate / "gate_report.json").read_text())
+    card = json.loads(checkpoint.with_suffix(".json").read_text())
+    return {"real": ingest, "synthetic": synthetic, "gate": gate, "card": checkpoint.with_suffix(".json"), "derived": derived,
+            "checkpoint": f"{run.name}/checkpoints/{checkpoint.name} (step {card.get('step')}, "
+                          f"{card.get('weights_for_inference', 'live')} weights)",
+            "cyclegan_steps": cfg.total_steps, "verdict": report.get("verdict"),
+            "failed_checks": report.get("failed_checks", []), "checks": report.get("checks", []),
+            "n_accepted": report.get("n_accepted"), "n_rejected": report.get("n_rejected"), "timings": timings}
+
+
+def build_mrict_balanced(inputs: dict[str, Any], cfg: Any, gated: bool = True) -> Path:
+    """The medaug mri-ct dataset: real CT volumes (ingest splits) plus translated CT volumes in training.
+
+    `gated=False` builds the diagnostic dataset of arm (c'): every translation, without the gate
+    (only used when the gate rejected the batch)."""
+    from pipeline.dataset import build_dataset
+
+    derived: Path = inputs["derived"]
+    if not gated:
+        out = derived / "dataset_ungated"
+        build_dataset(inputs["real"], [inputs["synthetic"]], out, cfg, generator_cards=[inputs["card"]], overwrite=True)
+        return out
+    out = derived / "dataset"
+    if inputs["gate"] is None:  # rejected batch: a real-only dataset, so (c) equals (a) and the report says so
+        build_dataset(inputs["real"], [], out, cfg, overwrite=True)
+    else:
+        build_dataset(inputs["real"], [inputs["synthetic"]], out, cfg, gates=[inputs["gate"]],
+                      generator_cards=[inputs["card"]], overwrite=True)
+    return out
+
+
+def volume_patches(dataset: Path, crop: int, patch_size: int, seed: int) -> list[dict[str, Any]]:
+    """Lesion-centred 2D CT patches of every volume of a medaug dataset, as classifier items.
+
+    pipeline.patches.extract_patches reads the dataset's manifest.csv like an ingest manifest
+    (path, label_path, class, split, modality, subject_id, sha256); it marks every patch real,
+    so the adapter here takes each patch's split and synthetic flag from its source volume's row
+    (the patch's source_sha256 is the dataset file's sha256). The largest-lesion axial slice and
+    two neighbours either side that hold lesion, CT window -100..200 HU, as the tumor-patches
+    mode cuts its real patches; no healthy patches (the classes are the tumor classes).
+    Items: {"image": (1, crop, crop), "class": int, "split", "synthetic": bool, "subject_id"}.
+    """
+    from pipeline.manifest import read_manifest
+    from pipeline.patches import extract_patches
+
+    volumes = {r["sha256"]: r for r in read_manifest(dataset)}
+    patches = extract_patches([dataset], patch_size=patch_size, seed=seed, dims=2, neighbours=2, healthy_per_volume=0)
+    items = []
+    for image, row in zip(patches.images, patches.rows, strict=True):
+        volume = volumes[row["source_sha256"]]
+        items.append({"image": _as_2d(torch.from_numpy(image[None]), crop), "class": TUMOR_CLASSES.index(row["class"]),
+                      "split": volume["split"], "synthetic": volume["synthetic"] in ("1", "true", "True"),
+                      "subject_id": volume["subject_id"]})
+    return items
+
+
+def mrict_items(dataset: Path, crop: int, patch_size: int, seed: int, ungated: Path | None = None) -> ArmItems:
+    """Arm items of the mri-ct deployment: (a)/(b) real CT training patches, (c) the dataset's
+    training split (real + gated translated CT), test = real CT patches of the test-split subjects."""
+    from pipeline.manifest import read_manifest
+
+    def plain(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"image": it["image"], "class": it["class"]} for it in items]
+
+    cut = volume_patches(dataset, crop, patch_size, seed)
+    real_train = [it for it in cut if it["split"] == "train" and not it["synthetic"]]
+    all_train = [it for it in cut if it["split"] == "train"]
+    test = [it for it in cut if it["split"] == "test"]
+    if any(it["synthetic"] for it in test):
+        raise RuntimeError(f"{dataset}: the test split holds synthetic volumes; the dataset writer must keep them out")
+    ungated_train = [it for it in volume_patches(ungated, crop, patch_size, seed) if it["split"] == "train"] if ungated else None
+    rows = read_manifest(dataset)
+
+    def volumes(split: str, synthetic: bool) -> dict[str, int]:
+        flag = "1" if synthetic else "0"
+        return {c: sum(r["split"] == split and r["synthetic"] == flag and r["class"] == c for r in rows) for c in TUMOR_CLASSES}
+
+    counts = {
+        "train_real": class_counts(real_train), "train_medaug": class_counts(all_train), "test": class_counts(test),
+        "test_subjects": {c: len({it["subject_id"] for it in test if TUMOR_CLASSES[it["class"]] == c}) for c in TUMOR_CLASSES},
+        "volumes_train_real": volumes("train", False), "volumes_train_translated": volumes("train", True),
+        "volumes_test": volumes("test", False),
+    }
+    if ungated_train is not None:
+        counts["train_ungated"] = class_counts(ungated_train)
+        ungated_rows = read_manifest(ungated) if ungated else []
+        counts["volumes_train_translated_ungated"] = {
+            c: sum(r["split"] == "train" and r["synthetic"] == "1" and r["class"] == c for r in ungated_rows) for c in TUMOR_CLASSES
+        }
+    return ArmItems(plain(real_train), plain(all_train), plain(test), plain(ungated_train) if ungated_train is not None else None, counts)
+
+
 # --- experiment --------------------------------------------------------------------------------
 
 
-def run_arms(dataset: Path, seeds: Sequence[int], steps: int, batch_size: int, crop: int, ungated: Path | None = None) -> dict[str, Any]:
-    """Train arms (a), (b), (c) (and (c') on `ungated`) for every seed; per-seed scores and summaries."""
+@dataclass
+class ArmItems:
+    """Classifier items ({"image": (1, crop, crop), "class": int}) of every arm, and their counts.
+
+    `real_train` feeds arms (a) and (b), `medaug_train` arm (c), `ungated_train` the diagnostic
+    arm (c') (None when the gate accepted); `test` is real patches of held-out subjects only.
+    """
+
+    real_train: list[dict[str, Any]]
+    medaug_train: list[dict[str, Any]]
+    test: list[dict[str, Any]]
+    ungated_train: list[dict[str, Any]] | None
+    counts: dict[str, dict[str, int]]
+
+
+def class_counts(items: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Items per class name."""
+    return {c: sum(it["class"] == i for it in items) for i, c in enumerate(TUMOR_CLASSES)}
+
+
+def tumor_patch_items(dataset: Path, crop: int, ungated: Path | None = None) -> ArmItems:
+    """Arm items of the tumor-patches deployment: the dataset's patches, by split and flag."""
+    from pipeline.manifest import read_manifest
+
     real_train = load_items(dataset, "train", synthetic=False, crop=crop)
     all_train = load_items(dataset, "train", synthetic=None, crop=crop)
     test = load_items(dataset, "test", synthetic=None, crop=crop)
-    ungated_train = load_items(ungated, "train", synthetic=None, crop=crop) if ungated is not None else []
-    classes = TUMOR_CLASSES
-    counts = {
-        "train_real": {c: sum(it["class"] == i for it in real_train) for i, c in enumerate(classes)},
-        "train_medaug": {c: sum(it["class"] == i for it in all_train) for i, c in enumerate(classes)},
-        "test": {c: sum(it["class"] == i for it in test) for i, c in enumerate(classes)},
-    }
-    from pipeline.manifest import read_manifest
-
+    ungated_train = load_items(ungated, "train", synthetic=None, crop=crop) if ungated is not None else None
+    counts = {"train_real": class_counts(real_train), "train_medaug": class_counts(all_train), "test": class_counts(test)}
     test_rows = [r for r in read_manifest(dataset) if r["split"] == "test"]
-    counts["test_subjects"] = {c: len({r["subject_id"] for r in test_rows if r["class"] == c}) for c in classes}
-    if ungated is not None:
-        counts["train_ungated"] = {c: sum(it["class"] == i for it in ungated_train) for i, c in enumerate(classes)}
+    counts["test_subjects"] = {c: len({r["subject_id"] for r in test_rows if r["class"] == c}) for c in TUMOR_CLASSES}
+    if ungated_train is not None:
+        counts["train_ungated"] = class_counts(ungated_train)
+    return ArmItems(real_train, all_train, test, ungated_train, counts)
+
+
+def run_arms(items: ArmItems, seeds: Sequence[int], steps: int, batch_size: int) -> dict[str, Any]:
+    """Train arms (a), (b), (c) (and (c') when there are ungated items) for every seed; per-seed scores and summaries."""
+    classes = TUMOR_CLASSES
+    counts = items.counts
+    test = items.test
     log.info("items: %s", counts)
     arms: dict[str, tuple[list[dict[str, Any]], bool, Callable[[dict[str, Any]], dict[str, Any]] | None]] = {
-        "a_real": (real_train, False, None),
-        "b_real_oversample_aug": (real_train, True, classical_augmentation()),
-        "c_medaug_balanced": (all_train, False, None),
+        "a_real": (items.real_train, False, None),
+        "b_real_oversample_aug": (items.real_train, True, classical_augmentation()),
+        "c_medaug_balanced": (items.medaug_train, False, None),
     }
-    if ungated is not None:
-        arms["c_ungated_diagnostic"] = (ungated_train, False, None)
+    if items.ungated_train is not None:
+        arms["c_ungated_diagnostic"] = (items.ungated_train, False, None)
     per_seed: dict[str, list[dict[str, Any]]] = {name: [] for name in arms}
     for seed in seeds:
-        for name, (items, balanced, transform) in arms.items():
+        for name, (train, balanced, transform) in arms.items():
             t0 = time.perf_counter()
-            s = train_and_test(items, test, classes, seed, steps, batch_size, balanced, transform)
+            s = train_and_test(train, test, classes, seed, steps, batch_size, balanced, transform)
             per_seed[name].append({"seed": seed, "balanced_accuracy": s.balanced_accuracy, "minority_recall": s.minority_recall,
                                    "recalls": s.recalls, "seconds": round(time.perf_counter() - t0, 1)})
             log.info("seed %d %s: balanced accuracy %.3f, %s recall %.3f", seed, name, s.balanced_accuracy, MINORITY, s.minority_recall)
@@ -359,6 +628,14 @@ def verdict_text(summary: dict[str, Any], tag: str = "c", name: str = "(c) medau
         else:
             word = "does NOT clearly beat (CI of the difference includes 0)"
         lines.append(f"{name} {word} {label}: balanced accuracy difference {_fmt(d)}, minority recall difference {_fmt(r)}.")
+    beaten = [f"({o})" for o in ("a", "b") if summary[f"{tag}_minus_{o}"]["balanced_accuracy"][1] > 0]
+    not_beaten = [f"({o})" for o in ("a", "b") if f"({o})" not in beaten]
+    if not not_beaten:
+        lines.append(f"In short: {name} beats both (a) and (b) on balanced accuracy (paired 95% CI above 0).")
+    else:
+        lines.append(f"In short: {name} " + (f"beats {' and '.join(beaten)} but " if beaten else "")
+                     + f"does NOT beat {' and '.join(not_beaten)} (paired 95% CI of the balanced-accuracy difference "
+                     "not above 0), so it does not beat both.")
     return " ".join(lines)
 
 
@@ -369,18 +646,48 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
              "c_medaug_balanced": "(c) medaug balanced (real + gated synthetic)",
              "c_ungated_diagnostic": "(c') diagnostic: same fill, synthetic NOT gated"}
     cfg = result["config"]
+    counts = result["counts"]
+    failed = f" (failed: {', '.join(result['gate']['failed_checks'])})" if result["gate"]["failed_checks"] else ""
+    if cfg.get("deployment", "tumor-patches") == "mri-ct":
+        g = result["gate"]
+        checks = ", ".join(f"{c['name']} {c['value']:.3g} {c['op']} {c['threshold']:.3g}" for c in g.get("checks", [])
+                           if c.get("value") is not None and c.get("threshold") is not None)
+        names["c_medaug_balanced"] = "(c) medaug balanced (real CT + gated MRI->CT translations)"
+        names["c_ungated_diagnostic"] = "(c') diagnostic: same fill, translations NOT gated"
+        head = [
+            f"## Downstream classifier, mri-ct deployment: does the balanced CT dataset help? ({result['date']})",
+            "",
+            f"- Device: {result['device']}",
+            f"- Command: `{command}`",
+            f"- Cohort: {cfg['subjects']} phantom subjects at size {cfg['size']} (unpaired CT and MR training subjects, "
+            f"held-out test subjects in both); CycleGAN configs/cyclegan.yaml, {g['cyclegan_steps']} steps; the MR training "
+            f"split translated to CT with {g['checkpoint']}; gate (configs/gate.yaml, reference = the real CT training "
+            f"volumes) verdict **{g['verdict']}**{failed}: {checks}; per-volume filter {g['n_accepted']} accepted, "
+            f"{g['n_rejected']} rejected.",
+            f"- CT volumes per class: real train {counts['volumes_train_real']}, translated (MR source) in (c) "
+            f"{counts['volumes_train_translated']}, test (real, held-out subjects) {counts['volumes_test']}"
+            + (f"; translated in (c') {counts['volumes_train_translated_ungated']}" if "volumes_train_translated_ungated" in counts else "")
+            + f". Dataset: configs/dataset.yaml + mri-ct.yaml (equalise, max synthetic share "
+            f"{result['max_synthetic_share']}), content hash {result['dataset_content_hash'][:12]}.",
+            f"- Patches per class (lesion-centred, 2D axial, largest-lesion slice +-2, CT window -100..200 HU): real train "
+            f"{counts['train_real']}, medaug train {counts['train_medaug']}, test {counts['test']}"
+            + (f"; ungated (c') train {counts['train_ungated']}" if "train_ungated" in counts else "") + ".",
+        ]
+    else:
+        head = [
+            f"## Downstream classifier: does the balanced dataset help? ({result['date']})",
+            "",
+            f"- Device: {result['device']}",
+            f"- Command: `{command}`",
+            f"- Cohort: {cfg['subjects']} phantom subjects at size {cfg['size']} (CT), patches {cfg['patch_size']}x{cfg['patch_size']}, "
+            f"tumor GAN {cfg['gan_steps']} steps, {cfg['n_synth']} necrotic samples drawn; gate verdict **{result['gate']['verdict']}**"
+            + failed + ".",
+            f"- Items per class: real train {counts['train_real']}, medaug train {counts['train_medaug']}, "
+            f"test (real, held-out subjects) {counts['test']}"
+            + (f"; ungated (c') train {counts['train_ungated']}" if "train_ungated" in counts else "") + ".",
+        ]
     lines = [
-        f"## Downstream classifier: does the balanced dataset help? ({result['date']})",
-        "",
-        f"- Device: {result['device']}",
-        f"- Command: `{command}`",
-        f"- Cohort: {cfg['subjects']} phantom subjects at size {cfg['size']} (CT), patches {cfg['patch_size']}x{cfg['patch_size']}, "
-        f"tumor GAN {cfg['gan_steps']} steps, {cfg['n_synth']} necrotic samples drawn; gate verdict **{result['gate']['verdict']}**"
-        + (f" (failed: {', '.join(result['gate']['failed_checks'])})" if result["gate"]["failed_checks"] else "")
-        + ".",
-        f"- Items per class: real train {result['counts']['train_real']}, medaug train {result['counts']['train_medaug']}, "
-        f"test (real, held-out subjects) {result['counts']['test']}"
-        + (f"; ungated (c') train {result['counts']['train_ungated']}" if "train_ungated" in result["counts"] else "") + ".",
+        *head,
         f"- Classifier: 3-block CNN (8-16-32 ch) on the central {cfg['crop']}x{cfg['crop']} of each lesion-centred patch, Adam 1e-3, {cfg['steps']} steps x batch {cfg['batch_size']} in every arm; "
         f"seeds {cfg['seeds']}; mean and 95% t-interval over seeds.",
         "",
@@ -403,14 +710,18 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
     lines += [
         "",
         f"**Verdict:** {verdict_text(s)}" if result["gate"]["verdict"] == "accept" else
-        "**Verdict:** the gate rejected the synthetic batch, so medaug refused to add it: (c) holds no synthetic data and "
-        "this run cannot show that (c) beats (a) or (b). It does not."
+        "**Verdict:** the gate rejected the synthetic batch, so medaug refused to add it: (c) holds no synthetic data (it is "
+        "real-only, the same as (a)) and this run cannot show that (c) beats (a) or (b). It does not."
         + (f" Diagnostic only, outside the product's rules: {verdict_text(s, 'cu', '(c) built WITHOUT the gate')}" if "cu_minus_a" in s else ""),
         "",
         f"Stage times (s, when each stage ran): {result['timings']}. The test split has only {sum(result['counts']['test'].values())} patches from "
         f"held-out subjects (subjects per class: {result['counts']['test_subjects']}), and the intervals are over classifier "
         "seeds only: they do not hold the test-set sampling uncertainty, which is larger. These are this run's numbers, "
-        "not a general claim.",
+        "not a general claim."
+        + (" The CycleGAN's best.pt was picked, as the augment flow picks it, by structure scores (input vs translation, "
+           "no truth, no classes) on slices of the test split, the phantom cohort having no validation split; those "
+           "are the test subjects' MR and CT images, not their classes." if cfg.get("deployment") == "mri-ct"
+           and "best.pt" in result["gate"].get("checkpoint", "") else ""),
         "",
     ]
     return "\n".join(lines)
@@ -431,12 +742,17 @@ def device_text() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deployment", choices=["tumor-patches", "mri-ct"], default="tumor-patches",
+                        help="tumor-patches: tumor GAN patches fill the minority; mri-ct: CycleGAN MRI->CT translations do.")
     parser.add_argument("--subjects", type=int, default=40, help="Phantom subjects (about 15%% necrotic).")
     parser.add_argument("--size", type=int, default=64, help="Phantom volume side in voxels.")
     parser.add_argument("--patch-size", type=int, default=32, help="2D patch side (power of two).")
-    parser.add_argument("--gan-steps", type=int, default=1500, help="Tumor GAN training steps.")
-    parser.add_argument("--n-synth", type=int, default=160, help="Necrotic patches sampled (half as many of each other class).")
-    parser.add_argument("--max-share", type=float, default=0.9, help="Dataset cap on the synthetic share per class.")
+    parser.add_argument("--gan-steps", type=int, default=1500, help="tumor-patches: tumor GAN training steps.")
+    parser.add_argument("--n-synth", type=int, default=160, help="tumor-patches: necrotic patches sampled (half as many of each other class).")
+    parser.add_argument("--cyclegan-steps", type=int, default=None,
+                        help="mri-ct: CycleGAN steps, half constant and half decaying learning rate (default: configs/cyclegan.yaml's 2000).")
+    parser.add_argument("--max-share", type=float, default=None,
+                        help="Dataset cap on the synthetic share per class (default: 0.9 for tumor-patches, configs/dataset.yaml's for mri-ct).")
     parser.add_argument("--seeds", type=int, default=5, help="Classifier seeds per arm.")
     parser.add_argument("--steps", type=int, default=300, help="Classifier optimiser steps per arm.")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -452,24 +768,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(args.work)
     args.work.mkdir(parents=True, exist_ok=True)
 
-    inputs = build_inputs(args.work, args.subjects, args.size, args.seed, args.patch_size, args.gan_steps, args.n_synth)
+    gate_info: dict[str, Any]
+    if args.deployment == "mri-ct":
+        inputs = build_mrict_inputs(args.work, args.subjects, args.size, args.seed, args.cyclegan_steps)
+        gate_info = {k: inputs[k] for k in ("verdict", "failed_checks", "checks", "n_accepted", "n_rejected", "checkpoint", "cyclegan_steps")}
+    else:
+        inputs = build_inputs(args.work, args.subjects, args.size, args.seed, args.patch_size, args.gan_steps, args.n_synth)
+        gate_info = {"verdict": inputs["verdict"], "failed_checks": inputs["failed_checks"]}
     if inputs["verdict"] != "accept":
         # medaug refuses to build (c) from a rejected batch; (a) and (b) still run on the real-only dataset
-        log.error("the gate rejected the synthetic patches (%s): medaug refuses to build (c)", inputs["failed_checks"])
+        log.error("the gate rejected the synthetic data (%s): medaug refuses to build (c)", inputs["failed_checks"])
         inputs["gate"] = None
     t_ds = time.perf_counter()
-    dataset = build_balanced(args.work, inputs, args.seed, args.max_share)
-    ungated = build_balanced(args.work, inputs, args.seed, args.max_share, gated=False) if inputs["gate"] is None else None
+    if args.deployment == "mri-ct":
+        ds_cfg = mrict_dataset_config(args.work, args.seed, args.max_share)
+        dataset = build_mrict_balanced(inputs, ds_cfg)
+        ungated = build_mrict_balanced(inputs, ds_cfg, gated=False) if inputs["gate"] is None else None
+        max_share = ds_cfg.max_synthetic_share
+        items = mrict_items(dataset, args.crop, args.patch_size, args.seed, ungated)
+    else:
+        max_share = 0.9 if args.max_share is None else args.max_share
+        dataset = build_balanced(args.work, inputs, args.seed, max_share)
+        ungated = build_balanced(args.work, inputs, args.seed, max_share, gated=False) if inputs["gate"] is None else None
+        items = tumor_patch_items(dataset, args.crop, ungated)
     t1 = time.perf_counter()
-    result = run_arms(dataset, list(range(args.seeds)), args.steps, args.batch_size, args.crop, ungated)
-    inputs["timings"]["dataset"] = round(t1 - t_ds, 1)
+    result = run_arms(items, list(range(args.seeds)), args.steps, args.batch_size)
+    inputs["timings"]["dataset" if args.deployment == "tumor-patches" else "dataset_and_patches"] = round(t1 - t_ds, 1)
     inputs["timings"]["classifiers"] = round(time.perf_counter() - t1, 1)
     result.update({
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_text(),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {"seeds": list(range(args.seeds))},
-        "gate": {"verdict": inputs["verdict"], "failed_checks": inputs["failed_checks"]},
+        "gate": gate_info,
         "timings": inputs["timings"],
+        "max_synthetic_share": max_share,
         "dataset_content_hash": json.loads((dataset / "dataset.json").read_text())["content_hash"],
     })
     (args.work / "downstream_results.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")

@@ -139,6 +139,15 @@ def ingest_cmd(
 
         if sources:
             raise ConfigError("give either input folders/files or --dicomweb, not both")
+        from urllib.parse import urlsplit
+
+        from pipeline.ingest.dicomweb import redact_url
+
+        parts = urlsplit(dicomweb)
+        if parts.username is not None or parts.password is not None:
+            # a password on the command line ends up in shell history and process lists
+            raise ConfigError(f"--dicomweb {redact_url(dicomweb)}: the URL must not carry user:password; set "
+                              "MEDAUG_DICOMWEB_USER/MEDAUG_DICOMWEB_PASSWORD or MEDAUG_DICOMWEB_TOKEN instead")
         report = ingest_dicomweb(dicomweb, parse_query(query or []), out, key=key, workers=max(1, workers))
     elif not sources:
         raise ConfigError("name at least one input folder or file, or a PACS with --dicomweb URL")

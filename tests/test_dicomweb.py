@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,32 @@ def test_auth_errors_name_where_the_credentials_come_from(tmp_path: Path, pacs) 
     assert "wrong-pw-987" not in str(info.value)
     with pytest.raises(FatalIngestError, match="asks for credentials and none were given.*MEDAUG_DICOMWEB_USER"):
         ingest_with_pacs([PacsSource(pacs.dicomweb, {}, DicomWebAuth.from_env({}))], tmp_path / "out", key=KEY)
+
+
+def _medaug(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDAUG_DICOMWEB_")}
+    env |= {"MEDAUG_DEID_KEY": KEY.decode(), "COLUMNS": "200", **env_extra}
+    medaug = Path(sys.executable).with_name("medaug")
+    return subprocess.run([str(medaug), *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+@needs_orthanc
+def test_cli_ingest_from_a_pacs_with_credentials_from_the_environment(tmp_path: Path, cohort: Path, pacs) -> None:  # type: ignore[no-untyped-def]
+    creds = {"MEDAUG_DICOMWEB_USER": USER, "MEDAUG_DICOMWEB_PASSWORD": PASSWORD}
+    done = _medaug(["ingest", "--dicomweb", pacs.dicomweb, "--query", "ModalitiesInStudy=MR", "--out", str(tmp_path / "out")], creds)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = read_manifest(tmp_path / "out")
+    assert rows and all(r["modality"] == "MR" for r in rows)
+    assert PASSWORD not in done.stdout + done.stderr
+
+    # without credentials: one clear line naming what to set, exit 2, no traceback
+    done = _medaug(["ingest", "--dicomweb", pacs.dicomweb, "--out", str(tmp_path / "anon")], {})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "MEDAUG_DICOMWEB_USER" in done.stderr
+
+
+def test_cli_refuses_a_url_that_carries_a_password(tmp_path: Path) -> None:
+    done = _medaug(["ingest", "--dicomweb", "http://alice:s3cret-pw@127.0.0.1:9/dicom-web", "--out", str(tmp_path / "out")], {})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "must not carry user:password" in done.stderr and "s3cret-pw" not in done.stdout + done.stderr
+    assert not (tmp_path / "out").exists()

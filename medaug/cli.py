@@ -87,7 +87,9 @@ def phantoms_cmd(
 @app.command("ingest")
 @clean_errors
 def ingest_cmd(
-    out: Annotated[Path, typer.Option("--out", help="Output folder: volumes/, labels/, manifest.csv, quarantine.csv.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder: volumes/, labels/, manifest.csv, quarantine.csv (required unless --locate).")
+    ] = None,
     sources: Annotated[
         list[Path] | None, typer.Argument(help="DICOM folders (any nesting), NIfTI files, Decathlon datasets.")
     ] = None,
@@ -134,6 +136,8 @@ def ingest_cmd(
         for rel in locate_ref(sources or [], locate, key):
             typer.echo(rel)
         return
+    if out is None:
+        raise ConfigError("name the output folder with --out DIR")
     if dicomweb is not None:
         from pipeline.ingest.dicomweb import ingest_dicomweb, parse_query
 

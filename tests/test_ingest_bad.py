@@ -113,6 +113,10 @@ def test_cli_exit_0_with_quarantine(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     ref = Deid(b"k1").path_ref("x.nii.gz")
     res = CliRunner().invoke(app, ["ingest", str(tmp_path / "in"), "--out", str(tmp_path / "o2"), "--locate", ref])
     assert res.exit_code == 0 and res.output.strip() == "x.nii.gz"
+    res = CliRunner().invoke(app, ["ingest", str(tmp_path / "in"), "--locate", ref])  # no output folder needed
+    assert res.exit_code == 0 and res.output.strip() == "x.nii.gz"
+    res = CliRunner().invoke(app, ["ingest", str(tmp_path / "in")])  # but an ingest needs one
+    assert res.exit_code == 2 and "--out DIR" in res.output
 
 
 def test_cli_exit_2_on_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,6 +45,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import statistics
@@ -805,7 +806,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dataset_content_hash": json.loads((dataset / "dataset.json").read_text())["content_hash"],
     })
     (args.work / "downstream_results.json").write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-    command = "OMP_NUM_THREADS=1 .venv/bin/python bench/downstream.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + ".venv/bin/python bench/downstream.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
     section = markdown_section(result, command.strip())
     print(section)
     if args.record:

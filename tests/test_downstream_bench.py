@@ -1,0 +1,28 @@
+"""bench/downstream.py runs end to end on a tiny cohort (mri-ct deployment: phantoms, ingest,
+CycleGAN, translation, gate, dataset, patches, the classifier arms) and prints its report.
+
+The numbers of such a tiny run mean nothing; the test guards the script against bit rot."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_downstream_bench_mri_ct_smoke(tmp_path: Path) -> None:
+    args = ["--deployment", "mri-ct", "--subjects", "16", "--size", "32", "--patch-size", "16", "--cyclegan-steps", "4",
+            "--seeds", "2", "--steps", "4", "--crop", "8", "--work", str(tmp_path / "work")]
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "downstream.py"), *args], capture_output=True, text=True,
+                         timeout=400, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert out.startswith("## Downstream classifier, mri-ct deployment")
+    assert "- Command: `OMP_NUM_THREADS=1 .venv/bin/python bench/downstream.py --deployment mri-ct" in out
+    arms = [line for line in out.splitlines() if line.startswith("| (")]
+    assert [a.split("|")[1].strip()[:3] for a in arms[:3]] == ["(a)", "(b)", "(c)"]
+    assert "**Verdict:**" in out and "gate" in out and "verdict **" in out
+    assert not (ROOT / "bench" / "RESULTS.md").read_text(encoding="utf-8").count(str(tmp_path))  # --record not given

@@ -86,8 +86,9 @@ def metric_device(device: str | torch.device = "cpu") -> torch.device:
 def as_rows(x: Rows, device: str | torch.device = "cpu") -> torch.Tensor:
     """Samples x (N, D) as a float64 tensor on `device`; no copy when x already is one.
 
-    A float32 numpy array goes to the device as float32 and is widened there, so a GPU
-    never waits for a float64 host copy.
+    A float32 array is moved to the device as float32 first and widened there: a blocking
+    `.to(device, dtype)` would convert on the host and send twice the bytes. On the CPU
+    the widened copy is the whole set in float64 (N x D x 8 bytes).
 
     >>> as_rows(np.zeros((3, 2), np.float32)).dtype
     torch.float64
@@ -100,7 +101,7 @@ def as_rows(x: Rows, device: str | torch.device = "cpu") -> torch.Tensor:
         t = torch.from_numpy(a if a.flags.writeable else a.copy())
     if t.ndim != 2:
         raise ValueError(f"samples must be rows (N, D), got shape {tuple(t.shape)}")
-    return t.to(device=dev, dtype=torch.float64)
+    return t.detach().to(device=dev).to(dtype=torch.float64)
 
 
 def _same_width(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -399,7 +400,8 @@ def prdc(real: Rows, fake: Rows, k: int, real_groups: Groups = None, fake_groups
     counts only neighbours from other groups (other volumes). Float64 on `device`; the
     real-to-fake distances come `chunk` real rows at a time (chunk x M in memory), and the
     indicators are accumulated block by block. Radii and the distances compared with them
-    come from the same matrix-product formula, so a sample and its ball agree.
+    come from the same matrix-product formula in float64 (equal to ~1e-15, not bit for bit:
+    the blocks have different shapes), so only a sample on a ball's very edge could flip.
 
     >>> real = np.array([[0.0], [1.0], [2.0], [3.0]])
     >>> r = prdc(real, np.array([[0.5], [10.0]]), k=1); r.precision, r.coverage

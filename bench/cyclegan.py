@@ -11,8 +11,10 @@ slices already on the GPU, for a ladder of settings:
 
 It also counts the FLOPs of one training iteration (torch.utils.flop_counter.FlopCounterMode:
 convolutions and matmuls, forward and backward) and reports achieved TFLOP/s against a
-measured bf16 matmul ceiling on the same device. The result is a Markdown table on stdout;
-nothing is written to the repository. One call through the device tool:
+measured bf16 matmul ceiling on the same device. The result is a Markdown table on stdout,
+each row printed (and flushed) as soon as it is measured, so a run cut short by `timeout`
+keeps the rows it finished; SIGTERM ends it with a line saying how many rows it measured.
+Nothing is written to the repository. One call through the device tool:
 
     .venv/bin/python bench/cyclegan.py > $OUT/cyclegan_bench.md
 
@@ -25,11 +27,13 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -47,6 +51,48 @@ from models.train_cyclegan import (  # noqa: E402
 )
 
 log = logging.getLogger("bench.cyclegan")
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived (what `timeout` sends). A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` in the code being timed swallows it."""
+
+
+class RowPrinter:
+    """Prints (and flushes) table rows as they are measured and turns SIGTERM into Stopped.
+
+    Inside its with block the first SIGTERM raises Stopped in the main thread, except while a row is
+    being printed: then it waits until the row is out, so `printed` counts exactly the rows on stdout.
+    The previous handler comes back when the block ends. (The same class is in bench/cyclegan.py,
+    bench/tumor_gan.py and bench/gate.py, each a standalone script.)"""
+
+    def __init__(self) -> None:
+        self.printed = 0
+        self._printing = self._pending = self._fired = False
+
+    def __enter__(self) -> RowPrinter:
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if self._printing:
+            self._pending = True
+        elif not self._fired:
+            self._fired = True
+            raise Stopped
+
+    def row(self, line: str) -> None:
+        self._printing = True
+        try:
+            print(line, flush=True)
+            self.printed += 1
+        finally:
+            self._printing = False
+        if self._pending:
+            self._on_sigterm(signal.SIGTERM, None)
 
 
 @dataclass(frozen=True)
@@ -144,6 +190,28 @@ def matmul_ceiling(device: torch.device, smoke: bool) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
+def print_header(name: str, device: torch.device, size: int, warmup: int, iters: int, flops: int, ceiling: float,
+                 smoke: bool, argv: list[str] | None) -> None:
+    """Print (and flush) what comes before the rows: title, device, command, FLOPs, ceiling, table header."""
+    print(f"## CycleGAN training throughput, {size}x{size}, 1 channel{' (SMOKE: tiny widths, CPU)' if smoke else ''}\n")
+    print(f"- device: {name}; torch {torch.__version__}; {datetime.now(UTC).isoformat(timespec='seconds')}")
+    print(f"- command: `python bench/cyclegan.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
+    print(f"- {warmup} warm-up + {iters} timed iterations per row; one iteration = G step + D step of "
+          "both directions (2 generators, 2 PatchGANs, image pools); images/s counts MRI+CT pairs")
+    print(f"- FLOPs per image (FlopCounterMode, conv + matmul, fwd + bwd): {flops / 1e9:.2f} GFLOP")
+    print(f"- matmul ceiling ({'bf16' if device.type == 'cuda' else 'fp32'}, measured here): {ceiling:.1f} TFLOP/s\n")
+    print("| setting | batch | ms / iteration | images/s | vs (a) | achieved TFLOP/s | % of matmul ceiling |")
+    print("|---|---:|---:|---:|---:|---:|---:|", flush=True)
+
+
+def table_row(s: Setting, seconds: float, ref_rate: float, flops: int, ceiling: float) -> str:
+    """One row of the table: `seconds` per iteration of setting `s`; `ref_rate` is row (a)'s images/s."""
+    rate = s.batch_size / seconds
+    tflops = flops * rate / 1e12
+    return (f"| {s.name} | {s.batch_size} | {seconds * 1e3:.1f} | {rate:.1f} | {rate / ref_rate:.2f}x | "
+            f"{tflops:.2f} | {100 * tflops / ceiling:.1f}% |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, 32x32, tiny widths, 2 iterations (a test of the script)")
@@ -163,29 +231,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
-    ceiling = matmul_ceiling(device, args.smoke)
-    flops = flops_per_iteration(device, size, args.smoke)
-    rows = []
-    for s in settings(args.smoke):
-        log.info("timing %s", s.name)
-        seconds = time_setting(s, device, size, warmup, iters, args.smoke)
-        rows.append((s, seconds))
-
-    ref_rate = rows[0][0].batch_size / rows[0][1]
-    print(f"## CycleGAN training throughput, {size}x{size}, 1 channel{' (SMOKE: tiny widths, CPU)' if args.smoke else ''}\n")
-    print(f"- device: {name}; torch {torch.__version__}; {datetime.now(UTC).isoformat(timespec='seconds')}")
-    print(f"- command: `python bench/cyclegan.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
-    print(f"- {warmup} warm-up + {iters} timed iterations per row; one iteration = G step + D step of "
-          "both directions (2 generators, 2 PatchGANs, image pools); images/s counts MRI+CT pairs")
-    print(f"- FLOPs per image (FlopCounterMode, conv + matmul, fwd + bwd): {flops / 1e9:.2f} GFLOP")
-    print(f"- matmul ceiling ({'bf16' if device.type == 'cuda' else 'fp32'}, measured here): {ceiling:.1f} TFLOP/s\n")
-    print("| setting | batch | ms / iteration | images/s | vs (a) | achieved TFLOP/s | % of matmul ceiling |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for s, seconds in rows:
-        rate = s.batch_size / seconds
-        tflops = flops * rate / 1e12
-        print(f"| {s.name} | {s.batch_size} | {seconds * 1e3:.1f} | {rate:.1f} | {rate / ref_rate:.2f}x | "
-              f"{tflops:.2f} | {100 * tflops / ceiling:.1f}% |")
+    ladder = settings(args.smoke)
+    with RowPrinter() as table:
+        try:
+            ceiling = matmul_ceiling(device, args.smoke)
+            flops = flops_per_iteration(device, size, args.smoke)
+            print_header(name, device, size, warmup, iters, flops, ceiling, args.smoke, argv)
+            ref_rate = 0.0
+            for s in ladder:  # (a) comes first: every row's "vs (a)" needs its rate
+                log.info("timing %s", s.name)
+                seconds = time_setting(s, device, size, warmup, iters, args.smoke)
+                ref_rate = ref_rate or s.batch_size / seconds
+                table.row(table_row(s, seconds, ref_rate, flops, ceiling))
+        except Stopped:
+            print(f"\n- stopped by SIGTERM after {table.printed} of {len(ladder)} rows", flush=True)
+            return 128 + signal.SIGTERM
     return 0
 
 

@@ -35,7 +35,9 @@ the ratio is the gate's time over the naive time at that n. Nothing is extrapola
 
 Peak memory per step: the rise of the process's resident set above its level at the step's
 start (VmHWM after resetting it through /proc/self/clear_refs) and, on CUDA,
-torch.cuda.max_memory_allocated. Output: a Markdown table on stdout; nothing is written.
+torch.cuda.max_memory_allocated. Output: a Markdown table on stdout, each row printed (and
+flushed) as soon as its step is measured, so a run cut short by `timeout` keeps the rows it
+finished; SIGTERM ends it with a line saying how many rows it measured. Nothing is written.
 
     .venv/bin/python bench/gate.py                        # GPU: N=10000, S=256
     .venv/bin/python bench/gate.py --device cpu --n 2000 --size 64 --inception-n 128
@@ -49,6 +51,7 @@ import gc
 import logging
 import os
 import platform
+import signal
 import sys
 import time
 import warnings
@@ -56,6 +59,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -365,20 +369,64 @@ def absolute(tol: float) -> Callable[[Any, Any], tuple[float, bool, str]]:
     return check
 
 
-def print_table(rows: list[Row], cuda: bool) -> None:
+def table_header(cuda: bool) -> str:
+    """The table's header line and its alignment line."""
     mem = "peak MiB (RSS rise; GPU)" if cuda else "peak MiB (RSS rise)"
-    print(f"| step | space | N | gate s | gate {mem} | n (both ways) | gate s at n | naive s at n | naive {mem} | "
-          "chunked / naive | max abs diff | agree |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for r in rows:
-        if r.naive is None or r.gate_sub is None:
-            print(f"| {r.step} | {r.space} | {r.n_full} | {r.gate.seconds:.3f} | {_mem(r.gate, cuda)} | - | - | - | - | - | - | "
-                  f"{r.note or '-'} |")
-            continue
-        verdict = ("yes" if r.agree else "NO") + (f" ({r.note.lstrip('; ')})" if r.note else "")
-        print(f"| {r.step} | {r.space} | {r.n_full} | {r.gate.seconds:.3f} | {_mem(r.gate, cuda)} | {r.n_sub} | "
-              f"{r.gate_sub.seconds:.3f} | {r.naive.seconds:.3f} | {_mem(r.naive, cuda)} | "
-              f"{r.gate_sub.seconds / r.naive.seconds:.3g} | {r.diff:.2e} | {verdict} |")
+    return (f"| step | space | N | gate s | gate {mem} | n (both ways) | gate s at n | naive s at n | naive {mem} | "
+            "chunked / naive | max abs diff | agree |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+
+
+def table_row(r: Row, cuda: bool) -> str:
+    """One step's line of the table; a step without a naive variant has dashes in the comparison columns."""
+    if r.naive is None or r.gate_sub is None:
+        return (f"| {r.step} | {r.space} | {r.n_full} | {r.gate.seconds:.3f} | {_mem(r.gate, cuda)} | - | - | - | - | - | - | "
+                f"{r.note or '-'} |")
+    verdict = ("yes" if r.agree else "NO") + (f" ({r.note.lstrip('; ')})" if r.note else "")
+    return (f"| {r.step} | {r.space} | {r.n_full} | {r.gate.seconds:.3f} | {_mem(r.gate, cuda)} | {r.n_sub} | "
+            f"{r.gate_sub.seconds:.3f} | {r.naive.seconds:.3f} | {_mem(r.naive, cuda)} | "
+            f"{r.gate_sub.seconds / r.naive.seconds:.3g} | {r.diff:.2e} | {verdict} |")
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived (what `timeout` sends). A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` in the code being timed swallows it."""
+
+
+class RowPrinter:
+    """Prints (and flushes) table rows as they are measured and turns SIGTERM into Stopped.
+
+    Inside its with block the first SIGTERM raises Stopped in the main thread, except while a row is
+    being printed: then it waits until the row is out, so `printed` counts exactly the rows on stdout.
+    The previous handler comes back when the block ends. (The same class is in bench/cyclegan.py,
+    bench/tumor_gan.py and bench/gate.py, each a standalone script.)"""
+
+    def __init__(self) -> None:
+        self.printed = 0
+        self._printing = self._pending = self._fired = False
+
+    def __enter__(self) -> RowPrinter:
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if self._printing:
+            self._pending = True
+        elif not self._fired:
+            self._fired = True
+            raise Stopped
+
+    def row(self, line: str) -> None:
+        self._printing = True
+        try:
+            print(line, flush=True)
+            self.printed += 1
+        finally:
+            self._printing = False
+        if self._pending:
+            self._on_sigterm(signal.SIGTERM, None)
 
 
 # --- main ----------------------------------------------------------------------------------------------
@@ -439,133 +487,150 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     cuda = device.type == "cuda"
-    load_start = os.getloadavg()
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU {_cpu_name()}, {torch.get_num_threads()} torch threads"
+    train_n = min(n, cfg.max_slices)
+    # images, host copy, encoder, two feature extractions; FID, KID, PRDC, NN per feature space;
+    # NN in pixels, MS-SSIM, intensity
+    planned = 5 + 4 * (1 if args.smoke else 2) + 3
     rows: list[Row] = []
+    table = RowPrinter()
+
+    def add(row: Row) -> None:
+        table.row(table_row(row, cuda))
+        rows.append(row)
 
     def rng(stream: int) -> np.random.Generator:
         return np.random.default_rng([args.seed, stream])
 
-    # data
-    log.info("making %d + %d images of %dx%d on %s", n, n, size, size, device)
-    t = timed(lambda: make_sets(n, size, args.seed, device), device)
-    real, syn = t.value
-    rows.append(Row("make images on the device", "pixels", n, t))
-    # run_gate holds host arrays: images for MS-SSIM, (N, S*S) float32 rows that the metrics copy to the
-    # device for distances; the naive way runs on the host
-    t = timed(lambda: (real.cpu(), syn.cpu()), device)
-    real_h, syn_h = t.value
-    pr, ps = real_h.reshape(n, -1).numpy(), syn_h.reshape(n, -1).numpy()
-    rows.append(Row("images to host (float32)", "pixels", n, t))
+    with table:
+        try:
+            load_start = os.getloadavg()
+            print(f"## Quality gate at scale: {n} synthetic vs {n} real, {size}x{size}, 1 channel"
+                  f"{' (SMOKE: tiny, CPU, inception-space metrics skipped)' if args.smoke else ''}\n")
+            print(f"- device: {name}; torch {torch.__version__}; numpy {np.__version__}; scipy {scipy.__version__}; "
+                  f"{datetime.now(UTC).isoformat(timespec='seconds')}")
+            print(f"- command: `python bench/gate.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
+            print(f"- load average at start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f}; "
+                  f"{os.cpu_count()} CPUs")
+            print(f"- images, feature extraction and the gate's distances, k-NN radii, PRDC, KID and FID on {device}, "
+                  f"float64: distances as matrix products in blocks of {M.CHUNK} query rows, each set copied from the "
+                  "host to the device once per call (as run_gate); FID exact with fewer samples than dimensions "
+                  "(nuclear norm of X1 X2^T); MS-SSIM and intensity on the CPU")
+            print(f"- domain encoder: trained here with the gate's recipe, {steps} SimCLR steps x {cfg.encoder_batch} "
+                  f"pairs on {train_n} real images; InceptionV3 pool3: RANDOM He-normal weights (no weights file; the "
+                  f"gate's network, load skipped), {inc_n} images per set, batch 32")
+            print("- naive: per-row Python loop, each row's float64 distances (or kernel values) to the whole reference "
+                  "set by numpy broadcasting; FID by scipy.linalg.sqrtm(S1 S2); MS-SSIM one pair per call; run on the "
+                  "first n images of each set, the gate's functions timed again at that n for the ratio (nothing "
+                  "extrapolated)")
+            print(f"- agreement limits: relative {TOLERANCE['fid']:g} (FID), {TOLERANCE['kid']:g} (KID subset values), "
+                  f"{TOLERANCE['nn']:g} (NN distances, and every index equal); absolute {TOLERANCE['prdc']:g} (PRDC), "
+                  f"{TOLERANCE['ms-ssim']:g} (MS-SSIM)")
+            print("- not timed: bootstrap intervals and the real-halves FID baseline (more calls of the same functions)\n")
+            print(table_header(cuda), flush=True)
 
-    # features: the domain encoder (trained here, as run_gate does) and random-weight InceptionV3
-    train_n = min(n, cfg.max_slices)
-    log.info("training the domain encoder: %d steps on %d images", steps, train_n)
-    t = timed(lambda: train_domain_encoder(real[:train_n], steps=steps, batch=cfg.encoder_batch, width=cfg.encoder_width,
-                                           lr=cfg.encoder_lr, temperature=cfg.encoder_temperature, seed=args.seed,
-                                           device=str(device)), device)
-    encoder = t.value.cpu()
-    rows.append(Row(f"train domain encoder ({steps} steps x {cfg.encoder_batch} pairs)", "domain", train_n, t))
-    domain = DomainExtractor(encoder, state_dict_sha256(encoder.state_dict()), str(device))
-    t = timed(lambda: (domain(real), domain(syn)), device)
-    fr_d, fs_d = t.value
-    rows.append(Row("extract features (real + synthetic)", f"domain {fr_d.shape[1]}-d", n, t))
-    inception = InceptionExtractor(random_inception(args.seed), "random-init", str(device))
-    log.info("InceptionV3 pool3 features of %d + %d images", inc_n, inc_n)
-    t = timed(lambda: (inception(real[:inc_n]), inception(syn[:inc_n])), device)
-    fr_i, fs_i = t.value
-    rows.append(Row("extract features (real + synthetic)", "inception 2048-d", inc_n, t, note="random weights"))
+            # data
+            log.info("making %d + %d images of %dx%d on %s", n, n, size, size, device)
+            t = timed(lambda: make_sets(n, size, args.seed, device), device)
+            real, syn = t.value
+            add(Row("make images on the device", "pixels", n, t))
+            # run_gate holds host arrays: images for MS-SSIM, (N, S*S) float32 rows that the metrics copy to the
+            # device for distances; the naive way runs on the host
+            t = timed(lambda: (real.cpu(), syn.cpu()), device)
+            real_h, syn_h = t.value
+            pr, ps = real_h.reshape(n, -1).numpy(), syn_h.reshape(n, -1).numpy()
+            add(Row("images to host (float32)", "pixels", n, t))
 
-    # metrics in each feature space: the gate's functions at N (and at n), the naive way at n
-    spaces = [("domain", fr_d, fs_d)]
-    if not args.smoke:
-        spaces.append(("inception", fr_i, fs_i))
-    for space, fr, fs in spaces:
-        nf = len(fr)
-        ns = min(nf, naive_n)
-        full, sub = (fr, fs), (None if ns == nf else (fr[:ns], fs[:ns]))
-        kk = min(cfg.nearest_k, ns - 1)
-        exact = exact_fid(fs[:ns], fr[:ns])
+            # features: the domain encoder (trained here, as run_gate does) and random-weight InceptionV3
+            log.info("training the domain encoder: %d steps on %d images", steps, train_n)
+            t = timed(lambda: train_domain_encoder(real[:train_n], steps=steps, batch=cfg.encoder_batch, width=cfg.encoder_width,
+                                                   lr=cfg.encoder_lr, temperature=cfg.encoder_temperature, seed=args.seed,
+                                                   device=str(device)), device)
+            encoder = t.value.cpu()
+            add(Row(f"train domain encoder ({steps} steps x {cfg.encoder_batch} pairs)", "domain", train_n, t))
+            domain = DomainExtractor(encoder, state_dict_sha256(encoder.state_dict()), str(device))
+            t = timed(lambda: (domain(real), domain(syn)), device)
+            fr_d, fs_d = t.value
+            add(Row("extract features (real + synthetic)", f"domain {fr_d.shape[1]}-d", n, t))
+            inception = InceptionExtractor(random_inception(args.seed), "random-init", str(device))
+            log.info("InceptionV3 pool3 features of %d + %d images", inc_n, inc_n)
+            t = timed(lambda: (inception(real[:inc_n]), inception(syn[:inc_n])), device)
+            fr_i, fs_i = t.value
+            add(Row("extract features (real + synthetic)", "inception 2048-d", inc_n, t, note="random weights"))
 
-        def fid_check(g: float, nv: float, exact: float = exact) -> tuple[float, bool, str]:
-            # judged against the exact value: with fewer samples than dimensions sqrtm (the
-            # naive way) is the one that is off, by the round-off eigenvalues it sums
-            diff = abs(g - nv)
-            return diff, abs(exact - g) / max(1.0, abs(exact)) < TOLERANCE["fid"], (
-                f"; FID {g:.6g}; exact (n x n SVD) minus gate {exact - g:.1e}, minus naive {exact - nv:.1e}")
+            # metrics in each feature space: the gate's functions at N (and at n), the naive way at n
+            spaces = [("domain", fr_d, fs_d)]
+            if not args.smoke:
+                spaces.append(("inception", fr_i, fs_i))
+            for space, fr, fs in spaces:
+                nf = len(fr)
+                ns = min(nf, naive_n)
+                full, sub = (fr, fs), (None if ns == nf else (fr[:ns], fs[:ns]))
+                kk = min(cfg.nearest_k, ns - 1)
+                exact = exact_fid(fs[:ns], fr[:ns])
 
-        rows.append(compare("FID", space, lambda a, b: M.fid(b, a, device), lambda a, b: naive_fid(b, a),
+                def fid_check(g: float, nv: float, exact: float = exact) -> tuple[float, bool, str]:
+                    # judged against the exact value: with fewer samples than dimensions sqrtm (the
+                    # naive way) is the one that is off, by the round-off eigenvalues it sums
+                    diff = abs(g - nv)
+                    return diff, abs(exact - g) / max(1.0, abs(exact)) < TOLERANCE["fid"], (
+                        f"; FID {g:.6g}; exact (n x n SVD) minus gate {exact - g:.1e}, minus naive {exact - nv:.1e}")
+
+                add(compare("FID", space, lambda a, b: M.fid(b, a, device), lambda a, b: naive_fid(b, a),
                             full, sub, nf, ns, fid_check, device))
-        rows.append(compare(
-            f"KID ({cfg.kid_subsets} subsets of {min(cfg.kid_subset_size, ns)})", space,
-            lambda a, b: M.kid(b, a, cfg.kid_subsets, cfg.kid_subset_size, rng(3), device).values,
-            lambda a, b: naive_kid(b, a, cfg.kid_subsets, cfg.kid_subset_size, rng(3)),
-            full, sub, nf, ns, relative(TOLERANCE["kid"]), device))
-        rows.append(compare(
-            f"precision/recall/density/coverage (k={kk})", space,
-            lambda a, b, kk=kk: (lambda p: (p.precision, p.recall, p.density, p.coverage))(
-                M.prdc(a, b, kk, np.arange(len(a)), np.arange(len(b)), device=device)),
-            lambda a, b, kk=kk: naive_prdc(a, b, kk),
-            full, sub, nf, ns, absolute(TOLERANCE["prdc"]), device))
-        rows.append(compare("nearest neighbours: syn->real, real->real, syn->syn", space,
+                add(compare(
+                    f"KID ({cfg.kid_subsets} subsets of {min(cfg.kid_subset_size, ns)})", space,
+                    lambda a, b: M.kid(b, a, cfg.kid_subsets, cfg.kid_subset_size, rng(3), device).values,
+                    lambda a, b: naive_kid(b, a, cfg.kid_subsets, cfg.kid_subset_size, rng(3)),
+                    full, sub, nf, ns, relative(TOLERANCE["kid"]), device))
+                add(compare(
+                    f"precision/recall/density/coverage (k={kk})", space,
+                    lambda a, b, kk=kk: (lambda p: (p.precision, p.recall, p.density, p.coverage))(
+                        M.prdc(a, b, kk, np.arange(len(a)), np.arange(len(b)), device=device)),
+                    lambda a, b, kk=kk: naive_prdc(a, b, kk),
+                    full, sub, nf, ns, absolute(TOLERANCE["prdc"]), device))
+                add(compare("nearest neighbours: syn->real, real->real, syn->syn", space,
                             lambda r, s: gate_nn(r, s, device), naive_nn,
                             full, sub, nf, ns, nn_agreement, device))
-    rows.append(compare("nearest neighbours: syn->real, real->real, syn->syn", f"pixels {size * size}-d",
+            add(compare("nearest neighbours: syn->real, real->real, syn->syn", f"pixels {size * size}-d",
                         lambda r, s: gate_nn(r, s, device), naive_nn, (pr, ps),
                         None if pix_n == n else (pr[:pix_n], ps[:pix_n]), n, pix_n, nn_agreement, device))
 
-    # diversity (the gate's pairs at N; the naive per-pair calls on fewer pairs, the gate timed again on those)
-    groups = np.arange(n)
+            # diversity (the gate's pairs at N; the naive per-pair calls on fewer pairs, the gate timed again on those)
+            groups = np.arange(n)
 
-    def gate_ms(a: torch.Tensor, b: torch.Tensor, p: int) -> F64:
-        return np.concatenate([M.mean_pairwise_ms_ssim(b, groups, p, rng(4)), M.mean_pairwise_ms_ssim(a, groups, p, rng(5))])
+            def gate_ms(a: torch.Tensor, b: torch.Tensor, p: int) -> F64:
+                return np.concatenate([M.mean_pairwise_ms_ssim(b, groups, p, rng(4)), M.mean_pairwise_ms_ssim(a, groups, p, rng(5))])
 
-    def naive_ms(a: torch.Tensor, b: torch.Tensor, p: int) -> F64:
-        return np.concatenate([naive_ms_ssim(b, groups, p, rng(4)), naive_ms_ssim(a, groups, p, rng(5))])
+            def naive_ms(a: torch.Tensor, b: torch.Tensor, p: int) -> F64:
+                return np.concatenate([naive_ms_ssim(b, groups, p, rng(4)), naive_ms_ssim(a, groups, p, rng(5))])
 
-    rows.append(compare(f"MS-SSIM diversity ({pairs} pairs per set; n = pairs)", "pixels", gate_ms, naive_ms,
+            add(compare(f"MS-SSIM diversity ({pairs} pairs per set; n = pairs)", "pixels", gate_ms, naive_ms,
                         (real_h, syn_h, pairs), (real_h, syn_h, naive_pairs), n, f"{naive_pairs} pairs",
                         absolute(TOLERANCE["ms-ssim"]), device))
 
-    # intensity
-    def w1() -> float:
-        r = rng(1)
-        vs, vr = ps.ravel(), pr.ravel()
-        return M.intensity_w1(r.choice(vs, min(len(vs), 400_000), replace=False), r.choice(vr, min(len(vr), 400_000), replace=False))
-    rows.append(Row("intensity W1 (400k pixels per set)", "pixels", n, timed(w1, device), note="no naive variant"))
-    load_end = os.getloadavg()
+            # intensity
+            def w1() -> float:
+                r = rng(1)
+                vs, vr = ps.ravel(), pr.ravel()
+                return M.intensity_w1(r.choice(vs, min(len(vs), 400_000), replace=False), r.choice(vr, min(len(vr), 400_000), replace=False))
+            add(Row("intensity W1 (400k pixels per set)", "pixels", n, timed(w1, device), note="no naive variant"))
 
-    # report
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU {_cpu_name()}, {torch.get_num_threads()} torch threads"
-    compared = [r for r in rows if r.naive is not None and r.gate_sub is not None]
-    gate_sub = sum(r.gate_sub.seconds for r in compared if r.gate_sub is not None)
-    naive = sum(r.naive.seconds for r in compared if r.naive is not None)
-    print(f"## Quality gate at scale: {n} synthetic vs {n} real, {size}x{size}, 1 channel"
-          f"{' (SMOKE: tiny, CPU, inception-space metrics skipped)' if args.smoke else ''}\n")
-    print(f"- device: {name}; torch {torch.__version__}; numpy {np.__version__}; scipy {scipy.__version__}; "
-          f"{datetime.now(UTC).isoformat(timespec='seconds')}")
-    print(f"- command: `python bench/gate.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
-    print(f"- load average at start {load_start[0]:.2f} / {load_start[1]:.2f} / {load_start[2]:.2f}, "
-          f"at end {load_end[0]:.2f} / {load_end[1]:.2f} / {load_end[2]:.2f}; {os.cpu_count()} CPUs")
-    print(f"- images, feature extraction and the gate's distances, k-NN radii, PRDC, KID and FID on {device}, float64: "
-          f"distances as matrix products in blocks of {M.CHUNK} query rows, each set copied from the host to the device "
-          "once per call (as run_gate); FID exact with fewer samples than dimensions (nuclear norm of X1 X2^T); "
-          "MS-SSIM and intensity on the CPU")
-    print(f"- domain encoder: trained here with the gate's recipe, {steps} SimCLR steps x {cfg.encoder_batch} pairs on "
-          f"{train_n} real images; InceptionV3 pool3: RANDOM He-normal weights (no weights file; the gate's "
-          f"network, load skipped), {inc_n} images per set, batch 32")
-    print("- naive: per-row Python loop, each row's float64 distances (or kernel values) to the whole reference set by "
-          "numpy broadcasting; FID by scipy.linalg.sqrtm(S1 S2); MS-SSIM one pair per call; run on the first n "
-          "images of each set, the gate's functions timed again at that n for the ratio (nothing extrapolated)")
-    print(f"- agreement limits: relative {TOLERANCE['fid']:g} (FID), {TOLERANCE['kid']:g} (KID subset values), "
-          f"{TOLERANCE['nn']:g} (NN distances, and every index equal); absolute {TOLERANCE['prdc']:g} (PRDC), "
-          f"{TOLERANCE['ms-ssim']:g} (MS-SSIM)")
-    print("- not timed: bootstrap intervals and the real-halves FID baseline (more calls of the same functions)\n")
-    print_table(rows, cuda)
-    total = sum(r.gate.seconds for r in rows)
-    print(f"\n- gate, every step above at its N: {total:.1f} s")
-    print(f"- compared steps at their n: gate {gate_sub:.1f} s, naive {naive:.1f} s, chunked / naive {gate_sub / naive:.3g}")
-    differ = [f"{r.step} ({r.space})" for r in compared if not r.agree]
-    print(f"- naive and chunked results agree: {'yes' if not differ else 'NO, in ' + ', '.join(differ)}")
+            # summary
+            load_end = os.getloadavg()
+            compared = [r for r in rows if r.naive is not None and r.gate_sub is not None]
+            gate_sub = sum(r.gate_sub.seconds for r in compared if r.gate_sub is not None)
+            naive = sum(r.naive.seconds for r in compared if r.naive is not None)
+            total = sum(r.gate.seconds for r in rows)
+            print(f"\n- gate, every step above at its N: {total:.1f} s")
+            print(f"- compared steps at their n: gate {gate_sub:.1f} s, naive {naive:.1f} s, "
+                  f"chunked / naive {gate_sub / naive:.3g}")
+            differ = [f"{r.step} ({r.space})" for r in compared if not r.agree]
+            print(f"- naive and chunked results agree: {'yes' if not differ else 'NO, in ' + ', '.join(differ)}")
+            print(f"- load average at end {load_end[0]:.2f} / {load_end[1]:.2f} / {load_end[2]:.2f}", flush=True)
+        except Stopped:
+            print(f"\n- stopped by SIGTERM after {table.printed} of {planned} rows", flush=True)
+            return 128 + signal.SIGTERM
     return 0
 
 

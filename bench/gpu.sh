@@ -43,7 +43,7 @@ PY=python3
 run_bench() {  # name limit_s script args...
     local name=$1 limit=$2; shift 2
     echo "== $name (limit ${limit} s)"
-    timeout "$limit" $PY "$@" > "$OUT/$name.md" 2> "$OUT/$name.log"
+    timeout -k 10 "$limit" $PY "$@" > "$OUT/$name.md" 2> "$OUT/$name.log"
     echo "   exit $? ($(wc -l < "$OUT/$name.md") lines of table)"
     tail -n 3 "$OUT/$name.log"
 }

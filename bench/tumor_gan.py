@@ -9,8 +9,10 @@ minibatch std, mode seeking, DiffAugment), for two settings in one run:
   fastest:  bf16 autocast, batch 128, cuDNN autotuning, torch.compile (GPU only)
 
 and sampling (`generate`, EMA generator in eval mode) at batch 64 fp32 vs. batch 512 bf16.
-The result is a Markdown table on stdout (device, date, command, ratio of the two); nothing is
-written to the repository. On a GPU machine:
+The result is a Markdown table on stdout (device, date, command, ratio of the two), each row
+printed (and flushed) as soon as it is measured, so a run cut short by `timeout` keeps the rows
+it finished; SIGTERM ends it with a line saying how many rows it measured. Nothing is written to
+the repository. On a GPU machine:
 
     .venv/bin/python bench/tumor_gan.py > $OUT/tumor_gan_bench.md
 
@@ -22,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import platform
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 
 import torch
 
@@ -46,6 +50,48 @@ from models.train_tumor_gan import (  # noqa: E402
     make_latents,
     sample_batch,
 )
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived (what `timeout` sends). A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` in the code being timed swallows it."""
+
+
+class RowPrinter:
+    """Prints (and flushes) table rows as they are measured and turns SIGTERM into Stopped.
+
+    Inside its with block the first SIGTERM raises Stopped in the main thread, except while a row is
+    being printed: then it waits until the row is out, so `printed` counts exactly the rows on stdout.
+    The previous handler comes back when the block ends. (The same class is in bench/cyclegan.py,
+    bench/tumor_gan.py and bench/gate.py, each a standalone script.)"""
+
+    def __init__(self) -> None:
+        self.printed = 0
+        self._printing = self._pending = self._fired = False
+
+    def __enter__(self) -> RowPrinter:
+        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        if self._printing:
+            self._pending = True
+        elif not self._fired:
+            self._fired = True
+            raise Stopped
+
+    def row(self, line: str) -> None:
+        self._printing = True
+        try:
+            print(line, flush=True)
+            self.printed += 1
+        finally:
+            self._printing = False
+        if self._pending:
+            self._on_sigterm(signal.SIGTERM, None)
 
 
 @dataclass(frozen=True)
@@ -118,7 +164,8 @@ def time_setting(base: TumorGANConfig, s: Setting, data: TumorPatchData, device:
 
 
 def main(argv: list[str] | None = None) -> str:
-    """Run the benchmark and return (and print) the Markdown report."""
+    """Run the benchmark and return the Markdown report, printed line by line as it is measured.
+    On SIGTERM: print and flush "- stopped by SIGTERM after N of M rows", then exit with status 143."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, 16x16, tiny widths, 2 steps: checks the script runs.")
     parser.add_argument("--steps", type=int, default=50, help="Timed training steps per setting.")
@@ -140,31 +187,38 @@ def main(argv: list[str] | None = None) -> str:
             Setting("fastest: bf16, batch 128, cudnn.benchmark" + (", compile" if on_gpu else ""), 128, on_gpu, on_gpu, 512),
         ]
         steps, warmup, n_sample = args.steps, 10, 4096
-    data = synthetic_data(512 if not args.smoke else 32, base.patch_size, device)
-    rows = [(s, time_setting(base, s, data, device, steps, warmup, n_sample)) for s in settings]
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
-    lines = [
-        f"## Tumor GAN throughput ({base.patch_size}x{base.patch_size}, g/d width {base.g_channels})",
-        "",
-        f"device: {name} ({device.type}); torch {torch.__version__}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-        f"command: python bench/tumor_gan.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
-        f"{steps} timed steps after {warmup} warm-up; sampling {n_sample} patches with the EMA generator",
-        "",
-        "| setting | train patches/s | sample patches/s |",
-        "|---|---:|---:|",
-    ]
-    for s, r in rows:
-        lines.append(f"| {s.name} | {r['train_patches_per_s']:.1f} | {r['sample_patches_per_s']:.1f} |")
-    base_r, fast_r = rows[0][1], rows[-1][1]
-    lines += [
-        "",
-        f"fastest / baseline: training x{fast_r['train_patches_per_s'] / base_r['train_patches_per_s']:.2f}, "
-        f"sampling x{fast_r['sample_patches_per_s'] / base_r['sample_patches_per_s']:.2f}",
-    ]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    return report
+    lines: list[str] = []
+
+    def emit(*new: str) -> None:
+        lines.extend(new)
+        print("\n".join(new), flush=True)
+
+    rows: list[dict[str, float]] = []
+    with RowPrinter() as table:
+        try:
+            emit(f"## Tumor GAN throughput ({base.patch_size}x{base.patch_size}, g/d width {base.g_channels})",
+                 "",
+                 f"device: {name} ({device.type}); torch {torch.__version__}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+                 f"command: python bench/tumor_gan.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
+                 f"{steps} timed steps after {warmup} warm-up; sampling {n_sample} patches with the EMA generator",
+                 "",
+                 "| setting | train patches/s | sample patches/s |",
+                 "|---|---:|---:|")
+            data = synthetic_data(512 if not args.smoke else 32, base.patch_size, device)
+            for s in settings:
+                r = time_setting(base, s, data, device, steps, warmup, n_sample)
+                lines.append(f"| {s.name} | {r['train_patches_per_s']:.1f} | {r['sample_patches_per_s']:.1f} |")
+                table.row(lines[-1])
+                rows.append(r)
+        except Stopped:
+            emit("", f"- stopped by SIGTERM after {table.printed} of {len(settings)} rows")
+            raise SystemExit(128 + signal.SIGTERM) from None
+    base_r, fast_r = rows[0], rows[-1]
+    emit("",
+         f"fastest / baseline: training x{fast_r['train_patches_per_s'] / base_r['train_patches_per_s']:.2f}, "
+         f"sampling x{fast_r['sample_patches_per_s'] / base_r['sample_patches_per_s']:.2f}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

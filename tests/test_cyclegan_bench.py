@@ -1,25 +1,64 @@
-"""bench/cyclegan.py --smoke runs on CPU and prints the full Markdown table (no GPU needed, no numbers checked)."""
+"""bench/cyclegan.py --smoke runs on CPU and prints the full Markdown table (no GPU needed, no numbers checked);
+a SIGTERM part way keeps the rows already printed and says where it stopped."""
 
 from __future__ import annotations
 
 import importlib.util
+import signal
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_cyclegan_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+def _bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_cyclegan", ROOT / "bench" / "cyclegan.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_cyclegan"] = bench
+    sys.modules["bench_cyclegan"] = bench  # dataclasses look their module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+def _rows(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("| (") or line.startswith("| bf16")]
+
+
+def test_cyclegan_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _bench()
     assert bench.main(["--smoke"]) == 0
     out = capsys.readouterr().out
-    table = [line for line in out.splitlines() if line.startswith("| (") or line.startswith("| bf16")]
+    table = _rows(out)
     assert len(table) == 5
     assert table[0].startswith("| (a) reference") and table[-1].startswith("| (c) fastest")
+    assert all(len(row.strip("|").split("|")) == 7 for row in table)
     assert "GFLOP" in out and "matmul ceiling" in out and "SMOKE" in out
+    assert out.index("| setting | batch |") < out.index(table[0]) and "stopped" not in out
+
+
+def test_cyclegan_bench_sigterm_keeps_measured_rows(capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _bench()
+    time_setting = bench.time_setting
+    calls = 0
+
+    def third_row_gets_sigterm(*args: Any) -> float:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            signal.raise_signal(signal.SIGTERM)  # as `timeout` would, while row 3 is being measured
+        return float(time_setting(*args))
+
+    monkeypatch.setattr(bench, "time_setting", third_row_gets_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    assert bench.main(["--smoke"]) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # the bench's handler is gone again
+    out = capsys.readouterr().out
+    table = _rows(out)
+    assert [row.split(" | ")[0] for row in table] == ["| (a) reference: fp32, batch 1", "| (b) bf16 autocast, batch 1"]
+    assert "| setting | batch |" in out and "matmul ceiling" in out
+    assert out.rstrip().endswith("- stopped by SIGTERM after 2 of 5 rows")

@@ -1,11 +1,17 @@
 """The tumor GAN's commands end to end on a tiny ingest folder: extract-patches, train tumor-gan
-(with --resume), sample-tumors, evaluate-tumors, and their one-line errors."""
+(with --resume), sample-tumors, evaluate-tumors, and their one-line errors; bench/tumor_gan.py --smoke,
+its rows printed as measured and kept when SIGTERM stops it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import signal
+import sys
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 from test_tumor_gan_data import make_ingest_folder
@@ -77,14 +83,43 @@ def test_errors_are_one_line(ingest: Path, tmp_path: Path) -> None:
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
-def test_benchmark_smoke_runs_on_cpu() -> None:
-    import importlib.util
-    import sys
-
+def _tumor_bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_tumor_gan", Path(__file__).resolve().parents[1] / "bench" / "tumor_gan.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # dataclasses look their module up there
     spec.loader.exec_module(bench)
-    report = bench.main(["--smoke"])
+    return bench
+
+
+def test_benchmark_smoke_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    report = _tumor_bench().main(["--smoke"])
     assert "| baseline: fp32, batch 4 |" in report and "fastest / baseline" in report
+    assert capsys.readouterr().out == report  # printed line by line, as measured
+    rows = [line for line in report.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| setting | train patches/s | sample patches/s |" and len(rows) == 1 + 2
+    assert "stopped" not in report
+
+
+def test_benchmark_sigterm_keeps_measured_rows(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _tumor_bench()
+    time_setting = bench.time_setting
+    calls = 0
+
+    def second_row_gets_sigterm(*args: Any) -> dict[str, float]:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            signal.raise_signal(signal.SIGTERM)  # as `timeout` would, while row 2 is being measured
+        return dict(time_setting(*args))
+
+    monkeypatch.setattr(bench, "time_setting", second_row_gets_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(["--smoke"])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # the bench's handler is gone again
+    out = capsys.readouterr().out
+    assert "| setting | train patches/s |" in out and "| baseline: fp32, batch 4 |" in out
+    assert "| fastest" not in out and "fastest / baseline" not in out
+    assert out.rstrip().endswith("- stopped by SIGTERM after 1 of 2 rows")

@@ -37,6 +37,7 @@ from flows.params import (
     RuntimeConfig,
     load_pipeline_config,
     output_dir,
+    resolve_config_path,
     use_phantoms,
 )
 from flows.tasks import (
@@ -46,6 +47,7 @@ from flows.tasks import (
     gate_task,
     image_artifact,
     ingest_task,
+    pacs_ref,
     patches_task,
     phantoms_task,
     retry_unless_config_error,
@@ -59,6 +61,7 @@ from flows.tasks import (
 )
 from pipeline.dataset.config import Deployment
 from pipeline.errors import ConfigError, GateRejected
+from pipeline.ingest.dicomweb import redact_url
 from pipeline.translate import resolve_device
 
 
@@ -90,8 +93,10 @@ def ingest_sources(jobs: list[dict[str, Any]], retries: int, retry_backoff_s: fl
     """Ingest each job side by side; returns their summaries.
 
     A job is {"sources": [...], "out": DIR, "modality": ..., "key_source": ..., "pacs": [...]},
-    where each PACS is {"url", "query", "credentials": "env" | "secret:NAME"}: the name of
-    where its credentials are, never their value. A job with PACS always runs (not cached).
+    where each PACS is a reference (flows.tasks.pacs_ref: the run's config and the PACS's
+    position in ingest.dicomweb); its query and credentials are read inside the ingest task,
+    so no filter value (a PatientID) nor secret is ever a parameter. A job with PACS always
+    runs (not cached).
     """
     futures = []
     for job in jobs:
@@ -135,12 +140,11 @@ def run_augment(params: AugmentParams) -> dict[str, Any]:
 
     sources = [str(Path(s).expanduser().resolve()) for s in cfg.ingest.sources]
     dicom_sources = [str(Path(s).expanduser().resolve()) for s in cfg.ingest.dicom_sources]
-    # where each PACS's credentials are ("env" or "secret:NAME"); the ingest task reads them
-    pacs = [
-        {"url": p.url, "query": dict(p.query),
-         "credentials": f"secret:{p.credentials_secret}" if p.credentials_secret else "env"}
-        for p in cfg.ingest.dicomweb
-    ]
+    # each PACS by reference: a query may hold a PatientID and Prefect stores and shows every
+    # flow and task parameter, so the ingest task reads query and credentials from the config itself
+    config_ref = {"config": str(resolve_config_path(params.config).resolve()), "overrides": list(params.overrides),
+                  "pipeline": params.pipeline}
+    pacs = [pacs_ref(config_ref, i, redact_url(p.url)) for i, p in enumerate(cfg.ingest.dicomweb)]
     phantoms_only = use_phantoms(cfg.phantoms, cfg.ingest) and not sources and not dicom_sources and not pacs
     if use_phantoms(cfg.phantoms, cfg.ingest):
         if cfg.phantoms.enabled == "auto":

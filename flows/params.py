@@ -83,6 +83,12 @@ class DicomWebSource(BaseModel):
             )
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"must be an http(s) URL such as http://pacs.local:8042/dicom-web; got {redact_url(url)!r}")
+        if parts.query or parts.fragment:
+            # a query string may carry a token (?access_token=...); filters go in `query`
+            raise ValueError(
+                f"{redact_url(url)} must not carry a query string or fragment (?... or #...); put study filters "
+                "in query and credentials in a Prefect Secret block (credentials_secret)"
+            )
         return url
 
     @field_validator("query")
@@ -99,7 +105,8 @@ class DicomWebSource(BaseModel):
 class IngestSection(BaseModel):
     """What the ingest stage reads: labelled sources that feed training, and DICOM trees."""
 
-    model_config = ConfigDict(extra="forbid")
+    # its dicomweb entries hold URLs and query values: keep input values out of validation messages
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     sources: list[Path] = Field(default_factory=list, description="Folders or files to ingest for training (Decathlon NIfTI datasets, DICOM trees); relative to the working directory. With phantoms enabled, the phantom NIfTI datasets are added.")
     dicom_sources: list[Path] = Field(default_factory=list, description="DICOM trees ingested on their own into OUT/ingest-dicom (de-identified volumes, not used for training). With phantoms enabled, the phantom DICOM tree is added.")

@@ -22,11 +22,11 @@ from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
-from pipeline.errors import ConfigError, MedaugError, StageFailed
+from pipeline.errors import ConfigError, DicomWebAuthError, MedaugError, StageFailed
 from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file
 
 if TYPE_CHECKING:
-    from pipeline.ingest.dicomweb import DicomWebAuth
+    from pipeline.ingest.dicomweb import DicomWebAuth, PacsSource
 
 STAGE_LOGGER = logging.getLogger("medaug.flow")
 """Stage events (extra fields `medaug_stage`, `medaug_event`, `medaug_detail`) for progress displays."""
@@ -147,9 +147,9 @@ def backoff(retry_backoff_s: float) -> Callable[[int], list[float]]:
 
 def retry_unless_config_error(task: Any, task_run: Any, state: Any) -> bool:
     """A task's retry_condition_fn: retry, except after a ConfigError (a missing Secret block,
-    a malformed secret): a retry cannot fix those, and retrying credentials a PACS has just
-    refused would only risk locking the account."""
-    return not isinstance(state.data, ConfigError)
+    a malformed secret), which a retry cannot fix, or a DicomWebAuthError (a PACS refused the
+    credentials, HTTP 401/403): retrying those would only risk locking the account."""
+    return not isinstance(state.data, (ConfigError, DicomWebAuthError))
 
 
 # --- phantoms and ingest ------------------------------------------------------------------
@@ -241,6 +241,41 @@ def resolve_dicomweb_auth(credentials: str) -> DicomWebAuth:
             raise ValueError(f"credentials must be env or secret:NAME; got {credentials!r}")
 
 
+def pacs_ref(config: dict[str, Any], index: int, url: str) -> dict[str, Any]:
+    """A reference to the PACS `ingest.dicomweb[index]` of a run's config, for `ingest_task`'s `pacs`.
+
+    `config` holds the run's AugmentParams fields config (an absolute path), overrides and
+    pipeline; `url` is the PACS root as redact_url shows it (a check that the config still
+    names the same PACS). The QIDO-RS filter values are left out on purpose: one may be a
+    PatientID, an AccessionNumber or a StudyInstanceUID, and Prefect stores flow and task
+    parameters with the run and shows them in its UI; `resolve_pacs_source` reads them inside
+    the task, from the same config.
+    """
+    return {"config": config, "index": index, "url": url}
+
+
+def resolve_pacs_source(ref: dict[str, Any]) -> PacsSource:
+    """The PACS a `pacs_ref` names: its URL, query and credentials, read inside the ingest task.
+
+    Raises ConfigError when the config no longer names that PACS at that position (edited
+    since the run started), or when its credentials cannot be resolved (resolve_dicomweb_auth).
+    """
+    from flows.params import AugmentParams, load_pipeline_config
+    from pipeline.ingest.dicomweb import PacsSource, redact_url
+
+    params = AugmentParams.model_validate(ref["config"])
+    index = int(ref["index"])
+    servers = load_pipeline_config(params).ingest.dicomweb
+    if index >= len(servers) or redact_url(servers[index].url) != ref["url"]:
+        raise ConfigError(
+            f"config {params.config} changed while the run was going: ingest.dicomweb entry {index + 1} is no "
+            f"longer the PACS {ref['url']}; start the run again"
+        )
+    server = servers[index]
+    credentials = f"secret:{server.credentials_secret}" if server.credentials_secret else "env"
+    return PacsSource(server.url, dict(server.query), resolve_dicomweb_auth(credentials))
+
+
 @task(name="ingest", cache_key_fn=ingest_cache_key, persist_result=True)
 def ingest_task(
     sources: list[str], out: str, modality: str | None = None, key_source: str = "env",
@@ -248,24 +283,25 @@ def ingest_task(
 ) -> dict[str, Any]:
     """Ingest `sources` and the series of `pacs` into `out` in one run; returns counts (no identifiers).
 
-    Local sources go through pipeline.ingest.run_ingest; with PACS ({"url", "query",
-    "credentials": "env" | "secret:NAME"}, never a secret value) through
+    Local sources go through pipeline.ingest.run_ingest; with PACS (references made by
+    `pacs_ref`: URL, query and credentials are read here from the run's config, so no filter
+    value nor secret is ever a task parameter) through
     pipeline.ingest.dicomweb.ingest_with_pacs, which stages the PACS series and ingests them
     with the local sources. Cached by the content hash of the input files (an unchanged
     cohort is not re-ingested), except with PACS: never cached (see ingest_cache_key).
     """
     from pipeline.ingest import run_ingest
-    from pipeline.ingest.dicomweb import PacsSource, ingest_with_pacs, redact_url
+    from pipeline.ingest.dicomweb import ingest_with_pacs, redact_url
 
     logger = get_run_logger()
     key = resolve_deid_key(key_source)
     if pacs:
-        servers = [PacsSource(p["url"], p.get("query") or {}, resolve_dicomweb_auth(p.get("credentials", "env")))
-                   for p in pacs]
+        servers = [resolve_pacs_source(ref) for ref in pacs]
         for i, server in enumerate(servers):
             # filter keys only: a value may be a PatientID or an accession number
-            logger.info("ingest %s: PACS %d of %d, %s, studies filtered by %s", Path(out).name, i + 1, len(servers),
-                        redact_url(server.url), ", ".join(server.query) or "nothing (every study)")
+            logger.info("ingest %s: PACS %d of %d, %s, credentials from %s, studies filtered by %s", Path(out).name,
+                        i + 1, len(servers), redact_url(server.url), server.auth.source if server.auth else "-",
+                        ", ".join(server.query) or "nothing (every study)")
         report = ingest_with_pacs(servers, Path(out), [Path(s) for s in sources], modality=modality,  # type: ignore[arg-type]
                                   key=key)
     else:

@@ -152,6 +152,11 @@ def ingest_cmd(
             # a password on the command line ends up in shell history and process lists
             raise ConfigError(f"--dicomweb {redact_url(dicomweb)}: the URL must not carry user:password; set "
                               "MEDAUG_DICOMWEB_USER/MEDAUG_DICOMWEB_PASSWORD or MEDAUG_DICOMWEB_TOKEN instead")
+        if parts.query or parts.fragment:
+            # a query string may carry a token (?access_token=...), which messages would then show
+            raise ConfigError(f"--dicomweb {redact_url(dicomweb)}: the URL must not carry a query string or fragment "
+                              "(?... or #...); give study filters with --query KEY=VALUE and a token in "
+                              "MEDAUG_DICOMWEB_TOKEN")
         report = ingest_dicomweb(dicomweb, parse_query(query or []), out, key=key, workers=max(1, workers))
     elif not sources:
         raise ConfigError("name at least one input folder or file, or a PACS with --dicomweb URL")

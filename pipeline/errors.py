@@ -29,6 +29,14 @@ class FatalIngestError(MedaugError):
     """Ingest cannot run at all (unreadable input root, unwritable output folder)."""
 
 
+class DicomWebAuthError(FatalIngestError):
+    """A PACS refused the credentials, or asks for some and none were given (HTTP 401/403).
+
+    Never retried: repeating a refused login can lock the account. The message names where
+    the credentials come from (a Secret block's name, environment variables), never a value.
+    """
+
+
 class WeightsMissingError(MedaugError):
     """An optional pretrained weights file named in config does not exist."""
 

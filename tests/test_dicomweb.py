@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 from orthanc_server import PASSWORD, USER, orthanc_available, run_faulty_proxy, run_orthanc
 
-from pipeline.errors import ConfigError, FatalIngestError
+from pipeline.errors import ConfigError, DicomWebAuthError, FatalIngestError
 from pipeline.ingest import run_ingest
 from pipeline.ingest.dicomweb import (
     DicomWebAuth,
@@ -26,6 +32,7 @@ from pipeline.ingest.dicomweb import (
     ingest_dicomweb,
     ingest_with_pacs,
     parse_query,
+    redact_url,
     split_multipart,
 )
 from pipeline.manifest import read_manifest
@@ -62,6 +69,12 @@ def test_parse_query_rejects_unknown_keys_and_bad_syntax() -> None:
         parse_query(["Colour=blue"])
     with pytest.raises(DicomWebError, match="KEY=VALUE"):
         parse_query(["ModalitiesInStudy"])
+    with pytest.raises(DicomWebError, match="StudyDate= has no value"):
+        parse_query(["StudyDate="])
+    # a malformed item may be a value typed with the wrong separator: it is not echoed
+    with pytest.raises(DicomWebError, match="--query 2 of 2 has no '='") as info:
+        parse_query(["ModalitiesInStudy=CT", "PatientID:PH123456"])
+    assert "PH123456" not in str(info.value)
 
 
 def test_split_multipart_known_answer() -> None:
@@ -92,8 +105,10 @@ def test_pacs_ingest_equals_folder_ingest(tmp_path: Path, cohort: Path, pacs, ca
 
 @needs_orthanc
 def test_wrong_credentials_fail_clearly(tmp_path: Path, pacs) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(FatalIngestError, match="refused the credentials"):
+    # its own type (a FatalIngestError, so the CLI still exits 2), which callers must not retry
+    with pytest.raises(DicomWebAuthError, match="refused the credentials"):
         ingest_dicomweb(pacs.dicomweb, {}, tmp_path / "out", auth=DicomWebAuth(USER, "wrong"), key=KEY)
+    assert issubclass(DicomWebAuthError, FatalIngestError) and not issubclass(DicomWebAuthError, DicomWebError)
 
 
 def test_server_down_retries_then_clear_error(tmp_path: Path) -> None:
@@ -228,3 +243,134 @@ def test_cli_refuses_a_url_that_carries_a_password(tmp_path: Path) -> None:
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "must not carry user:password" in done.stderr and "s3cret-pw" not in done.stdout + done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_redact_url_drops_credentials_query_and_fragment() -> None:
+    assert redact_url("https://alice:pw-1@pacs.local:8042/dicom-web?access_token=tok-123#frag") == (
+        "https://pacs.local:8042/dicom-web"
+    )
+
+
+def test_cli_refuses_a_url_with_a_query_string(tmp_path: Path) -> None:
+    done = _medaug(["ingest", "--dicomweb", "http://127.0.0.1:9/dicom-web?access_token=tok-123", "--out", str(tmp_path / "out")], {})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "must not carry a query string" in done.stderr and "tok-123" not in done.stdout + done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- no UID or filter value leaves ingest (DICOM PS3.15 Annex E) ----------------------------
+
+
+def cohort_uids(cohort: Path) -> dict[str, set[str]]:
+    """StudyInstanceUID, SeriesInstanceUID and PatientID values of the cohort's DICOM files."""
+    import pydicom
+
+    found: dict[str, set[str]] = {"StudyInstanceUID": set(), "SeriesInstanceUID": set(), "PatientID": set()}
+    for f in (cohort / "dicom").rglob("*.dcm"):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        for name, values in found.items():
+            values.add(str(ds.data_element(name).value))
+    return found
+
+
+def leaks(text: str, values: set[str]) -> list[str]:
+    return sorted(v for v in values if v in text)
+
+
+def files_holding_any(root: Path, values: set[str]) -> list[str]:
+    if not root.exists():
+        return []
+    return [f"{f.name}: {v}" for f in root.rglob("*") if f.is_file() for v in values if v.encode() in f.read_bytes()]
+
+
+@contextmanager
+def run_answering_proxy(upstream: str, answer: Callable[[str], tuple[int, bytes] | None]) -> Iterator[str]:
+    """An HTTP proxy to `upstream`; `answer(path)` (path without query) may replace its answer by
+    (status, body) sent as application/dicom+json. Yields the proxy's root URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # keep test output quiet
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            override = answer(self.path.split("?", 1)[0])
+            if override is None:
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "authorization")}
+                r = httpx.get(upstream + self.path, headers=headers, timeout=30)
+                status, body, ctype = r.status_code, r.content, r.headers.get("content-type", "application/octet-stream")
+            else:
+                (status, body), ctype = override, "application/dicom+json"
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@needs_orthanc
+def test_a_refused_retrieve_is_reported_without_uids(tmp_path: Path, cohort: Path, pacs, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A 404 on one WADO-RS retrieve: that series is quarantined, named by its position, and no
+    StudyInstanceUID or SeriesInstanceUID reaches the log, quarantine.csv or ingest_report.json."""
+    import pydicom
+
+    caplog.set_level(logging.DEBUG)
+    uids = cohort_uids(cohort)
+    first_ct = pydicom.dcmread(sorted((cohort / "dicom").rglob("CT/*.dcm"))[0], stop_before_pixels=True)
+    gone = f"/series/{first_ct.SeriesInstanceUID}"
+    with run_answering_proxy(pacs.url, lambda path: (404, b"") if path.endswith(gone) else None) as proxy:
+        report = ingest_dicomweb(f"{proxy}/dicom-web", {"ModalitiesInStudy": "CT"}, tmp_path / "out",
+                                 auth=DicomWebAuth(USER, PASSWORD), key=KEY, backoff_s=0.01)
+
+    n_ct = len({f.parent for f in (cohort / "dicom").rglob("CT/*.dcm")})
+    assert report.volumes_written == n_ct - 1 > 0
+    (failed,) = [r for r in read_manifest(tmp_path / "out" / "quarantine.csv") if r["kind"] == "dicomweb"]
+    assert failed["source"].startswith("dicomweb series ")
+    # series are numbered in UID order, which the test does not know
+    assert re.search(rf"answered HTTP 404 to the WADO-RS retrieve of series \d of {n_ct}; not ingested", failed["reason"])
+    assert re.search(rf"WADO-RS retrieve of series \d of {n_ct}", caplog.text)
+    everything = uids["StudyInstanceUID"] | uids["SeriesInstanceUID"]
+    assert leaks(caplog.text, everything) == []
+    assert files_holding_any(tmp_path / "out", everything) == []
+
+
+@needs_orthanc
+@pytest.mark.parametrize("garbage", [b"<html>proxy error</html>", b'{"error": "not a list"}'])
+def test_a_garbled_series_listing_fails_without_uids(tmp_path: Path, cohort: Path, pacs, caplog, garbage: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Nonsense for a study's QIDO-RS series search stops the ingest; the error (which becomes a
+    Prefect state message) names the request by position, not by the StudyInstanceUID."""
+    caplog.set_level(logging.DEBUG)
+    uids = cohort_uids(cohort)
+    garbled = run_answering_proxy(pacs.url, lambda path: (200, garbage) if path.endswith("/series") else None)
+    with garbled as proxy, pytest.raises(FatalIngestError, match=r"for the QIDO-RS series search of study 1 of \d+") as info:
+        ingest_dicomweb(f"{proxy}/dicom-web", {}, tmp_path / "out", auth=DicomWebAuth(USER, PASSWORD), key=KEY,
+                        backoff_s=0.01)
+    everything = uids["StudyInstanceUID"] | uids["SeriesInstanceUID"]
+    assert leaks(str(info.value), everything) == []
+    assert leaks(caplog.text, everything) == []
+    assert files_holding_any(tmp_path / "out", everything) == []
+
+
+@needs_orthanc
+def test_a_patient_query_keeps_its_value_and_uids_out_of_the_log(tmp_path: Path, cohort: Path, pacs, caplog) -> None:  # type: ignore[no-untyped-def]
+    """httpx logs every request URL at INFO; for a PACS those lines show the server root only,
+    never the path (UIDs) or the query (a PatientID)."""
+    import pydicom
+
+    caplog.set_level(logging.DEBUG)
+    uids = cohort_uids(cohort)
+    patient = pydicom.dcmread(sorted((cohort / "dicom").rglob("*.dcm"))[0], stop_before_pixels=True).PatientID
+    report = ingest_dicomweb(pacs.dicomweb, {"PatientID": patient}, tmp_path / "out", auth=DicomWebAuth(USER, PASSWORD),
+                             key=KEY)
+    assert report.volumes_written == len({f.parent for f in (cohort / "dicom").rglob("*.dcm")
+                                          if pydicom.dcmread(f, stop_before_pixels=True).PatientID == patient}) > 0
+    assert "HTTP Request: GET " in caplog.text and "<DICOMweb path withheld>" in caplog.text
+    assert leaks(caplog.text, uids["StudyInstanceUID"] | uids["SeriesInstanceUID"] | {patient}) == []

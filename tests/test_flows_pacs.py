@@ -3,8 +3,9 @@ Orthanc whose credentials sit in a Prefect Secret block.
 
 The flow runs (Prefect test harness) stop right after the ingest stage (the mri-ct stages
 are replaced by a stub), so no model is trained: what is checked is that PACS series land
-in OUT/ingest next to the local sources, that the secret's value appears in no output
-file, log, flow parameter or error message, and that a wrong secret fails with a clear error.
+in OUT/ingest next to the local sources, that the secret's value and the query's filter
+values (a PatientID) appear in no output file, log, flow or task parameter or error message,
+and that a wrong secret fails at once (no retry) with a clear error.
 """
 
 from __future__ import annotations
@@ -65,6 +66,20 @@ def test_url_with_credentials_is_a_config_error(tmp_path: Path) -> None:
     assert "pw-in-url-77" not in str(raw.value)
 
 
+def test_url_with_a_query_string_is_a_config_error(tmp_path: Path) -> None:
+    url = "http://pacs.local:8042/dicom-web?access_token=tok-in-url-88"
+    config = write_config(tmp_path / "c.yaml", {"dicomweb": [{"url": url}]})
+    with pytest.raises(ConfigError, match=r"dicomweb.0.url: .*must not carry a query string") as info:
+        load_pipeline_config(AugmentParams(config=str(config)))
+    assert "tok-in-url-88" not in str(info.value) and "http://pacs.local:8042/dicom-web" in str(info.value)
+    # a raw validation error of the ingest section hides its inputs too (here a URL where a list belongs)
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as raw:
+        IngestSection.model_validate({"dicomweb": url})
+    assert "tok-in-url-88" not in str(raw.value)
+
+
 @pytest.mark.parametrize(
     ("source", "needle"),
     [
@@ -99,12 +114,35 @@ def test_pacs_sources_count_as_sources_for_phantoms_auto() -> None:
 
 
 def test_pacs_ingest_is_never_cached() -> None:
-    from flows.tasks import ingest_cache_key
+    from flows.tasks import ingest_cache_key, pacs_ref
 
     local = {"sources": [], "out": "/tmp/x", "modality": None, "key_source": "demo"}
     assert ingest_cache_key(None, local) is not None  # type: ignore[arg-type]
-    pacs = {**local, "pacs": [{"url": "http://pacs.local/dicom-web", "query": {}, "credentials": "env"}]}
+    pacs = {**local, "pacs": [pacs_ref({"config": "/tmp/c.yaml"}, 0, "http://pacs.local/dicom-web")]}
     assert ingest_cache_key(None, pacs) is None  # type: ignore[arg-type]
+
+
+def test_the_ingest_task_reads_a_pacs_query_from_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PACS reaches the ingest task as a reference (config and position), never with its
+    filter values; the task reads url, query and credentials from the config, and refuses a
+    config that no longer names that PACS."""
+    from flows.tasks import pacs_ref, resolve_pacs_source
+
+    for var in ("MEDAUG_DICOMWEB_USER", "MEDAUG_DICOMWEB_PASSWORD", "MEDAUG_DICOMWEB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    config = write_config(tmp_path / "c.yaml", {"dicomweb": [
+        {"url": "http://a.local/dicom-web", "query": {"ModalitiesInStudy": "MR"}},
+        {"url": "http://b.local/dicom-web", "query": {"PatientID": "PH-SECRET-1"}},
+    ]})
+    ref = pacs_ref({"config": str(config), "overrides": ["ingest.modality=CT"], "pipeline": None}, 1, "http://b.local/dicom-web")
+    assert "PH-SECRET-1" not in json.dumps(ref)
+    source = resolve_pacs_source(ref)
+    assert (source.url, dict(source.query)) == ("http://b.local/dicom-web", {"PatientID": "PH-SECRET-1"})
+    assert source.auth is not None and "MEDAUG_DICOMWEB_USER" in source.auth.source
+
+    write_config(config, {"dicomweb": [{"url": "http://a.local/dicom-web"}]})  # edited while the run was going
+    with pytest.raises(ConfigError, match="ingest.dicomweb entry 2 is no longer the PACS http://b.local/dicom-web"):
+        resolve_pacs_source(ref)
 
 
 def test_nothing_to_ingest(tmp_path: Path) -> None:
@@ -191,6 +229,15 @@ def prefect_text() -> str:
     return "\n".join(parts)
 
 
+def prefect_database_folder() -> Path:
+    """The folder of the Prefect test harness's SQLite database (with its -wal and -shm files)."""
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    url = PREFECT_SERVER_DATABASE_CONNECTION_URL.value()
+    assert url and url.startswith("sqlite+aiosqlite:///"), "the test harness runs on SQLite"
+    return Path(url.removeprefix("sqlite+aiosqlite:///")).parent
+
+
 def ingest_run_counts(flow_run_id: Any) -> list[int]:
     """run_count of every ingest task run under a flow run (1: not retried)."""
     from prefect.client.orchestration import get_client
@@ -214,14 +261,21 @@ def test_augment_ingests_a_pacs_with_a_secret_block(
     tmp_path: Path, cohort: Path, pacs, ingest_only: list[dict[str, Any]],  # type: ignore[no-untyped-def]
     caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
 ) -> None:
+    import pydicom
+
     from pipeline.ingest import run_ingest
     from pipeline.manifest import read_manifest
 
     caplog.set_level(logging.DEBUG)
     save_secret(SECRET, {"user": USER, "password": PASSWORD})
+    # one patient's CT study: the PatientID is an identifier, and Prefect stores and shows
+    # every flow and task parameter, so it must not become one
+    ct_folder = sorted((cohort / "dicom").rglob("CT/*.dcm"))[0].parent
+    patient = str(pydicom.dcmread(next(ct_folder.glob("*.dcm")), stop_before_pixels=True).PatientID)
     config = write_config(tmp_path / "pacs.yaml", {
         "sources": [str(cohort / "nifti" / "MR")],
-        "dicomweb": [{"url": pacs.dicomweb, "query": {"ModalitiesInStudy": "CT"}, "credentials_secret": SECRET}],
+        "dicomweb": [{"url": pacs.dicomweb, "query": {"ModalitiesInStudy": "CT", "PatientID": patient},
+                      "credentials_secret": SECRET}],
     })
     out = tmp_path / "out"
     state = run_augment_flow(config, out)
@@ -229,9 +283,9 @@ def test_augment_ingests_a_pacs_with_a_secret_block(
     (result,) = ingest_only
     assert result["ingest"] == str(out / "ingest")
 
-    # CT came from the PACS, MR from the local folder, both into the one training ingest folder,
-    # each exactly as a folder ingest of the same files writes it.
-    run_ingest([cohort / "dicom"], tmp_path / "ref-dicom", key=KEY.encode())
+    # CT (that patient's only) came from the PACS, MR from the local folder, both into the one
+    # training ingest folder, each exactly as a folder ingest of the same files writes it.
+    run_ingest([ct_folder], tmp_path / "ref-dicom", key=KEY.encode())
     run_ingest([cohort / "nifti" / "MR"], tmp_path / "ref-nifti", key=KEY.encode())
 
     def rows(folder: Path, modality: str) -> list[tuple[str, str]]:
@@ -240,18 +294,22 @@ def test_augment_ingests_a_pacs_with_a_secret_block(
     assert rows(out / "ingest", "CT") == rows(tmp_path / "ref-dicom", "CT") != []
     assert rows(out / "ingest", "MR") == rows(tmp_path / "ref-nifti", "MR") != []
     report = json.loads((out / "ingest" / "ingest_report.json").read_text())
-    assert report["pacs_series_found"] == len(rows(out / "ingest", "CT")) and report["pacs_series_failed"] == 0
+    assert report["pacs_series_found"] == len(rows(out / "ingest", "CT")) == 1 and report["pacs_series_failed"] == 0
     assert not (out / "ingest-dicom").exists()  # a PACS feeds training, not the DICOM-only route
 
-    # The secret's value is nowhere: output files, Prefect's storage, run logs and parameters, console.
-    assert files_holding(out, PASSWORD) == []
-    assert files_holding(Path(os.environ["PREFECT_HOME"]), PASSWORD) == []
+    # Neither the secret's value nor the PatientID is anywhere: output files, Prefect's database
+    # (flow and task parameters, logs, states, events) and storage, artifacts, console.
     text = prefect_text()
-    assert f"secret:{SECRET}" in text  # the flow parameters name the block ...
-    assert "PACS 1 of 1" in text  # ... and the ingest logged the PACS
-    assert PASSWORD not in text
+    for value in (PASSWORD, patient):
+        assert value not in text
+        assert files_holding(out, value) == []
+        assert files_holding(Path(os.environ["PREFECT_HOME"]), value) == []
+        assert files_holding(prefect_database_folder(), value) == []
+    assert f"Prefect Secret block '{SECRET}'" in text  # the ingest logged where the credentials are ...
+    assert "PACS 1 of 1" in text and "studies filtered by ModalitiesInStudy, PatientID" in text  # ... and the keys
     captured = capfd.readouterr()
-    assert PASSWORD not in caplog.text + captured.out + captured.err
+    for value in (PASSWORD, patient):
+        assert value not in caplog.text + captured.out + captured.err
 
 
 @pytest.mark.slow
@@ -259,27 +317,43 @@ def test_augment_ingests_a_pacs_with_a_secret_block(
 @needs_orthanc
 def test_augment_with_a_wrong_secret_fails_clearly(
     tmp_path: Path, pacs, ingest_only: list[dict[str, Any]], capfd: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from pipeline.errors import FatalIngestError
+    from pipeline.errors import DicomWebAuthError, FatalIngestError
 
-    def run(secret: str) -> tuple[Exception, list[int]]:
-        """A PACS-only run (no local source) with credentials from the Secret block `secret`."""
-        config = write_config(tmp_path / f"{secret}.yaml", {
-            "dicomweb": [{"url": pacs.dicomweb, "query": {"ModalitiesInStudy": "CT"}, "credentials_secret": secret}],
-        })
-        state = run_augment_flow(config, tmp_path / secret)
+    def run(secret: str | None) -> tuple[Exception, list[int]]:
+        """A PACS-only run (no local source) with credentials from the Secret block `secret` (None: the environment)."""
+        source = {"url": pacs.dicomweb, "query": {"ModalitiesInStudy": "CT"}}
+        if secret is not None:
+            source["credentials_secret"] = secret
+        name = secret or "env"
+        config = write_config(tmp_path / f"{name}.yaml", {"dicomweb": [source]})
+        state = run_augment_flow(config, tmp_path / name)
         assert state.is_failed()
         error = state.result(raise_on_failure=False)
         assert isinstance(error, Exception)
         assert not ingest_only, "the run went past the ingest stage"
         return error, ingest_run_counts(state.state_details.flow_run_id)
 
+    # Refused credentials: one login attempt only (tiny.yaml has runtime.retries 1, for a PACS
+    # that is briefly down; repeating a refused login can lock the account).
     save_secret("medaug-test-pacs-wrong", {"user": USER, "password": WRONG_PASSWORD})
     error, counts = run("medaug-test-pacs-wrong")
-    assert isinstance(error, FatalIngestError)
+    assert isinstance(error, DicomWebAuthError) and isinstance(error, FatalIngestError)  # the CLI's exit 2 and one line
     assert "stage ingest: cannot query the PACS: DICOMweb server" in str(error)
     assert "refused the credentials (HTTP 401); check the Prefect Secret block 'medaug-test-pacs-wrong'" in str(error)
-    assert counts == [2]  # tiny.yaml: runtime.retries 1 (a PACS may be briefly down)
+    assert "not retried" in str(error) and WRONG_PASSWORD not in str(error)
+    assert counts == [1]
+
+    monkeypatch.setenv("MEDAUG_DICOMWEB_USER", USER)
+    monkeypatch.setenv("MEDAUG_DICOMWEB_PASSWORD", WRONG_PASSWORD)
+    error, counts = run(None)
+    assert isinstance(error, DicomWebAuthError)
+    assert "refused the credentials (HTTP 401); check the environment variables MEDAUG_DICOMWEB_USER/MEDAUG_DICOMWEB_PASSWORD" in str(error)
+    assert WRONG_PASSWORD not in str(error)
+    assert counts == [1]
+    monkeypatch.delenv("MEDAUG_DICOMWEB_USER")
+    monkeypatch.delenv("MEDAUG_DICOMWEB_PASSWORD")
 
     error, counts = run("medaug-test-no-such-block")
     assert isinstance(error, ConfigError)

@@ -14,6 +14,10 @@ Credentials come from the environment (MEDAUG_DICOMWEB_USER and MEDAUG_DICOMWEB_
 or MEDAUG_DICOMWEB_TOKEN for a bearer token) or from the caller (the value of a Prefect
 Secret block, `DicomWebAuth.from_secret_value`, resolved in flows/); they are never logged
 nor put in an error message, and user:password parts of a URL are removed from every message.
+Study and series UIDs and the QIDO-RS filter values (a PatientID, an AccessionNumber) are
+identifiers (DICOM PS3.15 Annex E) that never leave this module: a message names a request by
+its kind and position ("WADO-RS retrieve of series 3 of 7"), never by its URL, and httpx's
+own request log lines for a PACS show the server root only.
 
 References: DICOM PS3.18 (Web Services), sections 10.4 (WADO-RS) and 10.6 (QIDO-RS).
 """
@@ -35,7 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from pipeline.errors import ConfigError, FatalIngestError, MedaugError
+from pipeline.errors import ConfigError, DicomWebAuthError, FatalIngestError, MedaugError
 from pipeline.types import Modality
 
 if TYPE_CHECKING:
@@ -146,16 +150,54 @@ class DicomWebAuth:
 
 
 def redact_url(url: str) -> str:
-    """The URL without a user:password part, for messages.
+    """The URL without a user:password part, query string or fragment, for messages.
 
-    >>> redact_url("http://alice:pw@pacs.local:8042/dicom-web")
+    A query string may carry a token (?access_token=...) or a filter value (?PatientID=...).
+
+    >>> redact_url("http://alice:pw@pacs.local:8042/dicom-web?access_token=abc#x")
     'http://pacs.local:8042/dicom-web'
     """
     parts = urlsplit(url)
     host = parts.hostname or ""
     if parts.port:
         host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class _WithholdPacsRequests(logging.Filter):
+    """Cuts httpx's "HTTP Request: GET URL ..." lines for a PACS down to the server root.
+
+    httpx logs every request's URL at INFO; a DICOMweb URL holds the StudyInstanceUID and
+    SeriesInstanceUID in its path and the QIDO-RS filter values in its query, identifiers
+    that must not reach a log (DICOM PS3.15 Annex E). Requests to other hosts are left as
+    they are. `servers` holds (scheme, host, port) of every DicomWebClient made.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.servers: set[tuple[str, str, int | None]] = set()
+
+    @staticmethod
+    def server(url: str) -> tuple[str, str, int | None]:
+        """(scheme, host, port) of `url`, the port filled in from the scheme (httpx drops :80 and :443)."""
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:  # not a number: no request goes there anyway
+            port = None
+        return parts.scheme, parts.hostname or "", port or {"http": 80, "https": 443}.get(parts.scheme)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not (isinstance(args, tuple) and len(args) >= 2 and str(record.msg).startswith("HTTP Request:")):
+            return True
+        if self.server(str(args[1])) in self.servers:
+            root = urlsplit(redact_url(str(args[1])))
+            record.args = (args[0], f"{root.scheme}://{root.netloc}/<DICOMweb path withheld>", *args[2:])
+        return True
+
+
+_HTTPX_FILTER = _WithholdPacsRequests()
 
 
 def parse_query(items: list[str]) -> dict[str, str]:
@@ -165,11 +207,14 @@ def parse_query(items: list[str]) -> dict[str, str]:
     {'ModalitiesInStudy': 'CT'}
     """
     out: dict[str, str] = {}
-    for item in items:
+    for i, item in enumerate(items):
         key, sep, value = item.partition("=")
         key = key.strip()
-        if not sep or not value:
-            raise DicomWebError(f"--query {item!r} must look like KEY=VALUE, e.g. ModalitiesInStudy=CT")
+        if not sep:  # the item is not echoed: it may be a value (PatientID:PH123, a typo)
+            raise DicomWebError(f"--query {i + 1} of {len(items)} has no '='; it must look like KEY=VALUE, "
+                                "e.g. ModalitiesInStudy=CT")
+        if not value:
+            raise DicomWebError(f"--query {key}= has no value; it must look like KEY=VALUE, e.g. ModalitiesInStudy=CT")
         if key not in QUERY_KEYS:
             raise DicomWebError(f"--query key {key!r} is not supported; use one of: {', '.join(QUERY_KEYS)}")
         out[key] = value.strip()
@@ -178,9 +223,10 @@ def parse_query(items: list[str]) -> dict[str, str]:
 
 @dataclass
 class SeriesRef:
-    """One series announced by QIDO-RS. `index` is its position in the query result (1-based)."""
+    """One series announced by QIDO-RS: `index` of `total`, its position in the query result (1-based)."""
 
     index: int
+    total: int
     study_uid: str
     series_uid: str
     modality: str
@@ -196,7 +242,10 @@ class FetchResult:
     n_series: int
 
 
-def _value(item: Mapping[str, object], tag: str) -> str | None:
+def _value(item: object, tag: str) -> str | None:
+    """The first value of `tag` in a DICOM JSON dataset (PS3.18 F.2), None when absent or malformed."""
+    if not isinstance(item, Mapping):
+        return None
     element = item.get(tag)
     if not isinstance(element, Mapping):
         return None
@@ -225,6 +274,8 @@ class DicomWebClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.label = redact_url(self.base_url)
+        _HTTPX_FILTER.servers.add(_HTTPX_FILTER.server(self.base_url))
+        logging.getLogger("httpx").addFilter(_HTTPX_FILTER)  # adds it once
         self.retries = retries
         self.backoff_s = backoff_s
         self._sleep = sleep
@@ -244,13 +295,16 @@ class DicomWebClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _get(self, path: str, params: Mapping[str, str] | None, accept: str) -> httpx.Response:
+    def _get(self, path: str, params: Mapping[str, str] | None, accept: str, what: str) -> httpx.Response:
+        """GET `path` under the root. `what` names the request in messages ("QIDO-RS study search"):
+        the path holds UIDs and `params` filter values, so neither ever appears in one."""
         url = f"{self.base_url}/{path.lstrip('/')}"
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 delay = self.backoff_s * 2 ** (attempt - 1)
-                log.warning("DICOMweb %s: %s; retry %d of %d in %.1f s", self.label, last, attempt, self.retries, delay)
+                log.warning("DICOMweb %s, %s: %s; retry %d of %d in %.1f s", self.label, what, last, attempt,
+                            self.retries, delay)
                 self._sleep(delay)
             try:
                 response = self._client.get(url, params=params, headers={"Accept": accept})
@@ -260,9 +314,10 @@ class DicomWebClient:
                 continue
             if response.status_code in (401, 403):
                 given = "refused the credentials" if self._auth_given else "asks for credentials and none were given"
-                raise DicomWebError(
+                # not retried here nor by a caller: repeated refused logins can lock the account
+                raise DicomWebAuthError(
                     f"DICOMweb server {self.label} {given} (HTTP {response.status_code}); "
-                    f"check {self._auth_source}"
+                    f"check {self._auth_source} (not retried, so as not to lock the account)"
                 )
             if response.status_code in RETRYABLE_STATUS:
                 last = f"HTTP {response.status_code}"
@@ -270,44 +325,46 @@ class DicomWebClient:
             if response.status_code == 204:
                 return response
             if response.status_code >= 400:
-                raise DicomWebError(f"DICOMweb server {self.label} answered HTTP {response.status_code} to {path}")
+                raise DicomWebError(f"DICOMweb server {self.label} answered HTTP {response.status_code} to the {what}")
             return response
-        raise DicomWebError(f"DICOMweb server {self.label}: {last} after {self.retries + 1} tries")
+        raise DicomWebError(f"DICOMweb server {self.label}, {what}: {last} after {self.retries + 1} tries")
 
-    def _json(self, path: str, params: Mapping[str, str] | None = None) -> list[dict[str, object]]:
-        response = self._get(path, params, "application/dicom+json")
+    def _json(self, path: str, params: Mapping[str, str] | None, what: str) -> list[dict[str, object]]:
+        response = self._get(path, params, "application/dicom+json", what)
         if response.status_code == 204 or not response.content:
             return []
         try:
             data = response.json()
         except ValueError:
-            raise DicomWebError(f"DICOMweb server {self.label} sent invalid JSON for {path}") from None
+            raise DicomWebError(f"DICOMweb server {self.label} sent invalid JSON for the {what}") from None
         if not isinstance(data, list):
-            raise DicomWebError(f"DICOMweb server {self.label} sent a {type(data).__name__}, not a list, for {path}")
+            raise DicomWebError(f"DICOMweb server {self.label} sent a {type(data).__name__}, not a list, for the {what}")
         return data
 
     def search_series(self, query: Mapping[str, str]) -> list[SeriesRef]:
         """Studies matching `query`, then their series, in a stable order (by UIDs)."""
-        studies = self._json("studies", {**query, "includefield": STUDY_UID})
+        studies = self._json("studies", {**query, "includefield": STUDY_UID}, "QIDO-RS study search")
         refs: list[tuple[str, str, str, int | None]] = []
-        for study in studies:
+        for k, study in enumerate(studies):
             study_uid = _value(study, STUDY_UID)
             if study_uid is None:
                 continue
-            for series in self._json(f"studies/{study_uid}/series", {"includefield": N_SERIES_INSTANCES}):
+            what = f"QIDO-RS series search of study {k + 1} of {len(studies)}"
+            for series in self._json(f"studies/{study_uid}/series", {"includefield": N_SERIES_INSTANCES}, what):
                 series_uid = _value(series, SERIES_UID)
                 if series_uid is None:
                     continue
                 n = _value(series, N_SERIES_INSTANCES)
-                refs.append((study_uid, series_uid, _value(series, SERIES_MODALITY) or "", int(n) if n else None))
+                refs.append((study_uid, series_uid, _value(series, SERIES_MODALITY) or "", int(n) if n and n.isdigit() else None))
         refs.sort()
-        return [SeriesRef(i + 1, s, r, m, n) for i, (s, r, m, n) in enumerate(refs)]
+        return [SeriesRef(i + 1, len(refs), s, r, m, n) for i, (s, r, m, n) in enumerate(refs)]
 
     def retrieve_series(self, ref: SeriesRef) -> list[bytes]:
         """All instances of a series as DICOM Part 10 bytes (WADO-RS multipart/related)."""
         path = f"studies/{ref.study_uid}/series/{ref.series_uid}"
+        what = f"WADO-RS retrieve of series {ref.index} of {ref.total}"
         for attempt in range(self.retries + 1):
-            response = self._get(path, None, 'multipart/related; type="application/dicom"')
+            response = self._get(path, None, 'multipart/related; type="application/dicom"', what)
             parts = split_multipart(response.headers.get("content-type", ""), response.content)
             complete = all(p[128:132] == b"DICM" for p in parts)
             if parts and complete and (ref.n_instances is None or len(parts) == ref.n_instances):
@@ -353,6 +410,8 @@ def fetch_series(client: DicomWebClient, query: Mapping[str, str], staging: Path
     """
     try:
         refs = client.search_series(query)
+    except DicomWebAuthError as exc:
+        raise DicomWebAuthError(f"cannot query the PACS{where}: {exc}") from None
     except DicomWebError as exc:
         raise FatalIngestError(f"cannot query the PACS{where}: {exc}") from None
     staging.mkdir(parents=True, exist_ok=True)
@@ -364,6 +423,8 @@ def fetch_series(client: DicomWebClient, query: Mapping[str, str], staging: Path
         partial = staging / f".s{ref.index:04d}.partial"
         try:
             instances = client.retrieve_series(ref)
+        except DicomWebAuthError as exc:  # the login stopped working mid-run: stop, do not try every series
+            raise DicomWebAuthError(f"cannot retrieve {label}: {exc}") from None
         except DicomWebError as exc:
             log.warning("%s (%s): %s; not ingested", label, ref.modality or "?", exc)
             failed.append((label, f"{ref.modality or 'unknown modality'}: {exc}; not ingested"))
@@ -415,7 +476,8 @@ def ingest_with_pacs(
     could not be retrieved intact are added to out/quarantine.csv (kind "dicomweb") and
     ingest_report.json gets `pacs_series_found` and `pacs_series_failed` (summed over the
     PACS). The staging folders are deleted afterwards. Returns the IngestReport.
-    Raises FatalIngestError when a PACS cannot be queried at all (down, credentials refused).
+    Raises FatalIngestError when a PACS cannot be queried at all (down, answers nonsense), and
+    its subclass DicomWebAuthError when it refuses the credentials (a caller must not retry that).
     """
     from pipeline.ingest.run import QUARANTINE_COLUMNS, REPORT_NAME, run_ingest
     from pipeline.ingest.writer import write_atomic

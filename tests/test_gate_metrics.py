@@ -352,3 +352,84 @@ def test_fid_with_one_set_larger_than_the_dimension_matches_an_independent_route
     expected = float((mu1 - mu2) @ (mu1 - mu2) + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
     assert M.fid(x, y) == pytest.approx(expected, rel=1e-9)
     assert M.fid(y, x) == pytest.approx(expected, rel=1e-9)
+
+
+# --- the fid check: matched FID over real-vs-real, averaged over half splits ------------------------
+
+
+def _subjects(rng: np.random.Generator, items: int, slices: int, first: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Features (items * slices, 16) of `items` subjects (a random offset each, slices scattered around it)
+    and their item ids first.. : the structure of volumes' slices that the half splits must respect."""
+    offsets = rng.normal(size=(items, 16))
+    x = np.repeat(offsets, slices, axis=0) + 0.5 * rng.normal(size=(items * slices, 16))
+    return x, np.repeat(np.arange(first, first + items), slices)
+
+
+@pytest.fixture(scope="module")
+def held_out() -> dict[str, np.ndarray]:
+    """24 training subjects and 12 held-out ones from the same distribution, 20 slices each."""
+    rng = np.random.default_rng(0)
+    fr, gr = _subjects(rng, 24, 20)
+    fs, gs = _subjects(rng, 12, 20)
+    return {"fr": fr, "gr": gr, "fs": fs, "gs": gs}
+
+
+def test_matched_fid_ratio_of_held_out_real_subjects_is_near_one(held_out: dict[str, np.ndarray]) -> None:
+    # equal sizes on both sides, so the same small-sample bias: real vs real gives ~1 whatever the seed
+    # (0.77-1.31 over 20 data seeds); the rule before (all 240 vs all 480 slices over one split of
+    # 240 vs 240) gave 0.57-1.18, biased low by the larger numerator samples
+    for seed in range(3):
+        r = gate_run.matched_fid_ratio(held_out["fr"], held_out["fs"], held_out["gr"], held_out["gs"], 10, seed)
+        assert r is not None and 0.5 < r.ratio < 2.0, (seed, r)
+        assert len(r.baseline) == 10 and (r.baseline > 0).all()
+
+
+def test_averaging_over_splits_steadies_the_ratio_across_seeds(held_out: dict[str, np.ndarray]) -> None:
+    # one fixed real set, one fixed "synthetic" set: only the gate seed (which halves, which subsets) moves;
+    # std over seeds 0-4 with 10 splits is 0.38 x that with 1 here, at most 0.70 x over 20 data seeds
+    def spread(splits: int) -> float:
+        ratios = [gate_run.matched_fid_ratio(held_out["fr"], held_out["fs"], held_out["gr"], held_out["gs"], splits,
+                                             seed).ratio for seed in range(5)]  # type: ignore[union-attr]
+        return float(np.std(ratios))
+
+    one, ten = spread(1), spread(10)
+    assert ten < 0.75 * one, (one, ten)
+
+
+@pytest.mark.parametrize("n_syn_items", [30, 5])
+def test_matched_fid_compares_equal_sizes_drawn_by_item(monkeypatch: pytest.MonkeyPatch, n_syn_items: int) -> None:
+    # column 0 of each row is its index, so a spy on M.fid can tell which slices each FID got;
+    # items have 3 to 9 slices, so an equal size needs the last drawn item trimmed
+    rng = np.random.default_rng(3)
+    gr = np.repeat(np.arange(20), rng.integers(3, 10, 20))
+    gs = np.repeat(np.arange(n_syn_items), rng.integers(3, 10, n_syn_items))
+    fr = np.column_stack([np.arange(len(gr)), rng.normal(size=(len(gr), 4))])
+    fs = np.column_stack([np.arange(len(gs)), rng.normal(size=(len(gs), 4))])
+    calls: list[tuple[np.ndarray, np.ndarray]] = []
+    real_fid = M.fid
+
+    def spy(a: M.Rows, b: M.Rows, device: str | torch.device = "cpu") -> float:
+        calls.append((np.asarray(torch.as_tensor(a)[:, 0].cpu(), np.int64), np.asarray(torch.as_tensor(b)[:, 0].cpu(), np.int64)))
+        return real_fid(a, b, device)
+
+    monkeypatch.setattr(M, "fid", spy)
+    r = gate_run.matched_fid_ratio(fr, fs, gr, gs, 4, seed=0)
+    assert r is not None and len(calls) == 8
+    for i in range(4):
+        (syn_a, real_b), (real_a, real_b2) = calls[2 * i], calls[2 * i + 1]
+        # numerator and denominator: same real half B, A sides of one size (a half's, or all synthetic slices)
+        np.testing.assert_array_equal(real_b, real_b2)
+        assert len(syn_a) == len(real_a) == r.sizes[i] == min(len(fs), len(np.flatnonzero(~np.isin(gr, gr[real_b]))))
+        assert not set(gr[real_a].tolist()) & set(gr[real_b].tolist())  # item-disjoint halves
+        assert len(set(syn_a.tolist())) == len(syn_a) and len(set(real_a.tolist())) == len(real_a)
+        # drawn by item: every item taken whole but at most one
+        for rows, groups in ((syn_a, gs), (real_a, gr)):
+            partial = [g for g in np.unique(groups[rows]) if (groups[rows] == g).sum() < (groups == g).sum()]
+            assert len(partial) <= 1
+    # the report's ratio is mean over mean
+    assert r.ratio == pytest.approx(r.matched.mean() / r.baseline.mean())
+
+
+def test_matched_fid_needs_four_real_items() -> None:
+    x = np.random.default_rng(0).normal(size=(12, 4))
+    assert gate_run.matched_fid_ratio(x, x, np.repeat(np.arange(3), 4), np.repeat(np.arange(3), 4), 10, 0) is None

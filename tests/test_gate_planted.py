@@ -174,6 +174,13 @@ def test_report_files_and_id_are_reproducible(cohort: dict[str, Path], tmp_path:
     assert doc["feature_extractor"]["name"] == "domain-simclr-v1" and len(doc["feature_extractor"]["sha256"]) == 64
     fid = doc["metrics"]["fid"]
     assert fid["ci_low"] <= fid["value"] <= fid["ci_high"]
+    # the fid check's ratio: equal-size FIDs averaged over the default 10 half splits, with their spread
+    base, matched, ratio = (doc["metrics"][k] for k in ("fid_real_baseline", "fid_matched", "fid_ratio"))
+    assert base["splits"] == 10 and base["min"] <= base["value"] <= base["max"] and base["std"] > 0
+    assert matched["min"] <= matched["value"] <= matched["max"]
+    assert ratio["value"] == pytest.approx(matched["value"] / base["value"], rel=1e-4)
+    assert ratio["split_min"] <= ratio["value"] <= ratio["split_max"]
+    assert "over 10 item-disjoint half splits" in next(c["detail"] for c in doc["checks"] if c["name"] == "fid")
     assert set(doc["per_class"]) == {"round", "necrotic"} and "fid" in doc["per_class"]["round"]
     md = (tmp_path / "a" / REPORT_MD).read_text()
     assert "Verdict: ACCEPT" in md and a.report_id in md

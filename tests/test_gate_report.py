@@ -77,6 +77,16 @@ def test_json_has_no_nan_and_markdown_names_verdict(tmp_path: Path) -> None:
     assert "![near_copies.png](near_copies.png)" in md
 
 
+def test_markdown_shows_a_metric_spread_beside_its_value(tmp_path: Path) -> None:
+    # the fid baseline's spread over half splits is what tells a reader how noisy the ratio is
+    r = _report()
+    r.metrics["fid_real_baseline"] = {"value": 0.05, "std": 0.012, "min": 0.03, "max": 0.09, "splits": 10.0}
+    md = write_markdown(r, tmp_path, []).read_text()
+    assert "| metric | value | CI low | CI high | spread and other |" in md
+    assert "| fid_real_baseline | 0.05 | - | - | std 0.012, min 0.03, max 0.09, splits 10 |" in md
+    assert "| fid | 0.1 | 0.05 | nan | |" not in md and "| nearest_k | 5 | | | |" in md
+
+
 def test_accepted_csv_lists_kept_items_only_when_the_batch_passes(tmp_path: Path) -> None:
     rows = [{"path": "a.nii.gz", "class": "round"}, {"path": "b.nii.gz", "class": "round"}]
     write_accepted(_report(), rows, ["path", "class"], tmp_path)

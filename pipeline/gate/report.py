@@ -160,7 +160,8 @@ def _fmt(v: Any) -> str:
 
 
 def write_markdown(report: GateReport, out: Path, figures: list[str]) -> Path:
-    """Write OUT/gate_report.md: verdict, checks, metrics with CIs, per class, rejects, figures."""
+    """Write OUT/gate_report.md: verdict, checks, metrics with CIs and their other numbers (a KID's std, the
+    FID baseline's spread over half splits), per class, rejects, figures."""
     d = report.to_dict()
     lines = [
         "# Quality gate report",
@@ -182,12 +183,13 @@ def write_markdown(report: GateReport, out: Path, figures: list[str]) -> Path:
     for c in d["checks"]:
         lines.append(f"| {c['name']} | {_fmt(c['value'])} | {c['op']} {_fmt(c['threshold'])} | "
                      f"{'pass' if c['passed'] else '**FAIL**'} | {c['detail']} |")
-    lines += ["", "## Metrics", "", "| metric | value | CI low | CI high |", "|---|---|---|---|"]
+    lines += ["", "## Metrics", "", "| metric | value | CI low | CI high | spread and other |", "|---|---|---|---|---|"]
     for name, m in d["metrics"].items():
         if isinstance(m, dict):
-            lines.append(f"| {name} | {_fmt(m.get('value'))} | {_fmt(m.get('ci_low'))} | {_fmt(m.get('ci_high'))} |")
+            other = ", ".join(f"{k} {_fmt(v)}" for k, v in m.items() if k not in ("value", "ci_low", "ci_high"))
+            lines.append(f"| {name} | {_fmt(m.get('value'))} | {_fmt(m.get('ci_low'))} | {_fmt(m.get('ci_high'))} | {other} |")
         else:
-            lines.append(f"| {name} | {_fmt(m)} | | |")
+            lines.append(f"| {name} | {_fmt(m)} | | | |")
     if d["per_class"]:
         keys = ["n_real", "n_synthetic", "fid", "kid", "precision", "recall", "density", "coverage", "ms_ssim_synthetic",
                 "ms_ssim_real", "copy_fraction"]

@@ -59,7 +59,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -73,6 +72,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from any folder
     sys.path.insert(0, str(REPO))
 
+from bench.rows import RowPrinter, Stopped  # noqa: E402
 from pipeline.gate import metrics as M  # noqa: E402
 from pipeline.gate.config import GateConfig  # noqa: E402
 from pipeline.gate.encoder import state_dict_sha256, train_domain_encoder  # noqa: E402
@@ -387,46 +387,6 @@ def table_row(r: Row, cuda: bool) -> str:
             f"{r.gate_sub.seconds / r.naive.seconds:.3g} | {r.diff:.2e} | {verdict} |")
 
 
-class Stopped(BaseException):
-    """SIGTERM arrived (what `timeout` sends). A BaseException, like KeyboardInterrupt, so that no
-    `except Exception` in the code being timed swallows it."""
-
-
-class RowPrinter:
-    """Prints (and flushes) table rows as they are measured and turns SIGTERM into Stopped.
-
-    Inside its with block the first SIGTERM raises Stopped in the main thread, except while a row is
-    being printed: then it waits until the row is out, so `printed` counts exactly the rows on stdout.
-    The previous handler comes back when the block ends. (The same class is in bench/cyclegan.py,
-    bench/tumor_gan.py and bench/gate.py, each a standalone script.)"""
-
-    def __init__(self) -> None:
-        self.printed = 0
-        self._printing = self._pending = self._fired = False
-
-    def __enter__(self) -> RowPrinter:
-        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
-
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        if self._printing:
-            self._pending = True
-        elif not self._fired:
-            self._fired = True
-            raise Stopped
-
-    def row(self, line: str) -> None:
-        self._printing = True
-        try:
-            print(line, flush=True)
-            self.printed += 1
-        finally:
-            self._printing = False
-        if self._pending:
-            self._on_sigterm(signal.SIGTERM, None)
 
 
 # --- main ----------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 
 import torch
 
@@ -38,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from any folder
     sys.path.insert(0, str(REPO))
 
+from bench.rows import RowPrinter, Stopped  # noqa: E402
 from models.common import EMA, select_device  # noqa: E402
 from models.train_tumor_gan import (  # noqa: E402
     TumorGANConfig,
@@ -50,48 +50,6 @@ from models.train_tumor_gan import (  # noqa: E402
     make_latents,
     sample_batch,
 )
-
-
-class Stopped(BaseException):
-    """SIGTERM arrived (what `timeout` sends). A BaseException, like KeyboardInterrupt, so that no
-    `except Exception` in the code being timed swallows it."""
-
-
-class RowPrinter:
-    """Prints (and flushes) table rows as they are measured and turns SIGTERM into Stopped.
-
-    Inside its with block the first SIGTERM raises Stopped in the main thread, except while a row is
-    being printed: then it waits until the row is out, so `printed` counts exactly the rows on stdout.
-    The previous handler comes back when the block ends. (The same class is in bench/cyclegan.py,
-    bench/tumor_gan.py and bench/gate.py, each a standalone script.)"""
-
-    def __init__(self) -> None:
-        self.printed = 0
-        self._printing = self._pending = self._fired = False
-
-    def __enter__(self) -> RowPrinter:
-        self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
-
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        if self._printing:
-            self._pending = True
-        elif not self._fired:
-            self._fired = True
-            raise Stopped
-
-    def row(self, line: str) -> None:
-        self._printing = True
-        try:
-            print(line, flush=True)
-            self.printed += 1
-        finally:
-            self._printing = False
-        if self._pending:
-            self._on_sigterm(signal.SIGTERM, None)
 
 
 @dataclass(frozen=True)

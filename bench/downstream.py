@@ -46,7 +46,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -64,6 +63,8 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from any folder
     sys.path.insert(0, str(REPO))
+
+from bench.common import cpu_name  # noqa: E402
 
 log = logging.getLogger("bench.downstream")
 
@@ -224,18 +225,17 @@ def stage_clock(work: Path) -> tuple[dict[str, float], Callable[[str, float], No
     return timings, timed
 
 
-def build_inputs(work: Path, subjects: int, size: int, seed: int, patch_size: int, gan_steps: int, n_synth: int) -> dict[str, Any]:
-    """Phantom cohort -> ingest -> real patches -> tumor GAN -> samples -> gate. Returns paths and the gate verdict."""
-    from models.train_tumor_gan import TumorGANConfig, train_tumor_gan
-    from pipeline.gate.config import GateConfig
-    from pipeline.gate.run import run_gate
+def cohort_and_ingest(
+    work: Path, subjects: int, size: int, seed: int, modalities: Sequence[str], timed: Callable[[str, float], None]
+) -> tuple[Path, Path]:
+    """The phantom cohort (work/cohort) and its ingest of `modalities` (work/ingest), each made once.
+
+    Refuses a work folder whose cohort was made with other options (check_cohort).
+    """
     from pipeline.ingest import run_ingest
-    from pipeline.patches import extract_patches, to_train_data, write_patch_folder
     from pipeline.phantoms import write_cohort
-    from pipeline.sample_tumors import sample_tumors
 
-    timings, timed = stage_clock(work)
-
+    check_cohort(work, subjects, size, seed)
     cohort = work / "cohort"
     t0 = time.perf_counter()
     if not (cohort / "cohort.csv").is_file():
@@ -245,8 +245,21 @@ def build_inputs(work: Path, subjects: int, size: int, seed: int, patch_size: in
     ingest = work / "ingest"
     t0 = time.perf_counter()
     if not (ingest / "manifest.csv").is_file():
-        run_ingest([cohort / "nifti" / "CT"], ingest, key=b"bench-downstream")
+        run_ingest([cohort / "nifti" / m for m in modalities], ingest, key=b"bench-downstream")
     timed("ingest", t0)
+    return cohort, ingest
+
+
+def build_inputs(work: Path, subjects: int, size: int, seed: int, patch_size: int, gan_steps: int, n_synth: int) -> dict[str, Any]:
+    """Phantom cohort -> ingest -> real patches -> tumor GAN -> samples -> gate. Returns paths and the gate verdict."""
+    from models.train_tumor_gan import TumorGANConfig, train_tumor_gan
+    from pipeline.gate.config import GateConfig
+    from pipeline.gate.run import run_gate
+    from pipeline.patches import extract_patches, to_train_data, write_patch_folder
+    from pipeline.sample_tumors import sample_tumors
+
+    timings, timed = stage_clock(work)
+    cohort, ingest = cohort_and_ingest(work, subjects, size, seed, ["CT"], timed)
 
     real = work / "patches_real"
     t0 = time.perf_counter()
@@ -385,26 +398,12 @@ def build_mrict_inputs(work: Path, subjects: int, size: int, seed: int, cyclegan
     from pipeline.evaluate_translation import STRUCTURE_KEY
     from pipeline.gate.config import GateConfig
     from pipeline.gate.run import run_gate
-    from pipeline.ingest import run_ingest
     from pipeline.manifest import sha256_file
-    from pipeline.phantoms import write_cohort
     from pipeline.slices import load_training_inputs
     from pipeline.translate import run_translate
 
-    check_cohort(work, subjects, size, seed)
     timings, timed = stage_clock(work)
-
-    cohort = work / "cohort"
-    t0 = time.perf_counter()
-    if not (cohort / "cohort.csv").is_file():
-        write_cohort(cohort, n_subjects=subjects, size=size, seed=seed)
-    timed("cohort", t0)
-
-    ingest = work / "ingest"
-    t0 = time.perf_counter()
-    if not (ingest / "manifest.csv").is_file():
-        run_ingest([cohort / "nifti" / "CT", cohort / "nifti" / "MR"], ingest, key=b"bench-downstream")
-    timed("ingest", t0)
+    cohort, ingest = cohort_and_ingest(work, subjects, size, seed, ["CT", "MR"], timed)
 
     # the run folder is named by a hash of the config and the ingest manifest (which holds every
     # volume's sha256), as the augment flow names its runs: same config and data, same run, no retraining
@@ -730,15 +729,7 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
 
 def device_text() -> str:
     """CPU model, cores and torch version of this machine."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {cpu}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    return f"CPU {cpu_name()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

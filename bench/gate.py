@@ -50,7 +50,6 @@ import argparse
 import gc
 import logging
 import os
-import platform
 import signal
 import sys
 import time
@@ -72,7 +71,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from any folder
     sys.path.insert(0, str(REPO))
 
-from bench.rows import RowPrinter, Stopped  # noqa: E402
+from bench.common import RowPrinter, Stopped, cpu_name  # noqa: E402
 from pipeline.gate import metrics as M  # noqa: E402
 from pipeline.gate.config import GateConfig  # noqa: E402
 from pipeline.gate.encoder import state_dict_sha256, train_domain_encoder  # noqa: E402
@@ -392,16 +391,6 @@ def table_row(r: Row, cuda: bool) -> str:
 # --- main ----------------------------------------------------------------------------------------------
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -447,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     cuda = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU {_cpu_name()}, {torch.get_num_threads()} torch threads"
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU {cpu_name()}, {torch.get_num_threads()} torch threads"
     train_n = min(n, cfg.max_slices)
     # images, host copy, encoder, two feature extractions; FID, KID, PRDC, NN per feature space;
     # NN in pixels, MS-SSIM, intensity

@@ -38,15 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+from bench.common import cpu_name  # noqa: E402
 
 
 def _ct_slab(n: int, size: int, seed: int) -> np.ndarray:
@@ -166,7 +158,7 @@ def main() -> int:
             print(line, flush=True)
             lines.append(line)
 
-    cpu = _cpu_model()
+    cpu = cpu_name()
     cores = os.cpu_count()
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     entry = [

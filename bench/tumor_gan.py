@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from any folder
     sys.path.insert(0, str(REPO))
 
-from bench.rows import RowPrinter, Stopped  # noqa: E402
+from bench.common import RowPrinter, Stopped  # noqa: E402
 from models.common import EMA, select_device  # noqa: E402
 from models.train_tumor_gan import (  # noqa: E402
     TumorGANConfig,

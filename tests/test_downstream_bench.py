@@ -26,3 +26,14 @@ def test_downstream_bench_mri_ct_smoke(tmp_path: Path) -> None:
     assert [a.split("|")[1].strip()[:3] for a in arms[:3]] == ["(a)", "(b)", "(c)"]
     assert "**Verdict:**" in out and "gate" in out and "verdict **" in out
     assert not (ROOT / "bench" / "RESULTS.md").read_text(encoding="utf-8").count(str(tmp_path))  # --record not given
+
+
+def test_downstream_bench_refuses_a_work_folder_of_another_cohort(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "cohort_options.json").write_text('{"subjects": 16, "size": 32, "seed": 0}\n', encoding="utf-8")
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "downstream.py"), "--deployment", "tumor-patches",
+                          "--subjects", "20", "--size", "32", "--work", str(work)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "holds a cohort made with" in run.stderr and "--fresh" in run.stderr

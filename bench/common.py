@@ -1,10 +1,24 @@
-"""Table rows that survive a time limit: the bench scripts print each row as soon as it is
-measured, and a SIGTERM (what `timeout` sends) ends them cleanly with what was measured."""
+"""What the bench scripts share: the CPU's name for their device lines, and table rows that
+survive a time limit (each row printed as soon as it is measured; a SIGTERM, what `timeout`
+sends, ends a script cleanly with what was measured)."""
 
 from __future__ import annotations
 
+import platform
 import signal
+from pathlib import Path
 from types import FrameType
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what `platform` knows (e.g. "AMD EPYC")."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 class Stopped(BaseException):

@@ -56,8 +56,11 @@ class Orthanc:
 
 
 @contextmanager
-def run_orthanc(workdir: Path) -> Iterator[Orthanc]:
-    """Start Orthanc with authentication on, DICOM port off, loopback only."""
+def run_orthanc(workdir: Path, cohort: Path | None = None) -> Iterator[Orthanc]:
+    """Start Orthanc with authentication on, DICOM port off, loopback only.
+
+    With `cohort` (a phantom cohort folder), its DICOM files are uploaded before it is yielded.
+    """
     port = free_port()
     storage = workdir / "storage"
     storage.mkdir(parents=True)
@@ -89,7 +92,10 @@ def run_orthanc(workdir: Path) -> Iterator[Orthanc]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"Orthanc did not start: {(workdir / 'orthanc.log').read_text()[-2000:]}")
             time.sleep(0.2)
-        yield Orthanc(url)
+        server = Orthanc(url)
+        if cohort is not None:
+            server.upload(sorted((cohort / "dicom").rglob("*.dcm")))
+        yield server
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -173,8 +173,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory: pytest.TempPathFactory, cohort: Path):  # type: ignore[no-untyped-def]
-    with run_orthanc(tmp_path_factory.mktemp("orthanc")) as server:
-        server.upload(sorted((cohort / "dicom").rglob("*.dcm")))
+    with run_orthanc(tmp_path_factory.mktemp("orthanc"), cohort) as server:
         yield server
 
 

@@ -11,8 +11,9 @@ Each command runs as a whole process (interpreter start and imports included), 5
 alternating the tools, and the median wall and CPU times are reported; ingest runs both as
 the `medaug ingest` CLI and as a plain `run_ingest` library call (what the Prefect flow
 does), since the CLI framework's option parsing alone costs ~0.3 s. Both tools write gzip
-level 1: ingest with `--gzip-level 1` (its default; parallel deflate blocks in threads),
-dcm2niix with `-z y -1` (pigz, all cores). Results are printed and, with --append,
+level 1: ingest with `--gzip-level 1` (its default; parallel deflate blocks in threads, ISA-L),
+dcm2niix with `-z y -1` (pigz, all cores, zlib); the table lists the bytes each wrote, so the
+same level can be checked to mean the same compression. Results are printed and, with --append,
 appended to bench/RESULTS.md with the CPU model, core count and date.
 
 Usage: python bench/ingest.py [--repeat 5] [--append] [--cache /tmp/medaug-bench]
@@ -149,11 +150,13 @@ def main() -> int:
             w = statistics.median(t for t, _ in times[name])
             c = statistics.median(c for _, c in times[name])
             folder = outs[name] / "volumes" if name != "dcm2niix" else outs[name]
-            n_vol = len(list(folder.glob("*.nii.gz")))
+            written = sorted(folder.glob("*.nii.gz"))
+            n_vol = len(written)
+            mb = sum(f.stat().st_size for f in written) / 1e6
             extra = ""
             if name != "dcm2niix":
                 extra = f", {max(0, len((outs[name] / 'quarantine.csv').read_text().splitlines()) - 1)} quarantined"
-            line = (f"| {label} | {name} | {w:.2f} | {c:.2f} | {n_vol}{extra} | {codes[name]} "
+            line = (f"| {label} | {name} | {w:.2f} | {c:.2f} | {n_vol}{extra} | {mb:.1f} | {codes[name]} "
                     f"| {w / md:.2f} | {c / cd:.2f} |")
             print(line, flush=True)
             lines.append(line)
@@ -167,7 +170,8 @@ def main() -> int:
         "",
         f"Device: {cpu}, {cores} cores (CPU only). dcm2niix {version[-1] if version else '?'}, "
         f"pigz {'present' if shutil.which('pigz') else 'absent'}. Median of {args.repeat} whole-process runs "
-        "each, alternating the two tools; gzip level 1 for both. The machine was shared with other "
+        "each, alternating the two tools; gzip level 1 for both (ingest deflates with ISA-L, dcm2niix with pigz/zlib: "
+        "compare the MB column). The machine was shared with other "
         f"jobs (load average {load} at the end of the run), so wall times carry noise; CPU time "
         "(user + sys of the process and its children) is the steadier figure.",
         "",
@@ -176,8 +180,8 @@ def main() -> int:
         "its pydantic-based option parsing costs ~0.3 s per CLI call); and `dcm2niix -z y -1 -f %p_%s -o OUT SRC`. "
         "Inputs written by `python bench/ingest.py` (synthetic CT, explicit VR little endian, one file per slice).",
         "",
-        "| input | tool | wall s | CPU s | volumes | exit | wall / dcm2niix | CPU / dcm2niix |",
-        "|---|---|---|---|---|---|---|---|",
+        "| input | tool | wall s | CPU s | volumes | .nii.gz MB | exit | wall / dcm2niix | CPU / dcm2niix |",
+        "|---|---|---|---|---|---|---|---|---|",
         *lines,
     ]
     text = "\n".join(entry) + "\n"

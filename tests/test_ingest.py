@@ -257,6 +257,26 @@ def test_gzip_is_standard_deterministic_and_thread_independent() -> None:
     assert one[4:8] == b"\0\0\0\0"  # mtime 0
 
 
+@pytest.mark.parametrize("level", [1, 2, 3, 6, 9])
+def test_gzip_level_picks_the_deflate_library(level: int) -> None:
+    """Levels 1-3 deflate with ISA-L, 4-9 with zlib; each round-trips through stdlib gzip."""
+    import zlib
+
+    from isal import isal_zlib
+
+    payload = np.random.default_rng(level).integers(0, 40, size=1 << 20, dtype=np.uint8).tobytes()
+    out = gzip_bytes(payload, level=level, threads=1)
+    assert gzip.decompress(out) == payload
+    body = out[10:-8]  # one block: header and trailer around one raw deflate stream
+    lib = isal_zlib if level <= 3 else zlib
+    other = zlib if level <= 3 else isal_zlib
+    want = lib.compressobj(level, lib.DEFLATED, -15, 8, lib.Z_DEFAULT_STRATEGY)
+    assert body == want.compress(payload) + want.flush(lib.Z_FINISH)
+    if level <= 3:  # ISA-L's stream differs from zlib's at the same level
+        not_want = other.compressobj(level, other.DEFLATED, -15, 8, other.Z_DEFAULT_STRATEGY)
+        assert body != not_want.compress(payload) + not_want.flush(other.Z_FINISH)
+
+
 def test_deid_keyed_and_stable() -> None:
     a, b = Deid(b"k1"), Deid(b"k2")
     assert a.pseudonym("PAT-1") == Deid(b"k1").pseudonym("PAT-1 ")

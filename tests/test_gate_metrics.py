@@ -379,7 +379,7 @@ def test_matched_fid_ratio_of_held_out_real_subjects_is_near_one(held_out: dict[
     # (0.77-1.31 over 20 data seeds); the rule before (all 240 vs all 480 slices over one split of
     # 240 vs 240) gave 0.57-1.18, biased low by the larger numerator samples
     for seed in range(3):
-        r = gate_run.matched_fid_ratio(held_out["fr"], held_out["fs"], held_out["gr"], held_out["gs"], 10, seed)
+        r = gate_run.matched_fid(held_out["fr"], held_out["fs"], held_out["gr"], held_out["gs"], 10, seed)
         assert r is not None and 0.5 < r.ratio < 2.0, (seed, r)
         assert len(r.baseline) == 10 and (r.baseline > 0).all()
 
@@ -388,12 +388,43 @@ def test_averaging_over_splits_steadies_the_ratio_across_seeds(held_out: dict[st
     # one fixed real set, one fixed "synthetic" set: only the gate seed (which halves, which subsets) moves;
     # std over seeds 0-4 with 10 splits is 0.38 x that with 1 here, at most 0.70 x over 20 data seeds
     def spread(splits: int) -> float:
-        ratios = [gate_run.matched_fid_ratio(held_out["fr"], held_out["fs"], held_out["gr"], held_out["gs"], splits,
+        ratios = [gate_run.matched_fid(held_out["fr"], held_out["fs"], held_out["gr"], held_out["gs"], splits,
                                              seed).ratio for seed in range(5)]  # type: ignore[union-attr]
         return float(np.std(ratios))
 
     one, ten = spread(1), spread(10)
     assert ten < 0.75 * one, (one, ten)
+
+
+def test_fid_excess_estimates_a_fixed_generators_distance_at_any_cohort_size() -> None:
+    # a "generator" of new subjects shifted by delta: its true FID is |delta|^2 = 1.96, the real features'
+    # total variance is 16 x (1 + 0.5^2) = 20, so the excess should be ~0.098 at every cohort size; the
+    # ratio instead grows with the cohort (its baseline is FID's small-sample bias, which shrinks)
+    delta = np.full(16, 0.35)
+    excess, ratio = {}, {}
+    for items in (16, 128):
+        runs = []
+        for seed in range(5):
+            rng = np.random.default_rng(seed)
+            fr, gr = _subjects(rng, items, 10)
+            fs, gs = _subjects(rng, items // 2, 10, first=1000)
+            runs.append(gate_run.matched_fid(fr, fs + delta, gr, gs, 10, seed))
+        excess[items] = float(np.mean([r.excess for r in runs]))  # type: ignore[union-attr]
+        ratio[items] = float(np.mean([r.ratio for r in runs]))  # type: ignore[union-attr]
+        assert runs[0] is not None and runs[0].real_variance == pytest.approx(20.0, rel=0.25)
+    # measured: excess 0.107 (16 items) and 0.103 (128); ratio 1.15 and 1.94
+    for items in (16, 128):
+        assert excess[items] == pytest.approx(0.098, abs=0.03), excess
+    assert ratio[128] > 1.4 * ratio[16], ratio
+
+
+def test_fid_excess_is_scale_free_and_near_zero_for_held_out_real(held_out: dict[str, np.ndarray]) -> None:
+    r = gate_run.matched_fid(held_out["fr"], held_out["fs"], held_out["gr"], held_out["gs"], 10, 0)
+    big = gate_run.matched_fid(7 * held_out["fr"], 7 * held_out["fs"], held_out["gr"], held_out["gs"], 10, 0)
+    assert r is not None and big is not None
+    assert abs(r.excess) < 0.1, r.excess  # measured -0.050 (24 vs 12 subjects are few)
+    assert big.excess == pytest.approx(r.excess, rel=1e-9)  # FID and the variance both scale by 49
+    assert r.split_excess.mean() == pytest.approx(r.excess)
 
 
 @pytest.mark.parametrize("n_syn_items", [30, 5])
@@ -413,7 +444,7 @@ def test_matched_fid_compares_equal_sizes_drawn_by_item(monkeypatch: pytest.Monk
         return real_fid(a, b, device)
 
     monkeypatch.setattr(M, "fid", spy)
-    r = gate_run.matched_fid_ratio(fr, fs, gr, gs, 4, seed=0)
+    r = gate_run.matched_fid(fr, fs, gr, gs, 4, seed=0)
     assert r is not None and len(calls) == 8
     for i in range(4):
         (syn_a, real_b), (real_a, real_b2) = calls[2 * i], calls[2 * i + 1]
@@ -432,4 +463,4 @@ def test_matched_fid_compares_equal_sizes_drawn_by_item(monkeypatch: pytest.Monk
 
 def test_matched_fid_needs_four_real_items() -> None:
     x = np.random.default_rng(0).normal(size=(12, 4))
-    assert gate_run.matched_fid_ratio(x, x, np.repeat(np.arange(3), 4), np.repeat(np.arange(3), 4), 10, 0) is None
+    assert gate_run.matched_fid(x, x, np.repeat(np.arange(3), 4), np.repeat(np.arange(3), 4), 10, 0) is None

@@ -180,7 +180,13 @@ def test_report_files_and_id_are_reproducible(cohort: dict[str, Path], tmp_path:
     assert matched["min"] <= matched["value"] <= matched["max"]
     assert ratio["value"] == pytest.approx(matched["value"] / base["value"], rel=1e-4)
     assert ratio["split_min"] <= ratio["value"] <= ratio["split_max"]
-    assert "over 10 item-disjoint half splits" in next(c["detail"] for c in doc["checks"] if c["name"] == "fid")
+    # what the check decides on: the difference of the two over the real features' total variance
+    excess = doc["metrics"]["fid_excess"]
+    assert excess["value"] == pytest.approx((matched["value"] - base["value"]) / excess["real_variance"], rel=1e-4)
+    assert excess["min"] <= excess["value"] <= excess["max"] and abs(excess["value"]) < 0.05
+    fid_check = next(c for c in doc["checks"] if c["name"] == "fid")
+    assert fid_check["value"] == pytest.approx(excess["value"]) and fid_check["threshold"] == GateConfig().fid_max_excess
+    assert "over 10 item-disjoint half splits" in fid_check["detail"]
     assert set(doc["per_class"]) == {"round", "necrotic"} and "fid" in doc["per_class"]["round"]
     md = (tmp_path / "a" / REPORT_MD).read_text()
     assert "Verdict: ACCEPT" in md and a.report_id in md

@@ -9,7 +9,7 @@ held-out split (must pass), 3 distinct outputs repeated (collapse), training vol
 in the field docs span phantom cohort seeds 0 and 1, encoder seeds 0-3 and 150 or 300
 encoder steps; every default sits with margin between the held-out split and the planted
 failure it is meant to catch. Absolute FID/KID thresholds depend on the feature space and
-are off by default (fid_max_ratio compares against a real-vs-real baseline instead).
+are off by default (fid_max_excess compares against a real-vs-real baseline instead).
 A threshold set to null switches its check off.
 """
 
@@ -65,7 +65,8 @@ class GateConfig(BaseModel):
 
     # --- batch thresholds (null switches a check off) ---------------------------------------
     intensity_max: float | None = Field(default=0.1, ge=0.0, description="Max Wasserstein-1 distance between pooled pixel values in [-1, 1]; calibration: held-out real 0.008-0.013, noise 0.48-0.65, MR given as CT 0.69-0.77.")
-    fid_max_ratio: float | None = Field(default=3.0, gt=0.0, description="Max FID of synthetic vs a real half over FID of the other real half vs it, at equal sample sizes, averaged over fid_baseline_splits item-disjoint half splits (a ratio, so it holds in any feature space); held-out real 0.64-1.11, collapsed 1.3-2.6, noise and wrong modality 43-290.")
+    fid_max_excess: float | None = Field(default=0.1, description="Max excess FID: mean over fid_baseline_splits item-disjoint half splits of FID(synthetic, real half) minus FID(other real half, real half) at equal sample sizes (the difference takes off FID's small-sample bias), over the total variance of the real features (so it holds in any feature space); 0.1: the generator's Frechet distance^2 is at most a tenth of the real features' spread. Unlike the ratio it tends to a fixed value as the cohort grows. Calibration (cohort seeds 0-1, encoder seeds 0-3, 150/300 steps): held-out real -0.018..0.003, collapsed 0.010-0.040, memorizing -0.031..-0.002, noise 1.75-10.0, wrong modality 2.47-5.18; the CPU CycleGAN of bench/RESULTS.md 0.03 (60 subjects) to 0.07-0.1 (120-160).")
+    fid_max_ratio: float | None = Field(default=None, gt=0.0, description="Max FID of synthetic vs a real half over FID of the other real half vs it, at equal sample sizes, averaged over the splits: answers whether this many samples can tell synthetic from real, so for one generator it grows with the cohort (1.5 at 60 subjects, 7.2 at 160); null: off. Held-out real 0.64-1.11, collapsed 1.3-2.6, noise and wrong modality 43-290.")
     fid_max: float | None = Field(default=None, gt=0.0, description="Max absolute FID; only meaningful for a fixed feature space (e.g. ~50 with inception on 2k+ samples); null: off.")
     kid_max: float | None = Field(default=None, description="Max KID (unbiased MMD^2, cubic kernel); feature-space dependent like fid_max, so off by default.")
     precision_min: float | None = Field(default=0.5, ge=0.0, le=1.0, description="Min precision (share of synthetic samples inside a real k-NN ball); held-out real 0.94-0.98, noise and wrong modality 0.")

@@ -382,9 +382,11 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
     w1 = M.intensity_w1(rng_pix.choice(pix_s, min(len(pix_s), 400_000), replace=False),
                         rng_pix.choice(pix_r, min(len(pix_r), 400_000), replace=False))
     log.info("gate metrics on %s (float64)", dev)
-    fid = M.fid(fs, fr, dev)
-    fid_ci = M.bootstrap_two_sample_ci(lambda a, b: M.fid(fs[a], fr[b], dev), len(fs), len(fr), nb, lvl, _rng(cfg, 2),
-                                       estimate=fid)
+    ts, tr = M.as_rows(fs, dev), M.as_rows(fr, dev)  # on the device once; the resamples index it there
+    fid = M.fid(ts, tr, dev)
+    fid_ci = M.bootstrap_two_sample_ci(
+        lambda a, b: M.fid(ts[torch.as_tensor(a, device=ts.device)], tr[torch.as_tensor(b, device=tr.device)], dev),
+        len(fs), len(fr), nb, lvl, _rng(cfg, 2), estimate=fid)
     mf = matched_fid(fr, fs, ref.item_of, syn.item_of, cfg.fid_baseline_splits, cfg.seed, dev)
     fid_m = _fid_metrics(mf)
     matched_m, baseline_m = fid_m["fid_matched"], fid_m["fid_real_baseline"]

@@ -217,8 +217,7 @@ def mri_ct_stages(cfg: PipelineConfig, params: AugmentParams, out: Path, result:
             with stage("preprocess"):
                 data = slices_task.with_options(refresh_cache=not rt.cache)(
                     [ingest_dir], image_size=cfg.cyclegan.image_size, context=(cfg.cyclegan.in_channels - 1) // 2,
-                    hu_window=list(sl.hu_window), mr_percentiles=list(sl.mr_percentiles),
-                    min_foreground=sl.min_foreground, max_slices=sl.max_slices, seed=sl.seed,
+                    slices=sl.model_dump(mode="json"),
                 )
                 data_hash = data.meta.get("data_sha256", data_hash)
         with stage("train"):

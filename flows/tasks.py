@@ -490,21 +490,23 @@ def run_torchrun(nproc_per_node: int, cli_args: Sequence[str]) -> None:
 
 
 @task(name="preprocess-slices", cache_key_fn=preprocess_cache_key, persist_result=True)
-def slices_task(
-    ingest_dirs: list[str], image_size: int, context: int, hu_window: list[float], mr_percentiles: list[float],
-    min_foreground: float, max_slices: int | None, seed: int,
-) -> Any:
-    """Unpaired MRI/CT training slices of the ingest folders' train split (pipeline.slices).
+def slices_task(ingest_dirs: list[str], image_size: int, context: int, slices: dict[str, Any]) -> Any:
+    """Unpaired MRI/CT training slices of the ingest folders' train split (pipeline.slices), the
+    monitor subjects (`pipeline.slices.plan_monitor`) left out.
 
-    Returns models.train_cyclegan.UnpairedData; cached (persisted) by the content of the
-    ingest manifests and the options, so an unchanged cohort is not normalised again.
+    `slices` is the `cyclegan_data` section (SliceConfig as JSON). Returns
+    models.train_cyclegan.UnpairedData; cached (persisted) by the content of the ingest
+    manifests and the options, so an unchanged cohort is not normalised again.
     """
-    from pipeline.slices import load_unpaired_slices
+    from pipeline.slices import SliceConfig, load_unpaired_slices, plan_monitor
 
+    cfg = SliceConfig.model_validate(slices)
+    dirs = [Path(d) for d in ingest_dirs]
+    monitor = plan_monitor(dirs, cfg.monitor_fraction, cfg.seed)
     data = load_unpaired_slices(
-        [Path(d) for d in ingest_dirs], image_size=image_size, context=context, split="train",
-        hu_window=(hu_window[0], hu_window[1]), min_foreground=min_foreground, seed=seed,
-        mr_percentiles=(mr_percentiles[0], mr_percentiles[1]), max_slices=max_slices,
+        dirs, image_size=image_size, context=context, split="train", hu_window=cfg.hu_window,
+        min_foreground=cfg.min_foreground, seed=cfg.seed, mr_percentiles=cfg.mr_percentiles, max_slices=cfg.max_slices,
+        skip_subjects=monitor.skip if monitor else frozenset(),
     )
     get_run_logger().info("CycleGAN slices: %s (%d subjects)", data.meta.get("n_slices"), len(data.meta.get("train_subjects", [])))
     return data
@@ -515,18 +517,17 @@ def train_cyclegan_task(data: Any, run_dir: str, config: dict[str, Any], device:
                         slices: dict[str, Any], nproc_per_node: int = 1) -> dict[str, Any]:
     """Train (or resume) the CycleGAN; returns the generator checkpoint, its card and the latest sample grid.
 
-    Like `medaug train cyclegan`: structure scores on the held-out split (val, else test)
-    pick checkpoints/best.pt, which is then the generator (else last.pt). Resumes from
+    Like `medaug train cyclegan`: structure scores on the monitor volumes (the val split, else
+    train subjects held out; `pipeline.slices.plan_monitor`) pick checkpoints/best.pt, which is
+    then the generator (else last.pt). Resumes from
     RUN_DIR/checkpoints/last.pt when it exists, so a retried task continues where the
     failed attempt stopped (and a finished run is not trained again). With nproc_per_node
     > 1 the training runs under torchrun (`medaug train cyclegan`), reading the ingest folder itself.
     """
-    from functools import partial
 
     from models.train_cyclegan import CycleGANConfig, train_cyclegan
-    from pipeline.errors import DatasetError
-    from pipeline.evaluate_translation import STRUCTURE_KEY, held_out_batches, structure_scores
-    from pipeline.slices import load_unpaired_slices
+    from pipeline.evaluate_translation import STRUCTURE_KEY
+    from pipeline.slices import SliceConfig, monitor_scores, plan_monitor
 
     logger = get_run_logger()
     cfg = CycleGANConfig.model_validate(config)
@@ -537,20 +538,13 @@ def train_cyclegan_task(data: Any, run_dir: str, config: dict[str, Any], device:
         if nproc_per_node > 1:
             run_torchrun(nproc_per_node, cyclegan_cli_args(Path(ingest_dir), rd, config, slices, device, resume))
         else:
+            sl = SliceConfig.model_validate(slices)
+            dirs = [Path(ingest_dir)]
+            monitor = plan_monitor(dirs, sl.monitor_fraction, sl.seed)
             evaluate = None
-            for split in ("val", "test"):
-                try:
-                    held = load_unpaired_slices(
-                        [Path(ingest_dir)], image_size=cfg.image_size, context=(cfg.in_channels - 1) // 2, split=split,
-                        hu_window=tuple(slices["hu_window"]), min_foreground=slices["min_foreground"],
-                        mr_percentiles=tuple(slices["mr_percentiles"]),
-                    )
-                except DatasetError:
-                    continue
-                batches = held_out_batches(held, batch_size=16, max_batches=4)
-                evaluate = partial(structure_scores, held_out_batches=batches, hu_window=tuple(slices["hu_window"]))
-                logger.info("structure scores on the %s split pick the best checkpoint", split)
-                break
+            if monitor is not None:
+                evaluate = monitor_scores(dirs, monitor, cfg.image_size, (cfg.in_channels - 1) // 2, sl)
+                logger.info("structure scores on the %s pick the best checkpoint", monitor.describe())
             result = train_cyclegan(cfg, data, rd, resume=resume, device=device, evaluate=evaluate,
                                     best_key=STRUCTURE_KEY if evaluate is not None else None)
             for warning in result.warnings:

@@ -208,8 +208,8 @@ def train_cyclegan_cmd(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     train_data, evaluate = inputs.data, inputs.evaluate
-    if inputs.held_out_split:
-        typer.echo(f"structure scores on the {inputs.held_out_split} split pick the best checkpoint")
+    if inputs.monitor:
+        typer.echo(f"structure scores on the {inputs.monitor.describe()} pick the best checkpoint")
     typer.echo(f"training on {len(train_data.a)} MRI and {len(train_data.b)} CT slices "  # type: ignore[arg-type]
                f"from {len(train_data.meta['train_subjects'])} subjects, {cfg.total_steps} steps")
     try:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -140,7 +140,10 @@ class SliceConfig(BaseModel):
     max_slices: int | None = None
     """At most this many slices per modality (seeded random subset); None = all. Bounds memory on large cohorts."""
     seed: int = 0
-    """Seed of the `max_slices` subset."""
+    """Seed of the `max_slices` subset and of the monitor subjects."""
+    monitor_fraction: float = 0.1
+    """With no val split in the ingest: share of each modality's train subjects (at least 1) held out of training to
+    score structure preservation during training and pick best.pt; the test split is never used for that. 0: none."""
 
     @model_validator(mode="after")
     def _check(self) -> SliceConfig:
@@ -150,6 +153,8 @@ class SliceConfig(BaseModel):
             raise ValueError(f"mr_percentiles must be (low, high) in 0..100 with low < high, got {self.mr_percentiles}")
         if not 0.0 <= self.min_foreground < 1.0:
             raise ValueError(f"min_foreground must be in [0, 1), got {self.min_foreground}")
+        if not 0.0 <= self.monitor_fraction < 0.5:
+            raise ValueError(f"monitor_fraction must be in [0, 0.5), got {self.monitor_fraction}")
         return self
 
 
@@ -247,6 +252,8 @@ def load_unpaired_slices(
     seed: int = 0,
     mr_percentiles: tuple[float, float] = DEFAULT_MR_PERCENTILES,
     max_slices: int | None = None,
+    only_subjects: Collection[str] | None = None,
+    skip_subjects: Collection[str] = (),
 ) -> UnpairedData:
     """Unpaired MRI (side a) and CT (side b) slices of one split of ingest folder(s).
 
@@ -260,6 +267,8 @@ def load_unpaired_slices(
         seed: seeds the random subset when `max_slices` caps a side.
         mr_percentiles: foreground percentiles mapped to -1 and +1 for MR.
         max_slices: at most this many slices per side (a seeded random subset), or all.
+        only_subjects: keep only volumes of these subject pseudonyms (None: all).
+        skip_subjects: leave out volumes of these subjects (the monitor subjects of `monitor_holdout`).
 
     Returns:
         models.train_cyclegan.UnpairedData with `a` (MRI) and `b` (CT) SliceStacks of
@@ -286,6 +295,9 @@ def load_unpaired_slices(
         for row in manifest_rows(ingest_dir):
             modality = row["modality"].strip().upper()
             if modality not in side_of or not split_matches(row.get("split", ""), split):
+                continue
+            subject = row.get("subject_id", "")
+            if subject in skip_subjects or (only_subjects is not None and subject not in only_subjects):
                 continue
             side = sides[side_of[modality]]
             unit, mask, info = load_unit_volume(ingest_dir / row["path"], modality, hu_window, mr_percentiles)  # type: ignore[arg-type]
@@ -349,44 +361,111 @@ def load_unpaired_slices(
     return UnpairedData(a=stacks["a"], b=stacks["b"], meta=meta)
 
 
+@dataclass(frozen=True)
+class Monitor:
+    """The volumes whose structure scores are watched during training and pick best.pt.
+
+    `split` "val": every val volume. `split` "train": the train volumes of `subjects`,
+    which training then leaves out (`load_training_inputs`, the flow's slices task).
+    """
+
+    split: str
+    subjects: frozenset[str] | None = None
+
+    @property
+    def skip(self) -> frozenset[str]:
+        """Subjects the training data must leave out."""
+        return self.subjects if self.split == "train" and self.subjects else frozenset()
+
+    def describe(self) -> str:
+        if self.split == "train":
+            return f"{len(self.subjects or ())} train subjects held out of training"
+        return f"{self.split} split"
+
+
+def plan_monitor(ingest_dirs: Sequence[Path], fraction: float, seed: int = 0) -> Monitor | None:
+    """Which volumes score structure preservation during training; None when there are too few.
+
+    The val split when it has MRI and CT volumes. Otherwise `fraction` of each modality's
+    train subjects (at least 1), drawn with `seed`, held out of training; only when each
+    modality keeps at least 2 train subjects. The test split is never used: picking a
+    checkpoint on it would leak the test set into model selection.
+    """
+    by_split: dict[str, dict[str, set[str]]] = {}
+    for d in ingest_dirs:
+        for row in manifest_rows(Path(d)):
+            modality = row["modality"].strip().upper()
+            if modality in SIDE_MODALITY.values():
+                split = row.get("split", "").strip() or "train"
+                by_split.setdefault(split, {}).setdefault(modality, set()).add(row.get("subject_id", ""))
+    if all(by_split.get("val", {}).get(m) for m in SIDE_MODALITY.values()):
+        return Monitor("val")
+    train = {m: by_split.get("train", {}).get(m, set()) for m in SIDE_MODALITY.values()}
+    if fraction <= 0:
+        return None
+    want = {m: max(1, round(fraction * len(subj))) for m, subj in train.items()}
+    held: set[str] = set()
+    for subject in np.random.default_rng([seed, 0x5E]).permutation(sorted(set().union(*train.values()))):
+        if all(len(train[m] & held) >= want[m] for m in train):
+            break
+        if any(subject in train[m] and len(train[m] & held) < want[m] for m in train):
+            held.add(str(subject))
+    if any(len(train[m] - held) < 2 or not train[m] & held for m in train):
+        log.warning("no val split and too few train subjects to hold some out (%s); no structure scores, no best.pt",
+                    ", ".join(f"{len(v)} {m}" for m, v in train.items()))
+        return None
+    return Monitor("train", frozenset(held))
+
+
+def monitor_scores(
+    ingest_dirs: Sequence[Path], monitor: Monitor, image_size: int, context: int, cfg: SliceConfig
+) -> Callable[[torch.nn.Module, torch.nn.Module], dict[str, float]]:
+    """The structure-score callback on the monitor's volumes (fixed batches: comparable between calls)."""
+    from pipeline.evaluate_translation import held_out_batches, structure_scores
+
+    held = load_unpaired_slices(
+        ingest_dirs, image_size=image_size, context=context, split=monitor.split, hu_window=cfg.hu_window,
+        min_foreground=cfg.min_foreground, mr_percentiles=cfg.mr_percentiles,
+        only_subjects=monitor.subjects if monitor.split == "train" else None,
+    )
+    batches = held_out_batches(held, batch_size=16, max_batches=4)
+    return partial(structure_scores, held_out_batches=batches, hu_window=cfg.hu_window)
+
+
 @dataclass
 class TrainingInputs:
     """What `train_cyclegan` needs from ingest folders: the train data and an optional evaluate callback.
 
-    `evaluate` scores structure preservation on fixed held-out slices (split `held_out_split`)
-    and is None when the data has neither a val nor a test split; pass
+    `evaluate` scores structure preservation on fixed monitor slices (`monitor`, see
+    `plan_monitor`) and is None without a monitor; pass
     `best_key=pipeline.evaluate_translation.STRUCTURE_KEY` with it.
     """
 
     data: UnpairedData
     evaluate: Callable[[torch.nn.Module, torch.nn.Module], dict[str, float]] | None
-    held_out_split: str | None
+    monitor: Monitor | None
 
 
 def load_training_inputs(
     ingest_dirs: Sequence[Path], image_size: int, in_channels: int = 1, data_cfg: SliceConfig | None = None
 ) -> TrainingInputs:
-    """Train-split slices plus the structure-score callback on the val split (else test), as the CLI trains.
+    """Train-split slices (monitor subjects left out) plus the structure-score callback, as the CLI trains.
 
-    `in_channels` (odd) is the generator's: 2*context+1 slices per sample. The held-out
+    `in_channels` (odd) is the generator's: 2*context+1 slices per sample. The monitor
     slices only feed structure scores (input vs translation), never paired truth.
     """
-    from pipeline.evaluate_translation import held_out_batches, structure_scores
-
     cfg = data_cfg or SliceConfig()
     if in_channels < 1 or in_channels % 2 == 0:
         raise ValueError(f"in_channels must be odd (a centre slice and its neighbours), got {in_channels}")
-    common: dict[str, Any] = dict(image_size=image_size, context=(in_channels - 1) // 2, hu_window=cfg.hu_window,
-                                  min_foreground=cfg.min_foreground, mr_percentiles=cfg.mr_percentiles)
-    data = load_unpaired_slices(ingest_dirs, split="train", seed=cfg.seed, max_slices=cfg.max_slices, **common)
-    for split in ("val", "test"):
-        try:
-            held = load_unpaired_slices(ingest_dirs, split=split, **common)
-        except DatasetError:
-            continue
-        batches = held_out_batches(held, batch_size=16, max_batches=4)
-        return TrainingInputs(data, partial(structure_scores, held_out_batches=batches, hu_window=cfg.hu_window), split)
-    return TrainingInputs(data, None, None)
+    context = (in_channels - 1) // 2
+    monitor = plan_monitor(ingest_dirs, cfg.monitor_fraction, cfg.seed)
+    data = load_unpaired_slices(
+        ingest_dirs, image_size=image_size, context=context, hu_window=cfg.hu_window, min_foreground=cfg.min_foreground,
+        mr_percentiles=cfg.mr_percentiles, split="train", seed=cfg.seed, max_slices=cfg.max_slices,
+        skip_subjects=monitor.skip if monitor else frozenset(),
+    )
+    evaluate = monitor_scores(ingest_dirs, monitor, image_size, context, cfg) if monitor else None
+    return TrainingInputs(data, evaluate, monitor)
 
 
 def _median_spacing(spacings: list[tuple[float, float, float]]) -> list[float]:

@@ -153,15 +153,61 @@ def test_bad_inputs_name_the_problem(tmp_path: Path, ingest: Path) -> None:
         sl.load_unpaired_slices([ingest], image_size=16, min_foreground=1.5)
 
 
-def test_load_training_inputs_holds_out_test_split_for_structure_scores(ingest: Path) -> None:
+def _copy_manifest(src: Path, dst: Path, split_of: dict[str, str] | None = None) -> Path:
+    """dst/manifest.csv: src's rows with absolute paths, splits reassigned by subject where given."""
+    rows = read_manifest(src)
+    for r in rows:
+        r["path"] = str((src / r["path"]).resolve())
+        r["split"] = (split_of or {}).get(r["subject_id"], r["split"])
+    write_manifest(dst, rows, INGEST_COLUMNS)
+    return dst
+
+
+def test_load_training_inputs_holds_train_subjects_out_for_structure_scores(ingest: Path) -> None:
+    # no val split: one MR and one CT train subject are held out of training (10 % of 3, at least 1),
+    # and the test split is not touched (selecting best.pt on it would leak it into model selection)
     inputs = sl.load_training_inputs([ingest], image_size=32, in_channels=3)
-    assert inputs.held_out_split == "test" and inputs.evaluate is not None
+    assert inputs.monitor is not None and inputs.monitor.split == "train" and inputs.evaluate is not None
+    held = inputs.monitor.subjects or frozenset()
+    rows = read_manifest(ingest)
+    train = {m: {r["subject_id"] for r in rows if r["modality"] == m and r["split"] == "train"} for m in ("MR", "CT")}
+    assert len(held & train["MR"]) == 1 and len(held & train["CT"]) == 1 and len(held) == 2
+    assert not held & set(inputs.data.meta["train_subjects"])  # never trained on
+    assert inputs.data.meta["n_volumes"] == {"MR": 2, "CT": 2}
     assert inputs.data.meta["in_channels"] == 3 and inputs.data.a[0].shape == (3, 32, 32)
     identity = torch.nn.Conv2d(3, 3, 1)
     scores = inputs.evaluate(identity, identity)
     assert "structure" in scores and all(isinstance(v, float) for v in scores.values())
+    # seeded: the same subjects again; another seed may pick others, never a test subject
+    assert sl.plan_monitor([ingest], 0.1, 0) == inputs.monitor
+    test = {r["subject_id"] for r in rows if r["split"] == "test"}
+    for seed in range(5):
+        m = sl.plan_monitor([ingest], 0.1, seed)
+        assert m is not None and m.subjects and not m.subjects & test
     with pytest.raises(ValueError, match="odd"):
         sl.load_training_inputs([ingest], image_size=32, in_channels=2)
+
+
+def test_a_val_split_is_the_monitor_and_training_keeps_every_train_subject(tmp_path: Path, ingest: Path) -> None:
+    rows = read_manifest(ingest)
+    test = sorted({r["subject_id"] for r in rows if r["split"] == "test"})
+    folder = _copy_manifest(ingest, tmp_path, {test[0]: "val"})  # a paired subject: MR and CT in val
+    inputs = sl.load_training_inputs([folder], image_size=16)
+    assert inputs.monitor == sl.Monitor("val") and inputs.monitor.skip == frozenset()
+    assert inputs.data.meta["n_volumes"] == {"MR": 3, "CT": 3}
+
+
+def test_too_few_train_subjects_give_no_monitor(tmp_path: Path, ingest: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = read_manifest(ingest)
+    ct_train = sorted({r["subject_id"] for r in rows if r["split"] == "train" and r["modality"] == "CT"})
+    folder = _copy_manifest(ingest, tmp_path, {ct_train[0]: "test"})  # 2 CT train subjects: none to spare
+    with caplog.at_level("WARNING"):
+        inputs = sl.load_training_inputs([folder], image_size=16)
+    assert inputs.monitor is None and inputs.evaluate is None and "no best.pt" in caplog.text
+    assert inputs.data.meta["n_volumes"] == {"MR": 3, "CT": 2}
+    assert sl.load_training_inputs([ingest], image_size=16, data_cfg=sl.SliceConfig(monitor_fraction=0)).monitor is None
+    with pytest.raises(ValueError, match="monitor_fraction"):
+        sl.SliceConfig(monitor_fraction=0.5)
 
 
 def test_slice_config_validates() -> None:

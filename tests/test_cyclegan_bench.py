@@ -33,8 +33,9 @@ def test_cyclegan_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     table = _rows(out)
-    assert len(table) == 5
-    assert table[0].startswith("| (a) reference") and table[-1].startswith("| (c) fastest")
+    assert len(table) == 6
+    assert table[0].startswith("| (a) reference") and table[4].startswith("| (c) fastest")
+    assert "CUDA graphs" in table[5]
     assert all(len(row.strip("|").split("|")) == 7 for row in table)
     assert "GFLOP" in out and "matmul ceiling" in out and "SMOKE" in out
     assert out.index("| setting | batch |") < out.index(table[0]) and "stopped" not in out
@@ -61,4 +62,34 @@ def test_cyclegan_bench_sigterm_keeps_measured_rows(capsys: pytest.CaptureFixtur
     table = _rows(out)
     assert [row.split(" | ")[0] for row in table] == ["| (a) reference: fp32, batch 1", "| (b) bf16 autocast, batch 1"]
     assert "| setting | batch |" in out and "matmul ceiling" in out
-    assert out.rstrip().endswith("- stopped by SIGTERM after 2 of 5 rows")
+    assert out.rstrip().endswith("- stopped by SIGTERM after 2 of 6 rows")
+
+
+def test_cyclegan_bench_a_failing_setting_is_a_row_not_the_end(capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _bench()
+    time_setting = bench.time_setting
+
+    def cuda_graphs_fail(s: Any, *args: Any) -> float:
+        if s.compile_mode == "reduce-overhead":
+            raise RuntimeError("CUDA graphs: planted failure\nsecond line")
+        return float(time_setting(s, *args))
+
+    monkeypatch.setattr(bench, "time_setting", cuda_graphs_fail)
+    assert bench.main(["--smoke"]) == 0
+    table = _rows(capsys.readouterr().out)
+    assert len(table) == 6 and "failed: RuntimeError: CUDA graphs: planted failure |" in table[5]
+    assert "second line" not in table[5] and all(len(row.strip("|").split("|")) == 7 for row in table)
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.train_cyclegan import CycleGANConfig, build_training
+
+    modes: list[str] = []
+    monkeypatch.setattr("torch.compile", lambda net, mode="default": modes.append(mode) or net)
+    cfg = CycleGANConfig.model_validate(dict(image_size=32, ngf=8, ndf=8, n_res_blocks=2, compile=True,
+                                             compile_mode="reduce-overhead"))
+    build_training(cfg, __import__("torch").device("cpu"))
+    assert modes == ["reduce-overhead"] * 4
+    with pytest.raises(ValueError, match="compile_mode"):
+        CycleGANConfig.model_validate(dict(compile_mode="fastest"))

@@ -171,8 +171,8 @@ def main() -> int:
         f"Device: {cpu}, {cores} cores (CPU only). dcm2niix {version[-1] if version else '?'}, "
         f"pigz {'present' if shutil.which('pigz') else 'absent'}. Median of {args.repeat} whole-process runs "
         "each, alternating the two tools; gzip level 1 for both (ingest deflates with ISA-L, dcm2niix with pigz/zlib: "
-        "compare the MB column). The machine was shared with other "
-        f"jobs (load average {load} at the end of the run), so wall times carry noise; CPU time "
+        f"compare the MB column). Load average at the end of the run: {load} (other jobs on the "
+        f"machine add noise to wall times); CPU time "
         "(user + sys of the process and its children) is the steadier figure.",
         "",
         "Commands: `MEDAUG_DEID_KEY=... medaug ingest SRC --out OUT --gzip-level 1 --workers 2`; the same "

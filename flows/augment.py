@@ -222,7 +222,9 @@ def mri_ct_stages(cfg: PipelineConfig, params: AugmentParams, out: Path, result:
                 data_hash = data.meta.get("data_sha256", data_hash)
         with stage("train"):
             config = cfg.cyclegan.model_dump(mode="json")
-            run_dir = run_dir_for(out / "runs", "cyclegan", config, data_hash)
+            # the slice options (window, monitor subjects) shape the run too: another choice, another run
+            run_dir = run_dir_for(out / "runs", "cyclegan", {"cyclegan": config, "cyclegan_data": sl.model_dump(mode="json")},
+                                  data_hash)
             trained = train_cyclegan_task.with_options(retries=rt.train_retries)(
                 data, str(run_dir), config, rt.device, ingest_dir, sl.model_dump(mode="json"), rt.nproc_per_node
             )

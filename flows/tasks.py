@@ -498,16 +498,9 @@ def slices_task(ingest_dirs: list[str], image_size: int, context: int, slices: d
     models.train_cyclegan.UnpairedData; cached (persisted) by the content of the ingest
     manifests and the options, so an unchanged cohort is not normalised again.
     """
-    from pipeline.slices import SliceConfig, load_unpaired_slices, plan_monitor
+    from pipeline.slices import SliceConfig, load_train_slices
 
-    cfg = SliceConfig.model_validate(slices)
-    dirs = [Path(d) for d in ingest_dirs]
-    monitor = plan_monitor(dirs, cfg.monitor_fraction, cfg.seed)
-    data = load_unpaired_slices(
-        dirs, image_size=image_size, context=context, split="train", hu_window=cfg.hu_window,
-        min_foreground=cfg.min_foreground, seed=cfg.seed, mr_percentiles=cfg.mr_percentiles, max_slices=cfg.max_slices,
-        skip_subjects=monitor.skip if monitor else frozenset(),
-    )
+    data, _ = load_train_slices([Path(d) for d in ingest_dirs], image_size, context, SliceConfig.model_validate(slices))
     get_run_logger().info("CycleGAN slices: %s (%d subjects)", data.meta.get("n_slices"), len(data.meta.get("train_subjects", [])))
     return data
 
@@ -527,7 +520,7 @@ def train_cyclegan_task(data: Any, run_dir: str, config: dict[str, Any], device:
 
     from models.train_cyclegan import CycleGANConfig, train_cyclegan
     from pipeline.evaluate_translation import STRUCTURE_KEY
-    from pipeline.slices import SliceConfig, monitor_scores, plan_monitor
+    from pipeline.slices import SliceConfig, monitor_or_none, plan_monitor
 
     logger = get_run_logger()
     cfg = CycleGANConfig.model_validate(config)
@@ -541,9 +534,8 @@ def train_cyclegan_task(data: Any, run_dir: str, config: dict[str, Any], device:
             sl = SliceConfig.model_validate(slices)
             dirs = [Path(ingest_dir)]
             monitor = plan_monitor(dirs, sl.monitor_fraction, sl.seed)
-            evaluate = None
-            if monitor is not None:
-                evaluate = monitor_scores(dirs, monitor, cfg.image_size, (cfg.in_channels - 1) // 2, sl)
+            evaluate = monitor_or_none(dirs, monitor, cfg.image_size, (cfg.in_channels - 1) // 2, sl)
+            if evaluate is not None and monitor is not None:
                 logger.info("structure scores on the %s pick the best checkpoint", monitor.describe())
             result = train_cyclegan(cfg, data, rd, resume=resume, device=device, evaluate=evaluate,
                                     best_key=STRUCTURE_KEY if evaluate is not None else None)

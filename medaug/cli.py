@@ -187,8 +187,9 @@ def train_cyclegan_cmd(
 ) -> None:
     """Train the MRI<->CT CycleGAN on the train-split slices of ingest folder(s).
 
-    Structure scores on the held-out split (val, else test) pick checkpoints/best.pt;
-    they compare each input with its translation and never use paired truth.
+    Structure scores on monitor volumes pick checkpoints/best.pt: the val split, else a few
+    train subjects held out of training (cyclegan_data.monitor_fraction), never the test
+    split; they compare each input with its translation and never use paired truth.
     """
     from medaug.config import load_section
     from models.common import TrainingDivergedError as _Diverged

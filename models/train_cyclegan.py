@@ -153,7 +153,8 @@ class CycleGANConfig(BaseModel):
     compile: bool = False
     """torch.compile the networks (discriminators stay eager when r1_gamma or gp_weight needs double backward)."""
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
-    """torch.compile mode when `compile` is on: reduce-overhead replays CUDA graphs (fewer launches at small batch)."""
+    """torch.compile mode when `compile` is on: reduce-overhead replays CUDA graphs (fewer launches at small batch;
+    experimental, not yet run on a GPU: bench/cyclegan.py's last row measures it)."""
     fused_adam: bool = True
     """Fused Adam kernels on CUDA."""
 
@@ -440,6 +441,13 @@ def d_view(x: torch.Tensor, s: RunState) -> torch.Tensor:
     return diff_augment(x, s.cfg.diffaug, p=s.ada.p if s.ada is not None else 1.0)
 
 
+def _mark_cuda_graph_step(cfg: CycleGANConfig) -> None:
+    """With CUDA graphs (compile_mode reduce-overhead), tell torch a new step begins: the graphs'
+    output buffers of the last step may then be reused (torch.compiler.cudagraph_mark_step_begin)."""
+    if cfg.compile and cfg.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()
+
+
 def generator_step(
     s: RunState, real_mri: torch.Tensor, real_ct: torch.Tensor
 ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, bool]:
@@ -450,6 +458,7 @@ def generator_step(
     discriminator step, and False when the loss was not finite (the step is skipped).
     """
     cfg, f = s.cfg, s.fwd
+    _mark_cuda_graph_step(cfg)
     s.nets.d_mri.requires_grad_(False)
     s.nets.d_ct.requires_grad_(False)
     s.opt_g.zero_grad(set_to_none=True)
@@ -499,6 +508,7 @@ def discriminator_step(
     terms and the mean raw outputs D(real), D(fake) of each D, and False for a skipped step.
     """
     cfg, f = s.cfg, s.fwd
+    _mark_cuda_graph_step(cfg)
     s.opt_d.zero_grad(set_to_none=True)
     pooled = {"ct": s.pool_ct.query(fake_ct), "mri": s.pool_mri.query(fake_mri)}
     reals = {"ct": real_ct, "mri": real_mri}
@@ -561,6 +571,7 @@ def model_card(cfg: CycleGANConfig, meta: Mapping[str, Any], step: int, checkpoi
         "mr_scaling": meta.get("mr_scaling"),
         "spacing": meta.get("spacing"),
         "train_subjects": list(meta.get("train_subjects", [])),
+        "monitor_subjects": list(meta.get("monitor_subjects", [])),  # held out of training; picked best.pt
         "meta": dict(meta),
         "config": config,
         "config_hash": config_hash(config),

@@ -388,8 +388,10 @@ def plan_monitor(ingest_dirs: Sequence[Path], fraction: float, seed: int = 0) ->
 
     The val split when it has MRI and CT volumes. Otherwise `fraction` of each modality's
     train subjects (at least 1), drawn with `seed`, held out of training; only when each
-    modality keeps at least 2 train subjects. The test split is never used: picking a
-    checkpoint on it would leak the test set into model selection.
+    modality keeps at least 2 train subjects. A subject with volumes of both modalities is
+    held out whole, and preferred only where it does not overfill a modality; rows without
+    a subject_id are never held out. The test split is never used: picking a checkpoint on
+    it would leak the test set into model selection.
     """
     by_split: dict[str, dict[str, set[str]]] = {}
     for d in ingest_dirs:
@@ -397,19 +399,24 @@ def plan_monitor(ingest_dirs: Sequence[Path], fraction: float, seed: int = 0) ->
             modality = row["modality"].strip().upper()
             if modality in SIDE_MODALITY.values():
                 split = row.get("split", "").strip() or "train"
-                by_split.setdefault(split, {}).setdefault(modality, set()).add(row.get("subject_id", ""))
+                by_split.setdefault(split, {}).setdefault(modality, set()).add(row.get("subject_id", "").strip())
     if all(by_split.get("val", {}).get(m) for m in SIDE_MODALITY.values()):
         return Monitor("val")
-    train = {m: by_split.get("train", {}).get(m, set()) for m in SIDE_MODALITY.values()}
+    train: dict[str, set[str]] = {m: by_split.get("train", {}).get(m, set()) for m in SIDE_MODALITY.values()}
     if fraction <= 0:
         return None
     want = {m: max(1, round(fraction * len(subj))) for m, subj in train.items()}
     held: set[str] = set()
-    for subject in np.random.default_rng([seed, 0x5E]).permutation(sorted(set().union(*train.values()))):
-        if all(len(train[m] & held) >= want[m] for m in train):
-            break
-        if any(subject in train[m] and len(train[m] & held) < want[m] for m in train):
-            held.add(str(subject))
+
+    def short(m: str) -> bool:
+        return len(train[m] & held) < want[m]
+
+    order = [str(x) for x in np.random.default_rng([seed, 0x5E]).permutation(sorted(set().union(*train.values()) - {""}))]
+    for exact in (True, False):  # first only subjects whose every modality is still short, then any that helps
+        for subject in order:
+            mods = [m for m in train if subject in train[m]]
+            if subject not in held and any(short(m) for m in mods) and (not exact or all(short(m) for m in mods)):
+                held.add(subject)
     if any(len(train[m] - held) < 2 or not train[m] & held for m in train):
         log.warning("no val split and too few train subjects to hold some out (%s); no structure scores, no best.pt",
                     ", ".join(f"{len(v)} {m}" for m, v in train.items()))
@@ -446,6 +453,35 @@ class TrainingInputs:
     monitor: Monitor | None
 
 
+def load_train_slices(
+    ingest_dirs: Sequence[Path], image_size: int, context: int, cfg: SliceConfig
+) -> tuple[UnpairedData, Monitor | None]:
+    """The CycleGAN's training slices: the train split with the monitor subjects (`plan_monitor`) left
+    out and listed in meta["monitor_subjects"], so the model card (and the dataset writer, which keeps
+    them in its train split) knows which subjects picked best.pt; and the monitor."""
+    monitor = plan_monitor(ingest_dirs, cfg.monitor_fraction, cfg.seed)
+    data = load_unpaired_slices(
+        ingest_dirs, image_size=image_size, context=context, hu_window=cfg.hu_window, min_foreground=cfg.min_foreground,
+        mr_percentiles=cfg.mr_percentiles, split="train", seed=cfg.seed, max_slices=cfg.max_slices,
+        skip_subjects=monitor.skip if monitor else frozenset(),
+    )
+    data.meta["monitor_subjects"] = sorted(monitor.skip) if monitor else []
+    return data, monitor
+
+
+def monitor_or_none(
+    ingest_dirs: Sequence[Path], monitor: Monitor | None, image_size: int, context: int, cfg: SliceConfig
+) -> Callable[[torch.nn.Module, torch.nn.Module], dict[str, float]] | None:
+    """`monitor_scores`, or None (with a warning) when there is no monitor or its volumes have no usable slice."""
+    if monitor is None:
+        return None
+    try:
+        return monitor_scores(ingest_dirs, monitor, image_size, context, cfg)
+    except DatasetError as exc:
+        log.warning("structure scores off (no best.pt): the %s gave no usable slices (%s)", monitor.describe(), exc)
+        return None
+
+
 def load_training_inputs(
     ingest_dirs: Sequence[Path], image_size: int, in_channels: int = 1, data_cfg: SliceConfig | None = None
 ) -> TrainingInputs:
@@ -458,14 +494,9 @@ def load_training_inputs(
     if in_channels < 1 or in_channels % 2 == 0:
         raise ValueError(f"in_channels must be odd (a centre slice and its neighbours), got {in_channels}")
     context = (in_channels - 1) // 2
-    monitor = plan_monitor(ingest_dirs, cfg.monitor_fraction, cfg.seed)
-    data = load_unpaired_slices(
-        ingest_dirs, image_size=image_size, context=context, hu_window=cfg.hu_window, min_foreground=cfg.min_foreground,
-        mr_percentiles=cfg.mr_percentiles, split="train", seed=cfg.seed, max_slices=cfg.max_slices,
-        skip_subjects=monitor.skip if monitor else frozenset(),
-    )
-    evaluate = monitor_scores(ingest_dirs, monitor, image_size, context, cfg) if monitor else None
-    return TrainingInputs(data, evaluate, monitor)
+    data, monitor = load_train_slices(ingest_dirs, image_size, context, cfg)
+    evaluate = monitor_or_none(ingest_dirs, monitor, image_size, context, cfg)
+    return TrainingInputs(data, evaluate, monitor if evaluate is not None else None)
 
 
 def _median_spacing(spacings: list[tuple[float, float, float]]) -> list[float]:

@@ -277,6 +277,23 @@ def test_build_invariants_and_counts(tmp_path: Path) -> None:
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial folder left
 
 
+def test_subjects_that_picked_the_checkpoint_stay_in_train(tmp_path: Path) -> None:
+    # the card's monitor_subjects (held out of a CycleGAN's training to pick best.pt) are pinned to
+    # train like its train_subjects; here they are the three subjects the val split would take
+    inputs = make_tumor_inputs(tmp_path / "inputs")
+    card = json.loads(inputs["card"].read_text())
+    rows = read_manifest(inputs["real"])
+    free = sorted({r["subject_id"] for r in rows if r["split"] == "train"} - set(card["train_subjects"]))
+    assert len(free) == 3
+    inputs["card"].write_text(json.dumps({**card, "monitor_subjects": free}), encoding="utf-8")
+    out = tmp_path / "ds"
+    build_dataset(inputs["real"], [inputs["synthetic"]], out, tumor_config(tmp_path), gates=[inputs["gate"]],
+                  generator_cards=[inputs["card"]])
+    split_of = {r["subject_id"]: r["split"] for r in read_manifest(out) if r["synthetic"] == "0"}
+    assert {split_of[s] for s in free} == {"train"}
+    assert "val" not in split_of.values()
+
+
 def test_datalist_loads_with_monai(tmp_path: Path) -> None:
     from monai.data import load_decathlon_datalist
 

@@ -178,12 +178,9 @@ def test_load_training_inputs_holds_train_subjects_out_for_structure_scores(inge
     identity = torch.nn.Conv2d(3, 3, 1)
     scores = inputs.evaluate(identity, identity)
     assert "structure" in scores and all(isinstance(v, float) for v in scores.values())
-    # seeded: the same subjects again; another seed may pick others, never a test subject
+    # seeded: the same subjects again; and listed for the model card
     assert sl.plan_monitor([ingest], 0.1, 0) == inputs.monitor
-    test = {r["subject_id"] for r in rows if r["split"] == "test"}
-    for seed in range(5):
-        m = sl.plan_monitor([ingest], 0.1, seed)
-        assert m is not None and m.subjects and not m.subjects & test
+    assert inputs.data.meta["monitor_subjects"] == sorted(held)
     with pytest.raises(ValueError, match="odd"):
         sl.load_training_inputs([ingest], image_size=32, in_channels=2)
 
@@ -208,6 +205,41 @@ def test_too_few_train_subjects_give_no_monitor(tmp_path: Path, ingest: Path, ca
     assert sl.load_training_inputs([ingest], image_size=16, data_cfg=sl.SliceConfig(monitor_fraction=0)).monitor is None
     with pytest.raises(ValueError, match="monitor_fraction"):
         sl.SliceConfig(monitor_fraction=0.5)
+
+
+def _rows(spec: list[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"path": f"v{i}.nii.gz", "subject_id": sid, "modality": mod, "split": "train"} for i, (sid, mod) in enumerate(spec)]
+
+
+def test_plan_monitor_holds_out_whole_subjects_without_overfilling(tmp_path: Path) -> None:
+    # 4 MR and 4 CT subjects, one (s0) with both: 10 % -> 1 of each; whatever the seed, never 2 of one
+    spec = [("s0", "MR"), ("s0", "CT")] + [(f"m{i}", "MR") for i in range(3)] + [(f"c{i}", "CT") for i in range(3)]
+    write_manifest(tmp_path, _rows(spec), ("path", "subject_id", "modality", "split"))
+    for seed in range(20):
+        m = sl.plan_monitor([tmp_path], 0.1, seed)
+        assert m is not None and m.subjects is not None
+        mr = {s for s in m.subjects if s == "s0" or s.startswith("m")}
+        ct = {s for s in m.subjects if s == "s0" or s.startswith("c")}
+        assert len(mr) == 1 and len(ct) == 1, (seed, m.subjects)
+
+
+def test_plan_monitor_never_holds_out_rows_without_a_subject(tmp_path: Path) -> None:
+    # 8 MR volumes with no subject_id would be one "subject" "": holding it out would drop them all
+    spec = [("", "MR")] * 8 + [("m1", "MR"), ("m2", "MR"), ("m3", "MR")] + [(f"c{i}", "CT") for i in range(10)]
+    write_manifest(tmp_path, _rows(spec), ("path", "subject_id", "modality", "split"))
+    for seed in range(20):
+        m = sl.plan_monitor([tmp_path], 0.1, seed)
+        assert m is not None and m.subjects and "" not in m.subjects
+
+
+def test_monitor_volumes_without_usable_slices_switch_structure_scores_off(
+    ingest: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = sl.SliceConfig(min_foreground=0.99)  # no slice of any volume is 99 % body
+    monitor = sl.plan_monitor([ingest], cfg.monitor_fraction, cfg.seed)
+    with caplog.at_level("WARNING"):
+        assert sl.monitor_or_none([ingest], monitor, 32, 0, cfg) is None
+    assert "structure scores off (no best.pt)" in caplog.text
 
 
 def test_slice_config_validates() -> None:

@@ -66,11 +66,13 @@ class GateInfo:
 
 @dataclass(frozen=True)
 class GeneratorCard:
-    """The model card of a generator: which checkpoint and which subjects it was trained on."""
+    """The model card of a generator: which checkpoint, which subjects it was trained on, and which
+    held-out train subjects picked its checkpoint (CycleGAN best.pt; pipeline.slices.plan_monitor)."""
 
     path: Path
     checkpoint_sha256: str
     train_subjects: frozenset[str]
+    monitor_subjects: frozenset[str] = frozenset()
 
 
 def manifest_file(folder_or_file: Path, what: str) -> Path:
@@ -364,4 +366,6 @@ def _card(path: Path, data: Mapping[str, Any], sha: str) -> GeneratorCard:
             f"generator card {path.name} (checkpoint {sha[:12]}) lists no train_subjects; "
             "its training subjects cannot be checked against the validation and test splits"
         )
-    return GeneratorCard(path=path, checkpoint_sha256=sha, train_subjects=frozenset(str(s) for s in subjects))
+    monitor = data.get("monitor_subjects") or []
+    return GeneratorCard(path=path, checkpoint_sha256=sha, train_subjects=frozenset(str(s) for s in subjects),
+                         monitor_subjects=frozenset(str(s) for s in monitor))

@@ -182,7 +182,7 @@ def plan_dataset(
     synth = [it for it in synth if it.klass in known]
     excluded["synthetic, no class or class not in config"] += n_before - len(synth)
 
-    # splits: explicit val/test honoured; generator training subjects pinned to train
+    # splits: explicit val/test honoured; generator training (and checkpoint-picking) subjects pinned to train
     explicit = _explicit_by_subject(real_all)
     cards = find_cards({it.checkpoint_sha256 for it in synth}, generator_cards, synthetic, runs_dir)
     _check_provenance(cards, explicit)
@@ -190,7 +190,8 @@ def plan_dataset(
     for it in real_target:
         by_subject[it.subject_id].append(it.klass)
     subjects = [Subject(sid, subject_class(ks), explicit.get(sid, "")) for sid, ks in sorted(by_subject.items())]
-    pinned = set().union(*(c.train_subjects for c in cards.values())) & set(by_subject)
+    # the subjects that trained a generator, or picked its checkpoint, stay in train
+    pinned = set().union(*(c.train_subjects | c.monitor_subjects for c in cards.values())) & set(by_subject)
     assignment = assign_splits(subjects, cfg.fractions, cfg.seed, pinned_train=pinned)
     split_of: dict[str, str] = {**explicit, **assignment}
     _check_provenance(cards, split_of)

@@ -295,12 +295,12 @@ def _class_metrics(real: GateSet, syn: GateSet, fr: F64, fs: F64, copies: NDArra
             out[cls] = entry
             continue
         p = _prdc(fr[ri], fs[si], real.item_of[ri], syn.item_of[si], cfg.nearest_k, _rng(cfg, 400 + k), device)
-        fc, rc_feats = fs[si], fr[ri]
+        fc, rc_feats = M.as_rows(fs[si], device), M.as_rows(fr[ri], device)  # on the device once for the resamples
         fid = M.fid(rc_feats, fc, device)
         nb, lvl, rng_b = cfg.n_bootstrap, cfg.ci_level, _rng(cfg, 500 + k)
 
-        def class_fid(a: NDArray[np.int64], b: NDArray[np.int64], fc: F64 = fc, rf: F64 = rc_feats) -> float:
-            return M.fid(fc[a], rf[b], device)
+        def class_fid(a: NDArray[np.int64], b: NDArray[np.int64], fc: torch.Tensor = fc, rf: torch.Tensor = rc_feats) -> float:
+            return M.fid(fc[torch.as_tensor(a, device=fc.device)], rf[torch.as_tensor(b, device=rf.device)], device)
 
         entry.update(
             fid=fid,

@@ -9,13 +9,15 @@ with mtime 0 and no file name in the gzip header, so the same input gives the sa
 Compression runs in threads on blocks, as pigz does (each block primed with the last
 32 KiB of the previous one and ended by a sync flush, so the result is one ordinary deflate
 stream that any gunzip reads). Levels 1-3 deflate with Intel ISA-L (igzip, the `isal`
-package), 4-9 with zlib: on the CT of bench/ingest.py ISA-L at levels 1-3 compresses to
-within 0.1 % of zlib's size at the same level (smaller at 1 and 2) in a quarter of the CPU
-time. Both release the GIL, so blocks compress on every core while
+package), 4-9 with zlib: on the CT of bench/ingest.py ISA-L's files are 0.1 % smaller than
+zlib's at level 1, 1 % smaller at 2 and 0.1 % larger at 3, for a quarter of the CPU time. Both release the GIL, so blocks compress on every core while
 the caller keeps decoding slices: `SliceStreamWriter` takes the slices of a volume whose
 slice axis stays the last axis after reorientation (axial series) one at a time, so reading
 DICOM and compressing overlap. The bytes do not depend on the thread count or on the path
-taken (whole array or streamed), only on the data, the level and the block size.
+taken (whole array or streamed), only on the data, the level, the block size and the deflate
+library: re-running on one machine gives the same bytes; ISA-L picks its code by CPU family
+(AVX2/AVX-512, NEON), so another machine may write other (equally valid) gzip bytes of the
+same voxels.
 """
 
 from __future__ import annotations

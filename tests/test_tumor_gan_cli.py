@@ -101,6 +101,25 @@ def test_benchmark_smoke_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> None
     assert "stopped" not in report
 
 
+def test_benchmark_failing_setting_is_a_row_and_the_ratio_names_its_row(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = _tumor_bench()
+    time_setting = bench.time_setting
+
+    def fastest_fails(base: Any, s: Any, *args: Any) -> dict[str, float]:
+        if s.name.startswith("fastest"):
+            raise RuntimeError("compile: planted failure\nmore")
+        return dict(time_setting(base, s, *args))
+
+    monkeypatch.setattr(bench, "time_setting", fastest_fails)
+    report = bench.main(["--smoke"])
+    assert "| fastest: batch 8 | failed: RuntimeError: compile: planted failure | |" in report
+    assert "fastest / baseline: no row besides the baseline ran" in report
+    monkeypatch.setattr(bench, "time_setting", time_setting)
+    assert "(fastest: batch 8)" in bench.main(["--smoke"])
+
+
 def test_benchmark_sigterm_keeps_measured_rows(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     bench = _tumor_bench()
     time_setting = bench.time_setting

@@ -10,7 +10,7 @@ Three inputs are written once to a cache folder (synthetic CT, explicit VR littl
 Each command runs as a whole process (interpreter start and imports included), 5 times,
 alternating the tools, and the median wall and CPU times are reported; ingest runs both as
 the `medaug ingest` CLI and as a plain `run_ingest` library call (what the Prefect flow
-does), since the CLI framework's option parsing alone costs ~0.3 s. Both tools write gzip
+does); the gap between the two is the CLI's start-up. Both tools write gzip
 level 1: ingest with `--gzip-level 1` (its default; parallel deflate blocks in threads, ISA-L),
 dcm2niix with `-z y -1` (pigz, all cores, zlib); the table lists the bytes each wrote, so the
 same level can be checked to mean the same compression. Results are printed and, with --append,
@@ -176,8 +176,8 @@ def main() -> int:
         "(user + sys of the process and its children) is the steadier figure.",
         "",
         "Commands: `MEDAUG_DEID_KEY=... medaug ingest SRC --out OUT --gzip-level 1 --workers 2`; the same "
-        "through the library, `python -c \"...run_ingest([SRC], OUT, key=..., workers=2, level=1)\"` (no typer: "
-        "its pydantic-based option parsing costs ~0.3 s per CLI call); and `dcm2niix -z y -1 -f %p_%s -o OUT SRC`. "
+        "through the library, `python -c \"...run_ingest([SRC], OUT, key=..., workers=2, level=1)\"` (what the flow "
+        "calls; the difference between the two rows is the CLI's start-up); and `dcm2niix -z y -1 -f %p_%s -o OUT SRC`. "
         "Inputs written by `python bench/ingest.py` (synthetic CT, explicit VR little endian, one file per slice).",
         "",
         "| input | tool | wall s | CPU s | volumes | .nii.gz MB | exit | wall / dcm2niix | CPU / dcm2niix |",

@@ -198,8 +198,8 @@ def plan_dataset(
     notes: list[str] = []
     if cfg.fractions.val > 0 and "val" not in assignment.values():
         notes.append(
-            f"the validation split is empty: {len(pinned)} of {len(subjects)} subjects trained a generator and must stay in "
-            "training; train generators on fewer subjects to keep some for validation"
+            f"the validation split is empty: {len(pinned)} of {len(subjects)} subjects trained a generator (or picked its "
+            "checkpoint) and must stay in training; train generators on fewer subjects to keep some for validation"
         )
         log.warning(notes[-1])
 

@@ -397,7 +397,8 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
               f"{len(mf.baseline)} item-disjoint half splits at {mf.sizes.mean():.0f} slices a side; ")
     no_base = f"FID {fid:.4g}; fewer than 4 real items: no real-vs-real baseline"
     excess_detail = no_base if mf is None else (
-        f"(synthetic minus real-vs-real) / real feature variance {mf.real_variance:.4g}: {halves}FID on all samples {fid:.4g}")
+        f"excess FID = (synthetic vs real half - real half vs half) / real feature variance {mf.real_variance:.4g}; "
+        f"{halves}FID on all samples {fid:.4g}")
     ratio_detail = no_base if mf is None else f"synthetic over real-vs-real: {halves}FID on all samples {fid:.4g}"
     kid = M.kid(fs, fr, cfg.kid_subsets, cfg.kid_subset_size, _rng(cfg, 3), dev)
     p = _prdc(fr, fs, ref.item_of, syn.item_of, k, _rng(cfg, 8), dev)

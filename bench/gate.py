@@ -22,8 +22,8 @@ What runs (all of it the gate's own code from pipeline/gate/, at the gate's defa
             run on --device in float64: distances as matrix products (||a||^2 + ||b||^2 - 2 a.b)
             in blocks of 1024 query rows against the whole reference set, each set copied from
             the host to the device once per call, as in run_gate; FID exact also with fewer
-            samples than dimensions (nuclear norm of X1 X2^T). MS-SSIM and the intensity
-            distance run on the CPU, as in run_gate.
+            samples than dimensions (nuclear norm of X1 X2^T). MS-SSIM runs on --device too
+            (float32, no TF32); the intensity distance on the CPU, as in run_gate.
 
 The naive way, on the first n images of each set (n = N when that is affordable):
 nearest neighbours and k-NN radii by a Python loop over query rows, each row's float64
@@ -394,8 +394,8 @@ def table_row(r: Row, cuda: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where images are made, features extracted and the gate's metrics run (MS-SSIM and "
-                             "intensity on the CPU); auto: cuda if present")
+                        help="where images are made, features extracted and the gate's metrics run (the "
+                             "intensity distance on the CPU); auto: cuda if present")
     parser.add_argument("--n", type=int, default=None, help="images per set (default 10000 on cuda, 2000 on cpu)")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 256 on cuda, 64 on cpu)")
     parser.add_argument("--inception-n", type=int, default=None,
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"- images, feature extraction and the gate's distances, k-NN radii, PRDC, KID and FID on {device}, "
                   f"float64: distances as matrix products in blocks of {M.CHUNK} query rows, each set copied from the "
                   "host to the device once per call (as run_gate); FID exact with fewer samples than dimensions "
-                  "(nuclear norm of X1 X2^T); MS-SSIM and intensity on the CPU")
+                  "(nuclear norm of X1 X2^T); MS-SSIM there too (float32, no TF32); intensity on the CPU")
             print(f"- domain encoder: trained here with the gate's recipe, {steps} SimCLR steps x {cfg.encoder_batch} "
                   f"pairs on {train_n} real images; InceptionV3 pool3: RANDOM He-normal weights (no weights file; the "
                   f"gate's network, load skipped), {inc_n} images per set, batch 32")
@@ -549,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
             groups = np.arange(n)
 
             def gate_ms(a: torch.Tensor, b: torch.Tensor, p: int) -> F64:
-                return np.concatenate([M.mean_pairwise_ms_ssim(b, groups, p, rng(4)), M.mean_pairwise_ms_ssim(a, groups, p, rng(5))])
+                return np.concatenate([M.mean_pairwise_ms_ssim(b, groups, p, rng(4), device=device),
+                                       M.mean_pairwise_ms_ssim(a, groups, p, rng(5), device=device)])
 
             def naive_ms(a: torch.Tensor, b: torch.Tensor, p: int) -> F64:
                 return np.concatenate([naive_ms_ssim(b, groups, p, rng(4)), naive_ms_ssim(a, groups, p, rng(5))])

@@ -254,6 +254,28 @@ def test_explicit_cpu_device_and_tensor_inputs_give_the_same_answers(clouds: dic
         M.nearest(r, r[:, :5])
 
 
+def test_ms_ssim_runs_on_the_given_device_with_tf32_off_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand((6, 1, 32, 32), generator=g) * 2 - 1, torch.rand((6, 1, 32, 32), generator=g) * 2 - 1
+    seen: list[tuple[str, bool]] = []
+    metric_call = M.MultiScaleSSIMMetric.__call__
+
+    def spy(self: object, y_pred: torch.Tensor, y: torch.Tensor) -> object:
+        seen.append((y_pred.device.type, torch.backends.cudnn.allow_tf32))
+        return metric_call(self, y_pred, y)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(M.MultiScaleSSIMMetric, "__call__", spy)
+    before = torch.backends.cudnn.allow_tf32
+    np.testing.assert_array_equal(M.ms_ssim_pairs(a, b, device=torch.device("cpu")), M.ms_ssim_pairs(a, b))
+    assert seen == [("cpu", False), ("cpu", False)] and torch.backends.cudnn.allow_tf32 == before
+    # the gate passes gate.device through its diversity check
+    calls: list[object] = []
+    monkeypatch.setattr(M, "ms_ssim_pairs", lambda x, y, kernel_size=7, device="cpu": calls.append(device) or np.zeros(len(x)))
+    s = _gate_set(a, np.arange(6))
+    gate_run._diversity(s, np.arange(6), GateConfig(max_pairs=10), 4)
+    assert calls == ["cpu"]
+
+
 def test_kid_reproduces_the_unbiased_mmd_of_its_subsets() -> None:
     rng = np.random.default_rng(13)
     a, b = rng.normal(size=(30, 4)), rng.normal(0.5, 1.0, size=(25, 4))

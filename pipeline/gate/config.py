@@ -50,7 +50,7 @@ class GateConfig(BaseModel):
     encoder_width: int = Field(default=8, ge=4, description="Channels of the encoder's first conv (doubling per block to 8x); features are 8*width-dimensional (64 by default).")
     encoder_lr: float = Field(default=2e-3, gt=0.0, description="Adam learning rate of the domain encoder.")
     encoder_temperature: float = Field(default=0.2, gt=0.0, description="NT-Xent temperature (Chen et al. 2020 found 0.1-0.5 best).")
-    device: str = Field(default="cpu", description='Torch device for the encoder, feature extraction and the metrics (float64 distances, k-NN, PRDC, FID, KID; MS-SSIM stays on the CPU): "cpu", "cuda" or "cuda:N"; checked when the gate starts.')
+    device: str = Field(default="cpu", description='Torch device for the encoder, feature extraction and the metrics (float64 distances, k-NN, PRDC, FID, KID; MS-SSIM in float32 without TF32): "cpu", "cuda" or "cuda:N"; checked when the gate starts.')
     seed: int = Field(default=0, description="Seed of subsets, encoder training, KID subsets, MS-SSIM pairs and bootstraps (same seed, same report).")
 
     # --- metric settings --------------------------------------------------------------------

@@ -479,11 +479,13 @@ def ms_ssim_scales(size: int, kernel_size: int = 7) -> int:
     return scales
 
 
-def ms_ssim_pairs(a: torch.Tensor, b: torch.Tensor, kernel_size: int = 7) -> F64:
-    """MS-SSIM of image pairs a[i], b[i] (P, 1, H, W) in [-1, 1] -> (P,) values in [0, 1].
+def ms_ssim_pairs(a: torch.Tensor, b: torch.Tensor, kernel_size: int = 7, device: str | torch.device = "cpu") -> F64:
+    """MS-SSIM of image pairs a[i], b[i] (P, 1, H, W) in [-1, 1] -> (P,) values in [0, 1], computed on `device`.
 
     MONAI's MultiScaleSSIMMetric (data range 2, Gaussian kernel sigma 1.5) with the first
-    `ms_ssim_scales(H)` weights of Wang et al. renormalised to sum to 1.
+    `ms_ssim_scales(H)` weights of Wang et al. renormalised to sum to 1. It convolves in
+    float32; on CUDA cuDNN's TF32 is switched off meanwhile (TF32 keeps 10 mantissa bits and
+    would move the values by ~1e-3, where the gate's comparisons need ~1e-5).
     """
     if a.shape != b.shape or a.ndim != 4:
         raise ValueError(f"MS-SSIM needs two (P, 1, H, W) batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
@@ -495,7 +497,13 @@ def ms_ssim_pairs(a: torch.Tensor, b: torch.Tensor, kernel_size: int = 7) -> F64
     w = np.asarray(MS_SSIM_WEIGHTS[:n], dtype=np.float64)
     weights = tuple(float(x) for x in w / w.sum())
     metric = MultiScaleSSIMMetric(spatial_dims=2, data_range=2.0, kernel_size=kernel, weights=weights, reduction="none")
-    out = metric(a.float(), b.float())
+    dev = metric_device(device)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        out = metric(a.to(dev, torch.float32), b.to(dev, torch.float32))
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     return np.asarray(torch.as_tensor(out).reshape(-1).double().cpu().numpy(), dtype=np.float64)
 
 
@@ -535,11 +543,12 @@ def random_pairs(groups: I64, max_pairs: int, rng: np.random.Generator, strata: 
 
 
 def mean_pairwise_ms_ssim(images: torch.Tensor, groups: I64, max_pairs: int, rng: np.random.Generator,
-                          strata: I64 | None = None, batch: int = 256) -> F64:
+                          strata: I64 | None = None, batch: int = 256, device: str | torch.device = "cpu") -> F64:
     """MS-SSIM values (P,) of up to `max_pairs` random pairs of images (N, 1, H, W) from different groups
-    (and the same stratum when given)."""
+    (and the same stratum when given), on `device`."""
     ii, jj = random_pairs(groups, max_pairs, rng, strata)
-    vals = [ms_ssim_pairs(images[ii[s:s + batch]], images[jj[s:s + batch]]) for s in range(0, len(ii), batch)]
+    vals = [ms_ssim_pairs(images[ii[s:s + batch]], images[jj[s:s + batch]], device=device)
+            for s in range(0, len(ii), batch)]
     return np.concatenate(vals) if vals else np.zeros(0)
 
 

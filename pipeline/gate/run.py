@@ -23,8 +23,8 @@ The checks (thresholds in GateConfig):
 Distances are normalised by the median real-to-real nearest-neighbour distance between
 different items (subjects), so "near" means "much nearer than two real subjects are".
 The metrics run on gate.device, like the encoder: float64 matrix products in blocks of rows
-(pipeline/gate/metrics.py), each set copied to the device once per search; MS-SSIM and the
-intensity distance stay on the CPU.
+(pipeline/gate/metrics.py), each set copied to the device once per search; MS-SSIM runs there
+too (float32 without TF32); the intensity distance (quantiles of pooled pixels) stays on the CPU.
 """
 
 from __future__ import annotations
@@ -272,7 +272,8 @@ def _diversity(s: GateSet, idx: NDArray[np.int64], cfg: GateConfig, stream: int)
     """MS-SSIM of random pairs of slices from different items at the same slice index (volumes) or
     any two patches: slices of one anatomical level are compared, so the measure is between-subject
     diversity rather than the (much larger) difference between levels of the head."""
-    return M.mean_pairwise_ms_ssim(s.images[idx], s.item_of[idx], cfg.max_pairs, _rng(cfg, stream), strata=s.slice_of[idx])
+    return M.mean_pairwise_ms_ssim(s.images[idx], s.item_of[idx], cfg.max_pairs, _rng(cfg, stream), strata=s.slice_of[idx],
+                                   device=cfg.device)
 
 
 def _prdc(fr: F64, fs: F64, rg: NDArray[np.int64], sg: NDArray[np.int64], k: int, rng: np.random.Generator,

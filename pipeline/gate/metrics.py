@@ -498,12 +498,15 @@ def ms_ssim_pairs(a: torch.Tensor, b: torch.Tensor, kernel_size: int = 7, device
     weights = tuple(float(x) for x in w / w.sum())
     metric = MultiScaleSSIMMetric(spatial_dims=2, data_range=2.0, kernel_size=kernel, weights=weights, reduction="none")
     dev = metric_device(device)
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    if dev.type != "cuda":
         out = metric(a.to(dev, torch.float32), b.to(dev, torch.float32))
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+    else:  # a process-wide switch: gates running in parallel threads on one GPU would race on it
+        tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            out = metric(a.to(dev, torch.float32), b.to(dev, torch.float32))
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
     return np.asarray(torch.as_tensor(out).reshape(-1).double().cpu().numpy(), dtype=np.float64)
 
 

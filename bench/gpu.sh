@@ -8,7 +8,7 @@
 # wheels here first (`bench/gpu.sh --wheels`, into .whl/, which git ignores through
 # .git/info/exclude), then through the device tool:
 #
-#   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=540)
+#   run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=560)
 #
 # The tables come back as $OUT/*.md; copy them into bench/RESULTS.md with the date and device.
 set -uo pipefail

@@ -449,7 +449,8 @@ def build_mrict_inputs(work: Path, subjects: int, size: int, seed: int, cyclegan
     return {"real": ingest, "synthetic": synthetic, "gate": gate, "card": checkpoint.with_suffix(".json"), "derived": derived,
             "checkpoint": f"{run.name}/checkpoints/{checkpoint.name} (step {card.get('step')}, "
                           f"{card.get('weights_for_inference', 'live')} weights)",
-            "cyclegan_steps": cfg.total_steps, "verdict": report.get("verdict"),
+            "cyclegan_steps": cfg.total_steps, "monitor_subjects": len(card.get("monitor_subjects") or []),
+            "verdict": report.get("verdict"),
             "failed_checks": report.get("failed_checks", []), "checks": report.get("checks", []),
             "n_accepted": report.get("n_accepted"), "n_rejected": report.get("n_rejected"), "timings": timings}
 
@@ -719,9 +720,9 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
         "seeds only: they do not hold the test-set sampling uncertainty, which is larger. These are this run's numbers, "
         "not a general claim."
         + (" The CycleGAN's best.pt was picked, as the augment flow picks it, by structure scores (input vs translation, "
-           "no truth, no classes) on slices of the test split, the phantom cohort having no validation split; those "
-           "are the test subjects' MR and CT images, not their classes." if cfg.get("deployment") == "mri-ct"
-           and "best.pt" in result["gate"].get("checkpoint", "") else ""),
+           f"no truth, no classes) on {result['gate'].get('monitor_subjects', 0)} training-split subjects held out of its "
+           "training (the phantom cohort has no validation split; pipeline.slices.plan_monitor); the test split "
+           "played no part." if cfg.get("deployment") == "mri-ct" and "best.pt" in result["gate"].get("checkpoint", "") else ""),
         "",
     ]
     return "\n".join(lines)

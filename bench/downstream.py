@@ -764,7 +764,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gate_info: dict[str, Any]
     if args.deployment == "mri-ct":
         inputs = build_mrict_inputs(args.work, args.subjects, args.size, args.seed, args.cyclegan_steps)
-        gate_info = {k: inputs[k] for k in ("verdict", "failed_checks", "checks", "n_accepted", "n_rejected", "checkpoint", "cyclegan_steps")}
+        gate_info = {k: inputs[k] for k in ("verdict", "failed_checks", "checks", "n_accepted", "n_rejected", "checkpoint", "cyclegan_steps",
+                                           "monitor_subjects")}
     else:
         inputs = build_inputs(args.work, args.subjects, args.size, args.seed, args.patch_size, args.gan_steps, args.n_synth)
         gate_info = {"verdict": inputs["verdict"], "failed_checks": inputs["failed_checks"]}

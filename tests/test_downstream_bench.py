@@ -25,6 +25,8 @@ def test_downstream_bench_mri_ct_smoke(tmp_path: Path) -> None:
     arms = [line for line in out.splitlines() if line.startswith("| (")]
     assert [a.split("|")[1].strip()[:3] for a in arms[:3]] == ["(a)", "(b)", "(c)"]
     assert "**Verdict:**" in out and "gate" in out and "verdict **" in out
+    # 6 CT and 6 MR training subjects: one of each held out of the CycleGAN's training to pick best.pt
+    assert "best.pt was picked" in out and "on 2 training-split subjects held out of its training" in out
     assert not (ROOT / "bench" / "RESULTS.md").read_text(encoding="utf-8").count(str(tmp_path))  # --record not given
 
 

@@ -517,10 +517,9 @@ def train_cyclegan_task(data: Any, run_dir: str, config: dict[str, Any], device:
     failed attempt stopped (and a finished run is not trained again). With nproc_per_node
     > 1 the training runs under torchrun (`medaug train cyclegan`), reading the ingest folder itself.
     """
-
     from models.train_cyclegan import CycleGANConfig, train_cyclegan
     from pipeline.evaluate_translation import STRUCTURE_KEY
-    from pipeline.slices import SliceConfig, monitor_or_none, plan_monitor
+    from pipeline.slices import SliceConfig, monitor_scores, plan_monitor
 
     logger = get_run_logger()
     cfg = CycleGANConfig.model_validate(config)
@@ -534,7 +533,7 @@ def train_cyclegan_task(data: Any, run_dir: str, config: dict[str, Any], device:
             sl = SliceConfig.model_validate(slices)
             dirs = [Path(ingest_dir)]
             monitor = plan_monitor(dirs, sl.monitor_fraction, sl.seed)
-            evaluate = monitor_or_none(dirs, monitor, cfg.image_size, (cfg.in_channels - 1) // 2, sl)
+            evaluate = monitor_scores(dirs, monitor, cfg.image_size, (cfg.in_channels - 1) // 2, sl)
             if evaluate is not None and monitor is not None:
                 logger.info("structure scores on the %s pick the best checkpoint", monitor.describe())
             result = train_cyclegan(cfg, data, rd, resume=resume, device=device, evaluate=evaluate,

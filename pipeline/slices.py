@@ -268,7 +268,7 @@ def load_unpaired_slices(
         mr_percentiles: foreground percentiles mapped to -1 and +1 for MR.
         max_slices: at most this many slices per side (a seeded random subset), or all.
         only_subjects: keep only volumes of these subject pseudonyms (None: all).
-        skip_subjects: leave out volumes of these subjects (the monitor subjects of `monitor_holdout`).
+        skip_subjects: leave out volumes of these subjects (the monitor subjects of `plan_monitor`).
 
     Returns:
         models.train_cyclegan.UnpairedData with `a` (MRI) and `b` (CT) SliceStacks of
@@ -365,8 +365,8 @@ def load_unpaired_slices(
 class Monitor:
     """The volumes whose structure scores are watched during training and pick best.pt.
 
-    `split` "val": every val volume. `split` "train": the train volumes of `subjects`,
-    which training then leaves out (`load_training_inputs`, the flow's slices task).
+    `split` "val": every val volume (`subjects` None). `split` "train": the train volumes of
+    `subjects`, which training then leaves out (`load_train_slices`).
     """
 
     split: str
@@ -424,21 +424,6 @@ def plan_monitor(ingest_dirs: Sequence[Path], fraction: float, seed: int = 0) ->
     return Monitor("train", frozenset(held))
 
 
-def monitor_scores(
-    ingest_dirs: Sequence[Path], monitor: Monitor, image_size: int, context: int, cfg: SliceConfig
-) -> Callable[[torch.nn.Module, torch.nn.Module], dict[str, float]]:
-    """The structure-score callback on the monitor's volumes (fixed batches: comparable between calls)."""
-    from pipeline.evaluate_translation import held_out_batches, structure_scores
-
-    held = load_unpaired_slices(
-        ingest_dirs, image_size=image_size, context=context, split=monitor.split, hu_window=cfg.hu_window,
-        min_foreground=cfg.min_foreground, mr_percentiles=cfg.mr_percentiles,
-        only_subjects=monitor.subjects if monitor.split == "train" else None,
-    )
-    batches = held_out_batches(held, batch_size=16, max_batches=4)
-    return partial(structure_scores, held_out_batches=batches, hu_window=cfg.hu_window)
-
-
 @dataclass
 class TrainingInputs:
     """What `train_cyclegan` needs from ingest folders: the train data and an optional evaluate callback.
@@ -469,17 +454,25 @@ def load_train_slices(
     return data, monitor
 
 
-def monitor_or_none(
+def monitor_scores(
     ingest_dirs: Sequence[Path], monitor: Monitor | None, image_size: int, context: int, cfg: SliceConfig
 ) -> Callable[[torch.nn.Module, torch.nn.Module], dict[str, float]] | None:
-    """`monitor_scores`, or None (with a warning) when there is no monitor or its volumes have no usable slice."""
+    """The structure-score callback on the monitor's volumes (fixed batches: comparable between calls);
+    None without a monitor, or (with a warning) when its volumes have no usable slice."""
+    from pipeline.evaluate_translation import held_out_batches, structure_scores
+
     if monitor is None:
         return None
     try:
-        return monitor_scores(ingest_dirs, monitor, image_size, context, cfg)
+        held = load_unpaired_slices(
+            ingest_dirs, image_size=image_size, context=context, split=monitor.split, hu_window=cfg.hu_window,
+            min_foreground=cfg.min_foreground, mr_percentiles=cfg.mr_percentiles, only_subjects=monitor.subjects,
+        )
     except DatasetError as exc:
         log.warning("structure scores off (no best.pt): the %s gave no usable slices (%s)", monitor.describe(), exc)
         return None
+    batches = held_out_batches(held, batch_size=16, max_batches=4)
+    return partial(structure_scores, held_out_batches=batches, hu_window=cfg.hu_window)
 
 
 def load_training_inputs(
@@ -495,7 +488,7 @@ def load_training_inputs(
         raise ValueError(f"in_channels must be odd (a centre slice and its neighbours), got {in_channels}")
     context = (in_channels - 1) // 2
     data, monitor = load_train_slices(ingest_dirs, image_size, context, cfg)
-    evaluate = monitor_or_none(ingest_dirs, monitor, image_size, context, cfg)
+    evaluate = monitor_scores(ingest_dirs, monitor, image_size, context, cfg)
     return TrainingInputs(data, evaluate, monitor if evaluate is not None else None)
 
 

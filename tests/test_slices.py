@@ -238,7 +238,7 @@ def test_monitor_volumes_without_usable_slices_switch_structure_scores_off(
     cfg = sl.SliceConfig(min_foreground=0.99)  # no slice of any volume is 99 % body
     monitor = sl.plan_monitor([ingest], cfg.monitor_fraction, cfg.seed)
     with caplog.at_level("WARNING"):
-        assert sl.monitor_or_none([ingest], monitor, 32, 0, cfg) is None
+        assert sl.monitor_scores([ingest], monitor, 32, 0, cfg) is None
     assert "structure scores off (no best.pt)" in caplog.text
 
 

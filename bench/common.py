@@ -1,5 +1,5 @@
-"""What the bench scripts share: the CPU's name for their device lines, and table rows that
-survive a time limit (each row printed as soon as it is measured; a SIGTERM, what `timeout`
+"""What the bench scripts share: the CPU's name for their device lines, the cell of a setting
+that failed, and table rows that survive a time limit (each row printed as soon as it is measured; a SIGTERM, what `timeout`
 sends, ends a script cleanly with what was measured)."""
 
 from __future__ import annotations
@@ -19,6 +19,16 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def failure(exc: BaseException) -> str:
+    """A table cell for a setting that raised: "failed: Type: first line of the message" (120 chars).
+
+    >>> failure(RuntimeError("no CUDA graphs here\\nsecond line"))
+    'failed: RuntimeError: no CUDA graphs here'
+    """
+    first = str(exc).splitlines()[0][:120] if str(exc) else ""
+    return f"failed: {type(exc).__name__}: {first}"
 
 
 class Stopped(BaseException):

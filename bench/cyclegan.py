@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from any folder
     sys.path.insert(0, str(REPO))
 
-from bench.common import RowPrinter, Stopped  # noqa: E402
+from bench.common import RowPrinter, Stopped, failure  # noqa: E402
 from models.train_cyclegan import (  # noqa: E402
     CycleGANConfig,
     RunState,
@@ -212,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     if not ref_rate:
                         raise
                     log.exception("%s failed", s.name)
-                    table.row(f"| {s.name} | {s.batch_size} | failed: {type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:120] if str(exc) else ''} | | | | |")
+                    table.row(f"| {s.name} | {s.batch_size} | {failure(exc)} | | | | |")
                     continue
                 ref_rate = ref_rate or s.batch_size / seconds
                 table.row(table_row(s, seconds, ref_rate, flops, ceiling))

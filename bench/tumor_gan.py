@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from any folder
     sys.path.insert(0, str(REPO))
 
-from bench.common import RowPrinter, Stopped  # noqa: E402
+from bench.common import RowPrinter, Stopped, failure  # noqa: E402
 from models.common import EMA, select_device  # noqa: E402
 from models.train_tumor_gan import (  # noqa: E402
     TumorGANConfig,
@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> str:
                 except (RuntimeError, AssertionError) as exc:  # e.g. compile on this torch; the baseline must work
                     if not rows:
                         raise
-                    first = str(exc).splitlines()[0][:120] if str(exc) else ""
-                    lines.append(f"| {s.name} | failed: {type(exc).__name__}: {first} | |")
+                    lines.append(f"| {s.name} | {failure(exc)} | |")
                     table.row(lines[-1])
                     continue
                 lines.append(f"| {s.name} | {r['train_patches_per_s']:.1f} | {r['sample_patches_per_s']:.1f} |")

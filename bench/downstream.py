@@ -309,23 +309,14 @@ def build_balanced(work: Path, inputs: dict[str, Any], seed: int, max_share: flo
 
     `gated=False` builds the diagnostic dataset of arm (c'): the same fill without the gate
     (only used when the gate rejected the batch, to measure what medaug refused)."""
-    from pipeline.dataset import DatasetConfig, build_dataset
+    from pipeline.dataset import DatasetConfig
 
     cfg = DatasetConfig(
         deployment="tumor-patches", target_modality="CT", classes=TUMOR_CLASSES, strategy="equalise",
         max_synthetic_share=max_share, seed=seed, fractions={"train": 1.0, "val": 0.0, "test": 0.0},  # type: ignore[arg-type]
         manifests_dir=work / "data_manifests",
     )
-    if not gated:
-        out = work / "dataset_ungated"
-        build_dataset(inputs["real"], [inputs["synthetic"]], out, cfg, generator_cards=[inputs["card"]], overwrite=True)
-        return out
-    out = work / "dataset"
-    if inputs["gate"] is None:  # rejected batch: a real-only dataset, so (c) equals (a) and the report says so
-        build_dataset(inputs["real"], [], out, cfg, overwrite=True)
-    else:
-        build_dataset(inputs["real"], [inputs["synthetic"]], out, cfg, gates=[inputs["gate"]], generator_cards=[inputs["card"]], overwrite=True)
-    return out
+    return build_arm_dataset(inputs, cfg, work, gated)
 
 
 # --- mri-ct deployment: CycleGAN MRI->CT translations fill the CT minority class -----------------
@@ -455,25 +446,31 @@ def build_mrict_inputs(work: Path, subjects: int, size: int, seed: int, cyclegan
             "n_accepted": report.get("n_accepted"), "n_rejected": report.get("n_rejected"), "timings": timings}
 
 
+def build_arm_dataset(inputs: dict[str, Any], cfg: Any, root: Path, gated: bool) -> Path:
+    """Arm (c)'s dataset under root/dataset: the real items plus the gate-accepted synthetic ones (only
+    the real items when the gate rejected the batch, so (c) equals (a) and the report says so); with
+    `gated=False`, arm (c')'s diagnostic dataset under root/dataset_ungated: every synthetic item."""
+    from pipeline.dataset import build_dataset
+
+    if not gated:
+        out = root / "dataset_ungated"
+        build_dataset(inputs["real"], [inputs["synthetic"]], out, cfg, generator_cards=[inputs["card"]], overwrite=True)
+    elif inputs["gate"] is None:
+        out = root / "dataset"
+        build_dataset(inputs["real"], [], out, cfg, overwrite=True)
+    else:
+        out = root / "dataset"
+        build_dataset(inputs["real"], [inputs["synthetic"]], out, cfg, gates=[inputs["gate"]],
+                      generator_cards=[inputs["card"]], overwrite=True)
+    return out
+
+
 def build_mrict_balanced(inputs: dict[str, Any], cfg: Any, gated: bool = True) -> Path:
     """The medaug mri-ct dataset: real CT volumes (ingest splits) plus translated CT volumes in training.
 
     `gated=False` builds the diagnostic dataset of arm (c'): every translation, without the gate
     (only used when the gate rejected the batch)."""
-    from pipeline.dataset import build_dataset
-
-    derived: Path = inputs["derived"]
-    if not gated:
-        out = derived / "dataset_ungated"
-        build_dataset(inputs["real"], [inputs["synthetic"]], out, cfg, generator_cards=[inputs["card"]], overwrite=True)
-        return out
-    out = derived / "dataset"
-    if inputs["gate"] is None:  # rejected batch: a real-only dataset, so (c) equals (a) and the report says so
-        build_dataset(inputs["real"], [], out, cfg, overwrite=True)
-    else:
-        build_dataset(inputs["real"], [inputs["synthetic"]], out, cfg, gates=[inputs["gate"]],
-                      generator_cards=[inputs["card"]], overwrite=True)
-    return out
+    return build_arm_dataset(inputs, cfg, inputs["derived"], gated)
 
 
 def volume_patches(dataset: Path, crop: int, patch_size: int, seed: int) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 from prefect.tasks import exponential_backoff
 
-from pipeline.errors import ConfigError, DicomWebAuthError, MedaugError, StageFailed
+from pipeline.errors import CheckpointError, ConfigError, DicomWebAuthError, MedaugError, StageFailed
 from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file
 
 if TYPE_CHECKING:
@@ -147,9 +147,13 @@ def backoff(retry_backoff_s: float) -> Callable[[int], list[float]]:
 
 def retry_unless_config_error(task: Any, task_run: Any, state: Any) -> bool:
     """A task's retry_condition_fn: retry, except after a ConfigError (a missing Secret block,
-    a malformed secret), which a retry cannot fix, or a DicomWebAuthError (a PACS refused the
-    credentials, HTTP 401/403): retrying those would only risk locking the account."""
-    return not isinstance(state.data, (ConfigError, DicomWebAuthError))
+    a malformed secret), which a retry cannot fix, a CheckpointError (a missing, corrupt,
+    pickled or mismatched checkpoint: a bad file does not get better, and loading it twice
+    helps no one), or a DicomWebAuthError (a PACS refused the credentials, HTTP 401/403):
+    retrying those would only risk locking the account."""
+    from models.checkpoint import CheckpointError as ModelCheckpointError
+
+    return not isinstance(state.data, (ConfigError, CheckpointError, ModelCheckpointError, DicomWebAuthError))
 
 
 # --- phantoms and ingest ------------------------------------------------------------------
@@ -428,7 +432,7 @@ def patches_task(
     return {"out": str(out), "counts": patch_set.counts(), "skipped": len(patch_set.skipped)}
 
 
-@task(name="train-tumor-gan")
+@task(name="train-tumor-gan", retry_condition_fn=retry_unless_config_error)
 def train_tumor_gan_task(patches_dir: str, run_dir: str, config: dict[str, Any], modality: str, device: str,
                          nproc_per_node: int = 1) -> dict[str, Any]:
     """Train (or resume) the tumor GAN on a real patch folder; returns the checkpoint and card paths.
@@ -505,7 +509,7 @@ def slices_task(ingest_dirs: list[str], image_size: int, context: int, slices: d
     return data
 
 
-@task(name="train-cyclegan")
+@task(name="train-cyclegan", retry_condition_fn=retry_unless_config_error)
 def train_cyclegan_task(data: Any, run_dir: str, config: dict[str, Any], device: str, ingest_dir: str,
                         slices: dict[str, Any], nproc_per_node: int = 1) -> dict[str, Any]:
     """Train (or resume) the CycleGAN; returns the generator checkpoint, its card and the latest sample grid.
@@ -559,7 +563,7 @@ def cyclegan_cli_args(ingest_dir: Path, run_dir: Path, config: dict[str, Any], s
 # --- generation ---------------------------------------------------------------------------
 
 
-@task(name="translate")
+@task(name="translate", retry_condition_fn=retry_unless_config_error)
 def translate_task(checkpoint: str, direction: str, src: str, out: str, split: str | None, device: str,
                    batch_size: int, use_ema: bool) -> dict[str, Any]:
     """Translate the source-modality volumes of an ingest folder (pipeline.translate.run_translate)."""
@@ -571,7 +575,7 @@ def translate_task(checkpoint: str, direction: str, src: str, out: str, split: s
     return {"out": str(out), "n": len(rows)}
 
 
-@task(name="sample-tumors")
+@task(name="sample-tumors", retry_condition_fn=retry_unless_config_error)
 def sample_tumors_task(checkpoint: str, counts: dict[str, int], seed: int, out: str, device: str,
                        batch_size: int) -> dict[str, Any]:
     """Sample `counts[class]` synthetic patches per tumor class into one folder (pipeline.sample_tumors).

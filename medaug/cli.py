@@ -192,9 +192,10 @@ def train_cyclegan_cmd(
     split; they compare each input with its translation and never use paired truth.
     """
     from medaug.config import load_section
+    from models.checkpoint import CheckpointError as _CheckpointError
     from models.common import TrainingDivergedError as _Diverged
     from models.train_cyclegan import CycleGANConfig, train_cyclegan
-    from pipeline.errors import ConfigError, TrainingDivergedError
+    from pipeline.errors import CheckpointError, ConfigError, TrainingDivergedError
     from pipeline.evaluate_translation import STRUCTURE_KEY
     from pipeline.slices import SliceConfig, load_training_inputs
 
@@ -218,6 +219,8 @@ def train_cyclegan_cmd(
                                 best_key=STRUCTURE_KEY if evaluate is not None else None)
     except _Diverged as exc:
         raise TrainingDivergedError(str(exc)) from None
+    except _CheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
     except (ValueError, FileExistsError) as exc:
         raise ConfigError(str(exc)) from None
     typer.secho(f"{result.step} steps; checkpoint {result.last_checkpoint}"
@@ -351,9 +354,10 @@ def train_tumor_gan_cmd(
 ) -> None:
     """Train the class-conditional tumor-patch GAN on the train-split patches of the data."""
     from medaug.config import load_section
+    from models.checkpoint import CheckpointError as _CheckpointError
     from models.common import TrainingDivergedError as _Diverged
     from models.train_tumor_gan import TumorGANConfig, train_tumor_gan
-    from pipeline.errors import ConfigError, TrainingDivergedError
+    from pipeline.errors import CheckpointError, ConfigError, TrainingDivergedError
     from pipeline.patches import load_patches, to_train_data
 
     overrides = list(set_ or [])
@@ -369,6 +373,8 @@ def train_tumor_gan_cmd(
         result = train_tumor_gan(cfg, train_data, out, resume=resume, device=device)
     except _Diverged as exc:
         raise TrainingDivergedError(str(exc)) from None
+    except _CheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     typer.secho(f"{result.steps} steps; checkpoint {result.checkpoint}", fg=typer.colors.GREEN)
@@ -426,6 +432,28 @@ def evaluate_tumors_cmd(
     if report["less_diverse_classes"]:
         typer.secho(f"less diverse than real: {', '.join(report['less_diverse_classes'])}", fg=typer.colors.YELLOW)
     typer.echo(f"report: {out / 'tumor_eval.json'}")
+
+
+@app.command("convert-checkpoint")
+@clean_errors
+def convert_checkpoint_cmd(
+    old: Annotated[Path, typer.Argument(help="A checkpoint of an older medaug (pickled objects).")],
+    new: Annotated[Path, typer.Argument(help="Where to write the converted checkpoint (a new file).")],
+    trust: Annotated[bool, typer.Option("--i-trust-this-file", help="Required: OLD is unpickled, which runs any code it holds.")] = False,
+) -> None:
+    """Rewrite an old pickled checkpoint in the weights-only format (UNPICKLES OLD: trusted files only)."""
+    from models.checkpoint import CheckpointError as _CheckpointError
+    from models.checkpoint import convert_legacy_checkpoint
+    from pipeline.errors import CheckpointError, ConfigError
+
+    if not trust:
+        raise ConfigError(f"converting {old} unpickles it, which runs any code the file holds; if you wrote it "
+                          "yourself or trust its origin, add --i-trust-this-file")
+    try:
+        state = convert_legacy_checkpoint(old, new)
+    except _CheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
+    typer.echo(f"wrote {new}: {state['kind']} checkpoint at step {state['step']}, format version {state['version']}")
 
 
 # --- gate ------------------------------------------------------------------------------

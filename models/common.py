@@ -2,7 +2,7 @@
 
 Everything a GAN training loop needs besides its networks and its step functions: the
 device and autocast dtype (decided once, at the top of a run), seeding and RNG state
-capture for exact resume, atomic checkpoints, an exponential moving average of a network,
+capture for exact resume (checkpoints themselves: models/checkpoint.py), an exponential moving average of a network,
 the image history pool of Shrivastava et al. (2017) as used by CycleGAN, gradient
 penalties (R1, WGAN-GP), a guard against non-finite losses, a training-health monitor,
 metric logging (JSON lines + TensorBoard), PNG sample grids and the model card JSON. It
@@ -87,10 +87,18 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """The global RNG states (python, numpy, torch CPU, each CUDA device) as a picklable dict."""
+    """The global RNG states (python, numpy, torch CPU, each CUDA device) as tensors and plain lists.
+
+    Plain data only, so a checkpoint holding it loads with torch.load(weights_only=True):
+    python's Mersenne Twister as {"version", "state": 625 ints, "gauss"}, numpy's as
+    {"keys": (624,) int64 tensor, "pos", "has_gauss", "cached_gaussian"}, torch's as uint8 tensors.
+    """
+    py_version, py_state, py_gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": {"version": int(py_version), "state": list(py_state), "gauss": py_gauss},
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -100,8 +108,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore what `rng_state()` captured (CUDA states only when a GPU is present)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(x) for x in py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    keys = np.asarray(torch.as_tensor(npy["keys"]).cpu().numpy(), dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, int(npy["pos"]), int(npy["has_gauss"]), float(npy["cached_gaussian"])))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
@@ -185,30 +196,6 @@ def _atomic_write_bytes(path: Path, write: Any) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write `state` with torch.save to a temporary file and rename it over `path`.
-
-    A run killed mid-write leaves the previous checkpoint intact (os.replace is atomic on
-    one filesystem).
-    """
-    _atomic_write_bytes(Path(path), lambda tmp: torch.save(state, tmp))
-
-
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The dict `save_checkpoint` wrote; FileNotFoundError names the path when it is missing.
-
-    Loaded with weights_only=False because checkpoints hold RNG states (numpy arrays, python
-    tuples); only load checkpoints you wrote.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} does not hold a dict (found {type(state).__name__})")
-    return state
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -37,6 +37,17 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, model_validator
 from torch import nn
 
+from models.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    check_resume_config,
+    checkpoint_card,
+    load_checkpoint,
+    load_state_dict_checked,
+    save_checkpoint,
+    versioned,
+)
 from models.common import (
     EMA,
     DistInfo,
@@ -51,10 +62,8 @@ from models.common import (
     grad_norm,
     gradient_penalty,
     init_distributed,
-    load_checkpoint,
     r1_penalty,
     rng_state,
-    save_checkpoint,
     save_image_grid,
     seed_everything,
     select_device,
@@ -75,7 +84,6 @@ from models.losses import (
 logger = logging.getLogger(__name__)
 
 Direction = Literal["mri2ct", "ct2mri"]
-CHECKPOINT_FORMAT = "medaug.cyclegan/1"
 # Options that shape the networks: a resumed run must use the same values.
 ARCHITECTURE_KEYS = ("in_channels", "ngf", "ndf", "n_res_blocks", "n_layers_d", "spectral_norm")
 
@@ -559,7 +567,7 @@ def model_card(cfg: CycleGANConfig, meta: Mapping[str, Any], step: int, checkpoi
     return {
         "kind": "cyclegan",
         "checkpoint": checkpoint,
-        "checkpoint_format": CHECKPOINT_FORMAT,
+        "checkpoint_format": f"{CHECKPOINT_FORMAT}/{CHECKPOINT_VERSION}",
         "modalities": {"a": "MR", "b": "CT"},
         "directions": {"mri2ct": {"input": "MR", "output": "CT"}, "ct2mri": {"input": "CT", "output": "MR"}},
         "step": step,
@@ -600,52 +608,65 @@ def gather_rank_states(s: RunState) -> list[dict[str, Any]]:
     return gathered
 
 
-def checkpoint_state(s: RunState, meta: Mapping[str, Any], ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """One dict with all training state: unwrapped state dicts of the 4 nets, EMA, optimisers,
-    schedulers, both image pools, RNG states, sampler states, ADA, guard, monitor, step, config, meta.
+def checkpoint_state(s: RunState, meta: Mapping[str, Any], ranks: list[dict[str, Any]] | None = None,
+                     checkpoint_name: str = "last.pt") -> dict[str, Any]:
+    """One dict with all training state in the version-2 schema of models/checkpoint.py: unwrapped
+    state dicts of the 4 nets, EMA, optimisers, schedulers, guard, monitor, step, config, model
+    card, and per rank (from gather_rank_states) the image pools, samplers, RNG states and ADA.
 
-    Pools, samplers, RNG and ADA are per rank: `ranks` (from gather_rank_states) holds one entry
-    per rank; the top-level "pools", "samplers", "rng", "ada" are rank 0's.
+    Plain data and tensors only: it loads with torch.load(weights_only=True).
     """
     ranks = ranks if ranks is not None else [rank_state(s)]
-    return {
-        "format": CHECKPOINT_FORMAT,
+    return versioned({
+        "kind": "cyclegan",
         "step": s.step,
         "config": s.cfg.model_dump(mode="json"),
-        "meta": dict(meta),
+        "card": json.dumps(model_card(s.cfg, meta, s.step, checkpoint_name), default=str),
         "nets": {name: unwrap(net).state_dict() for name, net in s.nets.items()},
         "ema": None if s.ema is None else {k: e.state_dict() for k, e in s.ema.items()},
         "optimizers": {"g": s.opt_g.state_dict(), "d": s.opt_d.state_dict()},
         "schedulers": {"g": s.sched_g.state_dict(), "d": s.sched_d.state_dict()},
-        **ranks[0],
-        "ranks": ranks,
-        "guard": s.guard.state_dict(),
+        "guards": {"gan": s.guard.state_dict()},
         "monitor": s.monitor.state_dict(),
-        "best": dict(s.best),
-        "last_metrics": dict(s.last_metrics),
+        "ranks": ranks,
         "world_size": len(ranks),
-    }
+        "extra": {"meta": json.dumps(dict(meta), default=str), "best": dict(s.best),
+                  "last_metrics": dict(s.last_metrics)},
+    })
 
 
-def restore_state(s: RunState, ckpt: Mapping[str, Any]) -> None:
-    """Load `checkpoint_state`'s dict into a freshly built RunState (same architecture options).
+# Options a resume must keep: they shape the networks, or (image_size) the image pools' contents.
+RESUME_FIXED_KEYS = (*ARCHITECTURE_KEYS, "image_size")
+
+
+def restore_state(s: RunState, ckpt: Mapping[str, Any], path: Path = Path("last.pt")) -> None:
+    """Load `checkpoint_state`'s dict (read from `path`) into a freshly built RunState.
 
     Exact when the world size is the one the checkpoint was written with (each rank takes its
     own pools, samplers and RNG states); with another world size every rank starts from rank
     0's pools and RNG and new samplers, which is a valid but not identical continuation.
+    Raises CheckpointError (naming `path`) when the networks or image size differ from the config
+    or the file lacks a part of the state.
     """
     saved = ckpt["config"]
-    changed = [k for k in ARCHITECTURE_KEYS if saved.get(k) != getattr(s.cfg, k)]
-    if changed:
-        raise ValueError(
-            "cannot resume: the checkpoint's networks differ from the config in "
-            + ", ".join(f"{k} ({saved.get(k)} -> {getattr(s.cfg, k)})" for k in changed)
-        )
-    other = [k for k, v in s.cfg.model_dump(mode="json").items() if k not in ARCHITECTURE_KEYS and saved.get(k) != v]
+    check_resume_config(path, {k: saved.get(k) for k in RESUME_FIXED_KEYS},
+                        {k: getattr(s.cfg, k) for k in RESUME_FIXED_KEYS})
+    other = [k for k, v in s.cfg.model_dump(mode="json").items() if k not in RESUME_FIXED_KEYS and saved.get(k) != v]
     if other:
         logger.info("resuming with changed options: %s", ", ".join(sorted(other)))
+    try:
+        _restore_parts(s, ckpt, path)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"cannot resume from {path}: its training state is incomplete or does not fit "
+                              f"this run ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+
+
+def _restore_parts(s: RunState, ckpt: Mapping[str, Any], path: Path) -> None:
+    """The body of `restore_state`: every state dict back into its object."""
     for name, net in s.nets.items():
-        unwrap(net).load_state_dict(ckpt["nets"][name])
+        load_state_dict_checked(unwrap(net), ckpt["nets"][name], path, name)
     if s.ema is not None and ckpt["ema"] is not None:
         for k, e in s.ema.items():
             e.load_state_dict(ckpt["ema"][k])
@@ -653,10 +674,10 @@ def restore_state(s: RunState, ckpt: Mapping[str, Any]) -> None:
     s.opt_d.load_state_dict(ckpt["optimizers"]["d"])
     s.sched_g.load_state_dict(ckpt["schedulers"]["g"])
     s.sched_d.load_state_dict(ckpt["schedulers"]["d"])
-    same_world = int(ckpt.get("world_size", 1)) == s.info.world_size
+    same_world = int(ckpt["world_size"]) == s.info.world_size
     if not same_world:
         logger.warning("resuming a %s-process checkpoint with %d processes: pools and sampling restart",
-                       ckpt.get("world_size", 1), s.info.world_size)
+                       ckpt["world_size"], s.info.world_size)
     mine = ckpt["ranks"][s.info.rank] if same_world else ckpt["ranks"][0]
     s.pool_mri.load_state_dict(mine["pools"]["mri"], s.device)
     s.pool_ct.load_state_dict(mine["pools"]["ct"], s.device)
@@ -665,10 +686,10 @@ def restore_state(s: RunState, ckpt: Mapping[str, Any]) -> None:
         s.sampler_ct.load_state_dict(mine["samplers"]["ct"])
     if s.ada is not None and mine["ada"] is not None:
         s.ada.load_state_dict(mine["ada"])
-    s.guard.load_state_dict(ckpt["guard"])
+    s.guard.load_state_dict(ckpt["guards"]["gan"])
     s.monitor.load_state_dict(ckpt["monitor"])
-    s.best = dict(ckpt.get("best", {}))
-    s.last_metrics = dict(ckpt.get("last_metrics", {}))
+    s.best = dict(ckpt["extra"].get("best", {}))
+    s.last_metrics = dict(ckpt["extra"].get("last_metrics", {}))
     set_rng_state(mine["rng"])
     s.step = int(ckpt["step"])
 
@@ -758,7 +779,7 @@ def train_cyclegan(
 
     # --- resume
     if resume and last_path.exists():
-        restore_state(s, load_checkpoint(last_path, map_location=dev))
+        restore_state(s, load_checkpoint(last_path, "cyclegan", map_location=dev), last_path)
         logger.info("resumed from %s at step %d", last_path, s.step)
     elif resume:
         logger.info("no checkpoint in %s: starting a new run", ckpt_dir)
@@ -770,8 +791,9 @@ def train_cyclegan(
                     n_mri, n_ct, cfg.total_steps, start, dev, info.world_size)
 
     def save(path: Path, ranks: list[dict[str, Any]]) -> None:
-        save_checkpoint(path, checkpoint_state(s, data.meta, ranks))
-        write_model_card(path.with_suffix(".json"), model_card(cfg, data.meta, s.step, path.name))
+        state = checkpoint_state(s, data.meta, ranks, path.name)
+        save_checkpoint(path, state)
+        write_model_card(path.with_suffix(".json"), json.loads(state["card"]))
 
     # --- loop
     try:
@@ -894,21 +916,23 @@ def load_generator(
             key = f"g_{direction}"
         case _:
             raise ValueError(f"direction must be 'mri2ct' or 'ct2mri', got {direction!r}")
-    ckpt = load_checkpoint(Path(checkpoint), map_location="cpu")
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{checkpoint} is not a CycleGAN checkpoint (format {ckpt.get('format')!r}, want {CHECKPOINT_FORMAT!r})")
-    cfg = CycleGANConfig.model_validate(ckpt["config"])
+    ckpt = load_checkpoint(Path(checkpoint), "cyclegan", map_location="cpu")
+    try:
+        cfg = CycleGANConfig.model_validate(ckpt["config"])
+        state = ckpt["ema"][key]["module"] if use_ema and ckpt["ema"] else ckpt["nets"][key]
+        card = checkpoint_card(ckpt)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {checkpoint} is incomplete or invalid ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:160]})") from None
+    weights = "ema" if use_ema and ckpt["ema"] else "live"
     gen = ResnetGenerator(cfg.in_channels, cfg.ngf, cfg.n_res_blocks)
-    if use_ema and ckpt.get("ema"):
-        gen.load_state_dict(ckpt["ema"][key]["module"])
-        weights = "ema"
-    else:
-        gen.load_state_dict(ckpt["nets"][key])
-        weights = "live"
-    card = model_card(cfg, ckpt.get("meta", {}), int(ckpt["step"]), Path(checkpoint).name)
+    load_state_dict_checked(gen, state, Path(checkpoint), key)
     card_path = Path(checkpoint).with_suffix(".json")
     if card_path.is_file():
-        card = {**card, **json.loads(card_path.read_text(encoding="utf-8"))}
+        try:
+            card = {**card, **json.loads(card_path.read_text(encoding="utf-8"))}
+        except ValueError as exc:
+            raise CheckpointError(f"model card {card_path} is not valid JSON ({exc}); delete or restore it") from None
     card.update({"direction": direction, "weights": weights})
     return gen.to(select_device(device)).eval(), card
 

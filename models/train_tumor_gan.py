@@ -35,6 +35,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from models.checkpoint import (
+    CheckpointError,
+    check_resume_config,
+    checkpoint_card,
+    load_checkpoint,
+    load_state_dict_checked,
+    save_checkpoint,
+    versioned,
+)
 from models.common import (
     EMA,
     DistInfo,
@@ -49,11 +58,9 @@ from models.common import (
     grad_norm,
     gradient_penalty,
     init_distributed,
-    load_checkpoint,
     package_versions,
     r1_penalty,
     rng_state,
-    save_checkpoint,
     save_image_grid,
     seed_everything,
     select_device,
@@ -191,10 +198,6 @@ class TrainResult:
 
 RESUME_FREE_OPTIONS = frozenset({"steps", "log_every", "sample_every", "checkpoint_every", "compile", "max_nonfinite", "diversity_samples"})
 """Options that may change between a run and its resume: they do not change the training maths."""
-
-
-def _resume_key(cfg: TumorGANConfig) -> dict[str, Any]:
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_FREE_OPTIONS}
 
 
 def data_fingerprint(data: TumorPatchData) -> str:
@@ -582,38 +585,42 @@ def train_tumor_gan(
 
     # resume
     if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, map_location=dev)
-        old = {k: v for k, v in state["config"].items() if k not in RESUME_FREE_OPTIONS}
-        if old != _resume_key(cfg):
-            changed = sorted(k for k in old.keys() | _resume_key(cfg).keys() if old.get(k) != _resume_key(cfg).get(k))
-            raise ValueError(f"cannot resume {ckpt_path}: it was trained with different {', '.join(changed)}")
-        if state["classes"] != data.classes:
-            raise ValueError(f"cannot resume {ckpt_path}: classes {state['classes']} differ from the data's {data.classes}")
-        if state["data_fingerprint"] != fingerprint:
-            raise ValueError(
+        state = load_checkpoint(ckpt_path, "tumor_gan", map_location=dev)
+        check_resume_config(ckpt_path, state["config"], cfg.model_dump(mode="json"), RESUME_FREE_OPTIONS)
+        extra = state["extra"]
+        if extra["classes"] != data.classes:
+            raise CheckpointError(f"cannot resume {ckpt_path}: classes {extra['classes']} differ from the data's {data.classes}")
+        if extra["data_fingerprint"] != fingerprint:
+            raise CheckpointError(
                 f"cannot resume {ckpt_path}: the training patches differ from the run's (fingerprint "
-                f"{fingerprint} vs {state['data_fingerprint']}); pass the same --data and seed, or start a new run"
+                f"{fingerprint} vs {extra['data_fingerprint']}); pass the same --data and seed, or start a new run"
             )
-        g.load_state_dict(state["generator"])
-        d.load_state_dict(state["discriminator"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        guard_d.load_state_dict(state["guard_d"])
-        guard_g.load_state_dict(state["guard_g"])
-        health.load_state_dict(state["health"])
-        same_world = len(state["ranks"]) == info.world_size
-        if not same_world:
-            log.warning("resuming a %d-process checkpoint with %d processes: batches and noise restart from rank 0's",
-                        len(state["ranks"]), info.world_size)
-        mine = state["ranks"][info.rank] if same_world else state["ranks"][0]
-        data_gen.set_state(mine["data_rng"])
-        noise_gen.set_state(mine["noise_rng"])
-        if ada is not None:
-            ada.load_state_dict(mine["ada"])
-        set_rng_state(mine["rng"])
-        step = int(state["step"])
+        try:
+            load_state_dict_checked(g, state["nets"]["generator"], ckpt_path, "generator")
+            load_state_dict_checked(d, state["nets"]["discriminator"], ckpt_path, "discriminator")
+            opt_g.load_state_dict(state["optimizers"]["g"])
+            opt_d.load_state_dict(state["optimizers"]["d"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"]["generator"])
+            guard_d.load_state_dict(state["guards"]["d"])
+            guard_g.load_state_dict(state["guards"]["g"])
+            health.load_state_dict(state["monitor"])
+            same_world = len(state["ranks"]) == info.world_size
+            if not same_world:
+                log.warning("resuming a %d-process checkpoint with %d processes: batches and noise restart from rank 0's",
+                            len(state["ranks"]), info.world_size)
+            mine = state["ranks"][info.rank] if same_world else state["ranks"][0]
+            data_gen.set_state(mine["data_rng"])
+            noise_gen.set_state(mine["noise_rng"])
+            if ada is not None:
+                ada.load_state_dict(mine["ada"])
+            set_rng_state(mine["rng"])
+            step = int(state["step"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"cannot resume from {ckpt_path}: its training state is incomplete or does not "
+                                  f"fit this run ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
         log.info("resumed %s at step %d", ckpt_path, step)
     elif resume:
         log.info("no checkpoint at %s; starting from scratch", ckpt_path)
@@ -630,28 +637,24 @@ def train_tumor_gan(
             dist.all_gather_object(ranks, rank_state())
         if not info.is_main:
             return
-        state: dict[str, Any] = {
+        card = model_card(cfg, data, step)
+        state = versioned({
             "kind": "tumor_gan",
             "step": step,
             "config": cfg.model_dump(mode="json"),
-            "config_hash": config_hash(cfg.model_dump(mode="json")),
-            "classes": list(data.classes),
-            "data_fingerprint": fingerprint,
-            "generator": unwrap(g).state_dict(),
-            "discriminator": unwrap(d).state_dict(),
-            "ema": ema.state_dict() if ema is not None else None,
-            "opt_g": opt_g.state_dict(),
-            "opt_d": opt_d.state_dict(),
-            "guard_d": guard_d.state_dict(),
-            "guard_g": guard_g.state_dict(),
-            "health": health.state_dict(),
-            **ranks[0],
+            "card": json.dumps(card, default=str),
+            "nets": {"generator": unwrap(g).state_dict(), "discriminator": unwrap(d).state_dict()},
+            "ema": {"generator": ema.state_dict()} if ema is not None else None,
+            "optimizers": {"g": opt_g.state_dict(), "d": opt_d.state_dict()},
+            "schedulers": {},
+            "guards": {"g": guard_g.state_dict(), "d": guard_d.state_dict()},
+            "monitor": health.state_dict(),
             "ranks": ranks,
             "world_size": info.world_size,
-            "card": model_card(cfg, data, step),
-        }
+            "extra": {"classes": list(data.classes), "data_fingerprint": fingerprint},
+        })
         save_checkpoint(ckpt_path, state)
-        write_model_card(card_path, state["card"])
+        write_model_card(card_path, card)
 
     sampler = ema.module if ema is not None else g
     history: list[dict[str, float]] = []
@@ -712,13 +715,17 @@ def load_tumor_generator(path: Path, device: str = "cpu") -> tuple[TumorGenerato
     """The sampling generator (EMA weights when the run kept them) in eval mode, and its card.
 
     `path` is a checkpoint written by `train_tumor_gan` (e.g. RUN_DIR/checkpoints/last.pt).
-    Raises ValueError when it is not a tumor GAN checkpoint.
+    Raises CheckpointError when it is not a readable tumor GAN checkpoint or its weights do not fit.
     """
-    state = load_checkpoint(Path(path), map_location="cpu")
-    if state.get("kind") != "tumor_gan":
-        raise ValueError(f"{path} is not a tumor GAN checkpoint (kind {state.get('kind')!r})")
-    cfg = TumorGANConfig.model_validate(state["config"])
-    g, _ = build_networks(cfg, len(state["classes"]))
-    weights = state["ema"]["module"] if state.get("ema") else state["generator"]
-    g.load_state_dict(weights)
-    return g.to(select_device(device)).eval(), dict(state["card"])
+    state = load_checkpoint(Path(path), "tumor_gan", map_location="cpu")
+    try:
+        cfg = TumorGANConfig.model_validate(state["config"])
+        classes = list(state["extra"]["classes"])
+        weights = state["ema"]["generator"]["module"] if state["ema"] else state["nets"]["generator"]
+        card = checkpoint_card(state)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is incomplete or invalid ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:160]})") from None
+    g, _ = build_networks(cfg, len(classes))
+    load_state_dict_checked(g, weights, Path(path), "generator")
+    return g.to(select_device(device)).eval(), card

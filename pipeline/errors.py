@@ -41,6 +41,16 @@ class WeightsMissingError(MedaugError):
     """An optional pretrained weights file named in config does not exist."""
 
 
+class CheckpointError(MedaugError):
+    """A checkpoint cannot be used: missing, empty, truncated or corrupt, an old pickled format
+    (the message says how to convert a trusted one), another kind or architecture than asked
+    for, or it cannot be written (full disk). A bad file does not get better: never retried.
+
+    models/ raises models.checkpoint.CheckpointError (models/ does not import pipeline/);
+    pipeline/ and the CLI re-raise it as this type with the same message.
+    """
+
+
 class TrainingDivergedError(MedaugError):
     """Repeated non-finite losses stopped training; the last good checkpoint is kept."""
 

@@ -39,7 +39,7 @@ import torch
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from pipeline.errors import DatasetError, ProvenanceError
+from pipeline.errors import CheckpointError, DatasetError, ProvenanceError
 from pipeline.preprocess import (
     CT_BODY_THRESHOLD_HU,
     DEFAULT_HU_WINDOW,
@@ -532,11 +532,15 @@ def run_evaluate_translation(
         ProvenanceError: a paired test subject is in the checkpoint's train_subjects.
         DatasetError: no volume to evaluate, or no training volumes for the baseline.
     """
+    from models.checkpoint import CheckpointError as _CheckpointError
     from models.train_cyclegan import load_generator
 
     dev = resolve_device(device)
-    g_m2c, card = load_generator(Path(checkpoint), "mri2ct", use_ema=use_ema, device=str(dev))
-    g_c2m, _ = load_generator(Path(checkpoint), "ct2mri", use_ema=use_ema, device=str(dev))
+    try:
+        g_m2c, card = load_generator(Path(checkpoint), "mri2ct", use_ema=use_ema, device=str(dev))
+        g_c2m, _ = load_generator(Path(checkpoint), "ct2mri", use_ema=use_ema, device=str(dev))
+    except _CheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
     gens: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"mri2ct": g_m2c, "ct2mri": g_c2m}
     settings = TranslationSettings.from_card(card)
     trained_on = set(_card_list(card, "train_subjects"))

@@ -24,7 +24,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from pipeline.errors import PatchError
+from pipeline.errors import CheckpointError, PatchError
 from pipeline.manifest import read_manifest, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ def sample_tumors(
     Raises PatchError for an unknown class (listing the checkpoint's classes) or n < 1.
     Re-running a (checkpoint, class, seed) replaces that call's files and manifest rows.
     """
+    from models.checkpoint import CheckpointError as _CheckpointError
     from models.train_tumor_gan import generate, load_tumor_generator
 
     if n < 1:
@@ -92,6 +93,8 @@ def sample_tumors(
     checkpoint = Path(checkpoint)
     try:
         g, card = load_tumor_generator(checkpoint, device=device)
+    except _CheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
     except (FileNotFoundError, ValueError) as exc:
         raise PatchError(f"cannot sample from {checkpoint}: {exc}") from None
     classes = list(card["classes"])

@@ -30,7 +30,7 @@ import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from numpy.typing import NDArray
 
-from pipeline.errors import DatasetError, InputRejected
+from pipeline.errors import CheckpointError, DatasetError, InputRejected
 from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file, write_manifest
 from pipeline.preprocess import (
     DEFAULT_HU_WINDOW,
@@ -300,12 +300,16 @@ def run_translate(
     Returns:
         The manifest rows written (columns TRANSLATE_COLUMNS).
     """
+    from models.checkpoint import CheckpointError as _CheckpointError
     from models.train_cyclegan import load_generator
 
     source_mod, target_mod = direction_modalities(direction)
     sources = find_sources(src, source_mod, split)
     dev = resolve_device(device)
-    generator, card = load_generator(Path(checkpoint), direction, use_ema=use_ema, device=str(dev))
+    try:
+        generator, card = load_generator(Path(checkpoint), direction, use_ema=use_ema, device=str(dev))
+    except _CheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
     settings = TranslationSettings.from_card(card)
     ckpt_sha = sha256_file(Path(checkpoint))
     seed = (card.get("config") or {}).get("seed", _card_value(card, "seed", ""))

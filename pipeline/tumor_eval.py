@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from pipeline.errors import PatchError
+from pipeline.errors import CheckpointError, PatchError
 from pipeline.gate.metrics import mean_pairwise_ms_ssim
 from pipeline.manifest import sha256_file
 from pipeline.patches import read_patch_folder
@@ -166,11 +166,14 @@ def evaluate_tumors(
     generated and real, mask statistics, and `less_diverse_classes`) and a PNG of real and
     generated patches per class. Raises PatchError when the folders do not fit together.
     """
+    from models.checkpoint import CheckpointError as _CheckpointError
     from models.common import save_image_grid
     from models.train_tumor_gan import generate, load_tumor_generator
 
     try:
         g, card = load_tumor_generator(Path(checkpoint), device=device)
+    except _CheckpointError as exc:
+        raise CheckpointError(str(exc)) from None
     except (FileNotFoundError, ValueError) as exc:
         raise PatchError(f"cannot evaluate {checkpoint}: {exc}") from None
     real = read_patch_folder(Path(real_dir), synthetic=False)

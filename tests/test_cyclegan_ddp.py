@@ -39,5 +39,5 @@ def test_ddp_two_gloo_ranks_hold_identical_weights_and_resume_exactly(tmp_path: 
         assert r["weights_resumed"] == r["weights_full"]
     assert (tmp_path / "full" / "checkpoints" / "last.pt").exists()
     assert len(read_metrics(tmp_path / "full")) == 4  # only rank 0 wrote
-    ckpt = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "split" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["ranks"]) == 2

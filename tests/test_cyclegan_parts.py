@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from models.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, versioned
 from models.common import (
     EMA,
     HealthMonitor,
@@ -23,11 +26,9 @@ from models.common import (
     config_hash,
     grad_norm,
     gradient_penalty,
-    load_checkpoint,
     r1_penalty,
     read_metrics,
     rng_state,
-    save_checkpoint,
     save_image_grid,
     select_device,
     set_rng_state,
@@ -191,11 +192,16 @@ def test_rng_state_round_trip() -> None:
 
 def test_checkpoint_is_atomic_and_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "c" / "last.pt"
-    save_checkpoint(path, {"w": torch.arange(3), "rng": rng_state()})
-    save_checkpoint(path, {"w": torch.arange(4), "rng": rng_state()})
+    save_checkpoint(path, versioned({"kind": "cyclegan", "w": torch.arange(3), "rng": rng_state()}))
+    save_checkpoint(path, versioned({"kind": "cyclegan", "w": torch.arange(4), "rng": rng_state()}))
+    draws = (random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(2))
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
     assert torch.equal(load_checkpoint(path)["w"], torch.arange(4))
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    # the RNG states are plain data: a weights-only load reads them and restores the same streams
+    set_rng_state(torch.load(path, weights_only=True)["rng"])
+    again = (random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(2))
+    assert draws[:3] == again[:3] and torch.equal(draws[3], again[3])
+    with pytest.raises(CheckpointError, match="missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")
 
 

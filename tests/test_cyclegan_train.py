@@ -219,7 +219,7 @@ def test_nan_batches_are_skipped_then_training_stops_with_the_last_checkpoint_ke
     cfg = tiny(steps=20, checkpoint_every=4, eval_every=4, max_nonfinite=3)
     with pytest.raises(TrainingDivergedError, match="step 7.*3 consecutive"):
         train_cyclegan(cfg, UnpairedData(a=mri, b=data.b, meta=data.meta), tmp_path, device="cpu", evaluate=poison)
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["nets"]["g_mri2ct"].values())
     rows = read_metrics(tmp_path)
@@ -262,7 +262,7 @@ def test_evaluation_keeps_the_best_checkpoint_and_flags_a_falling_score(tmp_path
     result = train_cyclegan(cfg, random_data(), tmp_path, device="cpu", evaluate=evaluate, best_key="ssim:max")
     assert calls == [(False, False)] * 4
     assert result.best_checkpoint == tmp_path / "checkpoints" / "best.pt"
-    assert torch.load(result.best_checkpoint, weights_only=False)["step"] == 4
+    assert torch.load(result.best_checkpoint, weights_only=True)["step"] == 4
     assert json.loads((tmp_path / "checkpoints" / "best.json").read_text())["step"] == 4
     assert any("ssim got worse" in w for w in result.warnings)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_000004.png", "step_000008.png"]
@@ -274,9 +274,12 @@ def test_evaluation_keeps_the_best_checkpoint_and_flags_a_falling_score(tmp_path
 
 def test_checkpoint_layout_and_model_card(tmp_path: Path) -> None:
     result = train_cyclegan(tiny(steps=2), random_data(), tmp_path, device="cpu")
-    ckpt = torch.load(result.last_checkpoint, weights_only=False)
-    assert {"format", "step", "config", "meta", "nets", "ema", "optimizers", "schedulers", "pools", "samplers",
-            "rng", "ada", "guard", "monitor", "best"} <= ckpt.keys()
+    ckpt = torch.load(result.last_checkpoint, weights_only=True)  # plain data and tensors only
+    assert ckpt.keys() == {"format", "version", "kind", "step", "config", "card", "nets", "ema", "optimizers",
+                           "schedulers", "guards", "monitor", "ranks", "world_size", "extra"}
+    assert (ckpt["format"], ckpt["version"], ckpt["kind"]) == ("medaug.checkpoint", 2, "cyclegan")
+    assert {"pools", "samplers", "rng", "ada"} <= ckpt["ranks"][0].keys()
+    assert json.loads(ckpt["card"])["hu_window"] == [-1000, 1000]
     assert set(ckpt["nets"]) == {"g_mri2ct", "g_ct2mri", "d_mri", "d_ct"}
     assert not any(k.startswith(("_orig_mod", "module.")) for k in ckpt["nets"]["d_ct"])
     card = json.loads((tmp_path / "checkpoints" / "last.json").read_text())

@@ -64,7 +64,7 @@ def _train_argv(data: Path, out: Path, resume: bool = False) -> list[str]:
 
 
 def _nets(run: Path) -> tuple[int, dict[str, torch.Tensor]]:
-    ckpt = torch.load(run / "checkpoints/last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoints/last.pt", map_location="cpu", weights_only=True)
     flat = {f"{n}.{k}": v for n, sd in ckpt["nets"].items() for k, v in sd.items()}
     return int(ckpt["step"]), flat
 

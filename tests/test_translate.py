@@ -14,7 +14,7 @@ import torch
 from test_slices import make_ingest_like
 
 import pipeline.translate as tr
-from pipeline.errors import DatasetError, InputRejected
+from pipeline.errors import CheckpointError, DatasetError, InputRejected
 from pipeline.manifest import read_manifest, sha256_file
 from pipeline.preprocess import mr_landmarks, mr_to_unit, unit_to_ct
 
@@ -215,7 +215,7 @@ def test_run_translate_split_filter_and_bad_checkpoint(tmp_path: Path, tiny_run:
         tr.run_translate(tiny_run, "ct2mri", ingest, tmp_path / "v", split="val", device="cpu")
     bogus = tmp_path / "bogus.pt"
     torch.save({"format": "something else"}, bogus)
-    with pytest.raises(ValueError, match="not a CycleGAN checkpoint"):
+    with pytest.raises(CheckpointError, match="bogus.pt is not a medaug checkpoint"):
         tr.run_translate(bogus, "mri2ct", ingest, tmp_path / "b", device="cpu")
 
 

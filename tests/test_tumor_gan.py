@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_tumor_gan_data import tiny_patch_data
 
-from models.common import TrainingDivergedError, load_checkpoint, read_metrics
+from models.checkpoint import CheckpointError, save_checkpoint, versioned
+from models.common import TrainingDivergedError, read_metrics
 from models.train_tumor_gan import (
     TumorGANConfig,
     build_networks,
@@ -212,8 +213,8 @@ def test_training_writes_checkpoint_card_samples_and_health_metrics(tmp_path: Pa
     grids = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
     assert grids == [f"step_{s:06d}_{c}.png" for s in (2, 4) for c in ("healthy", "necrotic", "round")]
     # EMA: the sampler's weights are the average, not the live generator's
-    state = load_checkpoint(result.checkpoint)
-    live, ema = state["generator"], state["ema"]["module"]
+    state = torch.load(result.checkpoint, weights_only=True)  # plain data and tensors only
+    live, ema = state["nets"]["generator"], state["ema"]["generator"]["module"]
     assert any(not torch.equal(live[k], ema[k]) for k in live if live[k].is_floating_point())
     g, card2 = load_tumor_generator(result.checkpoint)
     assert not g.training and card2["classes"] == card["classes"]
@@ -230,6 +231,6 @@ def test_nan_guard_stops_a_diverging_run(tmp_path: Path) -> None:
 def test_data_and_config_must_agree(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="patch_size=32"):
         train_tumor_gan(cfg_of(patch_size=32), tiny_patch_data(n=6, size=16), tmp_path / "run", device="cpu")
-    with pytest.raises(ValueError, match="not a tumor GAN checkpoint"):
-        torch.save({"kind": "cyclegan"}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="is a cyclegan checkpoint, not a tumor_gan one"):
+        save_checkpoint(tmp_path / "x.pt", versioned({"kind": "cyclegan"}))
         load_tumor_generator(tmp_path / "x.pt")

@@ -18,7 +18,8 @@ from test_tumor_gan_data import make_ingest_folder
 from typer.testing import CliRunner
 
 from medaug.cli import app
-from models.common import load_checkpoint, read_metrics
+from models.checkpoint import load_checkpoint
+from models.common import read_metrics
 from pipeline.manifest import read_manifest
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tumor_gan-tiny.yaml"

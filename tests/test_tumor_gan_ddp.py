@@ -71,7 +71,8 @@ def test_two_gloo_ranks_hold_identical_weights_and_resume_exactly(tmp_path: Path
     assert len(r0["history_resumed"]) == 2
     for resumed, full in zip(r0["history_resumed"], r0["history_full"][2:], strict=True):
         assert resumed == pytest.approx(full, rel=1e-6)
-    from models.common import load_checkpoint, read_metrics
+    from models.checkpoint import load_checkpoint
+    from models.common import read_metrics
 
     assert len(read_metrics(tmp_path / "full")) == 4
     ckpt = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")

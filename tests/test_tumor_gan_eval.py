@@ -13,7 +13,7 @@ import torch
 from test_tumor_gan_data import make_ingest_folder, tiny_patch_data
 
 from models.train_tumor_gan import TumorGANConfig, generate, load_tumor_generator, train_tumor_gan
-from pipeline.errors import PatchError
+from pipeline.errors import CheckpointError, PatchError
 from pipeline.manifest import read_manifest, sha256_file
 from pipeline.patches import extract_patches, to_train_data, write_patch_folder
 from pipeline.sample_tumors import sample_tumors
@@ -101,7 +101,7 @@ def test_calls_for_several_classes_merge_in_a_fixed_order(trained: tuple[Path, P
 def test_unknown_class_lists_the_known_ones(trained: tuple[Path, Path], tmp_path: Path) -> None:
     with pytest.raises(PatchError, match="healthy, necrotic, round"):
         sample_tumors(trained[0], "glioma", 2, 0, tmp_path)
-    with pytest.raises(PatchError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="missing.pt does not exist"):
         sample_tumors(tmp_path / "missing.pt", "round", 2, 0, tmp_path)
 
 

@@ -211,6 +211,31 @@ def _convert_tumor_v1(old: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def make_checkpoint(
+    *,
+    kind: Kind,
+    step: int,
+    config: Mapping[str, Any],
+    card: Mapping[str, Any],
+    nets: Mapping[str, Any],
+    ema: Mapping[str, Any] | None,
+    optimizers: Mapping[str, Any],
+    schedulers: Mapping[str, Any],
+    guards: Mapping[str, Any],
+    monitor: Mapping[str, Any],
+    ranks: list[dict[str, Any]],
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The one checkpoint dict of both trainers (the schema in the module docstring); every
+    argument is a state_dict or plain data; the card becomes JSON text."""
+    return versioned({
+        "kind": kind, "step": int(step), "config": dict(config), "card": json.dumps(dict(card), default=str),
+        "nets": dict(nets), "ema": None if ema is None else dict(ema), "optimizers": dict(optimizers),
+        "schedulers": dict(schedulers), "guards": dict(guards), "monitor": dict(monitor),
+        "ranks": list(ranks), "world_size": len(ranks), "extra": dict(extra),
+    })
+
+
 def versioned(state: Mapping[str, Any]) -> dict[str, Any]:
     """`state` with the format and version keys in front (what the trainers save)."""
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}

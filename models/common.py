@@ -1,13 +1,16 @@
-"""Small helpers shared by the two GAN trainers (models/train_cyclegan.py, models/train_tumor_gan.py).
+"""Building blocks shared by the two GAN trainers (models/train_cyclegan.py, models/train_tumor_gan.py).
 
-Everything a GAN training loop needs besides its networks and its step functions: the
+The parts a GAN training loop needs besides its networks and its step functions: the
 device and autocast dtype (decided once, at the top of a run), seeding and RNG state
-capture for exact resume (checkpoints themselves: models/checkpoint.py), an exponential moving average of a network,
+capture for exact resume (as plain tensors and lists, so checkpoints load weights-only),
+DDP primitives, an exponential moving average of a network,
 the image history pool of Shrivastava et al. (2017) as used by CycleGAN, gradient
 penalties (R1, WGAN-GP), a guard against non-finite losses, a training-health monitor,
 metric logging (JSON lines + TensorBoard), PNG sample grids and the model card JSON. It
 imports torch only (no pipeline, no Prefect), and knows nothing of files beyond checkpoints,
-metrics, sample images and cards inside a run folder.
+metrics, sample images and cards inside a run folder. The loop-level helpers built on these
+(start a run, resume, save, gathers, evaluation) are models/training.py; the checkpoint file
+format is models/checkpoint.py.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ folder:
     RUN_DIR/metrics.jsonl, metrics.json, tb/ (TensorBoard), samples/step_XXXXXX.png
 
 Under torchrun (WORLD_SIZE > 1) each rank samples its own shard, gradients are averaged
-across ranks after every backward, and only rank 0 writes.
+across ranks after every backward, and only rank 0 writes. What this loop shares with the
+tumor GAN's (run set-up, resume, saving, gathers, evaluation without RNG side effects) is
+models/training.py; the checkpoint schema is models/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,8 +46,7 @@ from models.checkpoint import (
     checkpoint_card,
     load_checkpoint,
     load_state_dict_checked,
-    save_checkpoint,
-    versioned,
+    make_checkpoint,
 )
 from models.common import (
     EMA,
@@ -61,7 +61,6 @@ from models.common import (
     config_hash,
     grad_norm,
     gradient_penalty,
-    init_distributed,
     r1_penalty,
     rng_state,
     save_image_grid,
@@ -69,7 +68,6 @@ from models.common import (
     select_device,
     set_rng_state,
     unwrap,
-    write_model_card,
 )
 from models.cyclegan import PatchGANDiscriminator, ResnetGenerator
 from models.diffaug import AdaptiveAugment, Augmentation, diff_augment
@@ -79,6 +77,22 @@ from models.losses import (
     generator_loss,
     health_gap_max,
     real_fake_midpoint,
+)
+from models.training import (
+    Run,
+    all_ranks_finite,
+    due,
+    end_run,
+    evaluate_untouched,
+    gather_objects,
+    improves,
+    mark_cuda_graph_step,
+    parse_best_key,
+    record,
+    restore_training,
+    save_with_card,
+    start_run,
+    write_summary_safely,
 )
 
 logger = logging.getLogger(__name__)
@@ -377,6 +391,11 @@ class RunState:
         cl = self.cfg.channels_last and self.device.type == "cuda"
         return torch.channels_last if cl else torch.contiguous_format
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether the compiled networks replay CUDA graphs (compile_mode reduce-overhead)."""
+        return self.cfg.compile and self.cfg.compile_mode == "reduce-overhead"
+
 
 def build_training(cfg: CycleGANConfig, device: torch.device, info: DistInfo | None = None) -> RunState:
     """Networks (seeded by cfg.seed, identical on every rank), optimisers, schedules, pools, EMA, guards."""
@@ -424,14 +443,6 @@ def build_training(cfg: CycleGANConfig, device: torch.device, info: DistInfo | N
 # --- steps ---------------------------------------------------------------------------------------
 
 
-def _all_finite(loss: torch.Tensor, info: DistInfo) -> bool:
-    """Whether `loss` is finite on every rank (all ranks must agree to skip a step together)."""
-    flag = torch.isfinite(loss.detach()).to(torch.float32)
-    if info.world_size > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def _floats(values: Mapping[str, torch.Tensor | float], device: torch.device) -> dict[str, float]:
     """0-dim tensors (and floats) to floats with a single device-to-host copy."""
     stacked = torch.stack([
@@ -449,13 +460,6 @@ def d_view(x: torch.Tensor, s: RunState) -> torch.Tensor:
     return diff_augment(x, s.cfg.diffaug, p=s.ada.p if s.ada is not None else 1.0)
 
 
-def _mark_cuda_graph_step(cfg: CycleGANConfig) -> None:
-    """With CUDA graphs (compile_mode reduce-overhead), tell torch a new step begins: the graphs'
-    output buffers of the last step may then be reused (torch.compiler.cudagraph_mark_step_begin)."""
-    if cfg.compile and cfg.compile_mode == "reduce-overhead":
-        torch.compiler.cudagraph_mark_step_begin()
-
-
 def generator_step(
     s: RunState, real_mri: torch.Tensor, real_ct: torch.Tensor
 ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, bool]:
@@ -466,7 +470,7 @@ def generator_step(
     discriminator step, and False when the loss was not finite (the step is skipped).
     """
     cfg, f = s.cfg, s.fwd
-    _mark_cuda_graph_step(cfg)
+    mark_cuda_graph_step(s.cuda_graphs)
     s.nets.d_mri.requires_grad_(False)
     s.nets.d_ct.requires_grad_(False)
     s.opt_g.zero_grad(set_to_none=True)
@@ -489,7 +493,7 @@ def generator_step(
     loss = terms["g_adv_ct"] + terms["g_adv_mri"] + cfg.lambda_cycle * (terms["cycle_mri"] + terms["cycle_ct"])
     if cfg.lambda_identity > 0:
         loss = loss + cfg.lambda_cycle * cfg.lambda_identity * (terms["identity_ct"] + terms["identity_mri"])
-    stepped = _all_finite(loss, s.info)
+    stepped = all_ranks_finite(loss, s.info)
     if stepped:
         loss.backward()
         params = s.nets.generator_params()
@@ -516,7 +520,7 @@ def discriminator_step(
     terms and the mean raw outputs D(real), D(fake) of each D, and False for a skipped step.
     """
     cfg, f = s.cfg, s.fwd
-    _mark_cuda_graph_step(cfg)
+    mark_cuda_graph_step(s.cuda_graphs)
     s.opt_d.zero_grad(set_to_none=True)
     pooled = {"ct": s.pool_ct.query(fake_ct), "mri": s.pool_mri.query(fake_mri)}
     reals = {"ct": real_ct, "mri": real_mri}
@@ -543,7 +547,7 @@ def discriminator_step(
             terms[f"gp_{name}"] = gp
             loss = loss + cfg.gp_weight * gp
         outs_real.append(out_real.detach().flatten(1))
-    stepped = _all_finite(loss, s.info)
+    stepped = all_ranks_finite(loss, s.info)
     if stepped:
         loss.backward()
         params = s.nets.discriminator_params()
@@ -600,39 +604,32 @@ def rank_state(s: RunState) -> dict[str, Any]:
 
 def gather_rank_states(s: RunState) -> list[dict[str, Any]]:
     """Every rank's `rank_state`, in rank order (a collective: call it on all ranks together)."""
-    own = rank_state(s)
-    if s.info.world_size <= 1:
-        return [own]
-    gathered: list[Any] = [None] * s.info.world_size
-    dist.all_gather_object(gathered, own)
-    return gathered
+    return gather_objects(rank_state(s), s.info)
 
 
 def checkpoint_state(s: RunState, meta: Mapping[str, Any], ranks: list[dict[str, Any]] | None = None,
                      checkpoint_name: str = "last.pt") -> dict[str, Any]:
-    """One dict with all training state in the version-2 schema of models/checkpoint.py: unwrapped
-    state dicts of the 4 nets, EMA, optimisers, schedulers, guard, monitor, step, config, model
-    card, and per rank (from gather_rank_states) the image pools, samplers, RNG states and ADA.
+    """One dict with all training state in the schema of models/checkpoint.py: unwrapped state
+    dicts of the 4 nets, EMA, optimisers, schedulers, guard, monitor, step, config, model card,
+    and per rank (from gather_rank_states) the image pools, samplers, RNG states and ADA.
 
     Plain data and tensors only: it loads with torch.load(weights_only=True).
     """
     ranks = ranks if ranks is not None else [rank_state(s)]
-    return versioned({
-        "kind": "cyclegan",
-        "step": s.step,
-        "config": s.cfg.model_dump(mode="json"),
-        "card": json.dumps(model_card(s.cfg, meta, s.step, checkpoint_name), default=str),
-        "nets": {name: unwrap(net).state_dict() for name, net in s.nets.items()},
-        "ema": None if s.ema is None else {k: e.state_dict() for k, e in s.ema.items()},
-        "optimizers": {"g": s.opt_g.state_dict(), "d": s.opt_d.state_dict()},
-        "schedulers": {"g": s.sched_g.state_dict(), "d": s.sched_d.state_dict()},
-        "guards": {"gan": s.guard.state_dict()},
-        "monitor": s.monitor.state_dict(),
-        "ranks": ranks,
-        "world_size": len(ranks),
-        "extra": {"meta": json.dumps(dict(meta), default=str), "best": dict(s.best),
-                  "last_metrics": dict(s.last_metrics)},
-    })
+    return make_checkpoint(
+        kind="cyclegan",
+        step=s.step,
+        config=s.cfg.model_dump(mode="json"),
+        card=model_card(s.cfg, meta, s.step, checkpoint_name),
+        nets={name: unwrap(net).state_dict() for name, net in s.nets.items()},
+        ema=None if s.ema is None else {k: e.state_dict() for k, e in s.ema.items()},
+        optimizers={"g": s.opt_g.state_dict(), "d": s.opt_d.state_dict()},
+        schedulers={"g": s.sched_g.state_dict(), "d": s.sched_d.state_dict()},
+        guards={"gan": s.guard.state_dict()},
+        monitor=s.monitor.state_dict(),
+        ranks=ranks,
+        extra={"meta": json.dumps(dict(meta), default=str), "best": dict(s.best), "last_metrics": dict(s.last_metrics)},
+    )
 
 
 # Options a resume must keep: they shape the networks, or (image_size) the image pools' contents.
@@ -654,43 +651,26 @@ def restore_state(s: RunState, ckpt: Mapping[str, Any], path: Path = Path("last.
     other = [k for k, v in s.cfg.model_dump(mode="json").items() if k not in RESUME_FIXED_KEYS and saved.get(k) != v]
     if other:
         logger.info("resuming with changed options: %s", ", ".join(sorted(other)))
+    mine = restore_training(
+        ckpt, path, s.info, nets=dict(s.nets.items()), ema=s.ema,
+        optimizers={"g": s.opt_g, "d": s.opt_d}, schedulers={"g": s.sched_g, "d": s.sched_d},
+        guards={"gan": s.guard}, monitor=s.monitor,
+    )
+    same_world = len(ckpt["ranks"]) == s.info.world_size
     try:
-        _restore_parts(s, ckpt, path)
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"cannot resume from {path}: its training state is incomplete or does not fit "
-                              f"this run ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
-
-
-def _restore_parts(s: RunState, ckpt: Mapping[str, Any], path: Path) -> None:
-    """The body of `restore_state`: every state dict back into its object."""
-    for name, net in s.nets.items():
-        load_state_dict_checked(unwrap(net), ckpt["nets"][name], path, name)
-    if s.ema is not None and ckpt["ema"] is not None:
-        for k, e in s.ema.items():
-            e.load_state_dict(ckpt["ema"][k])
-    s.opt_g.load_state_dict(ckpt["optimizers"]["g"])
-    s.opt_d.load_state_dict(ckpt["optimizers"]["d"])
-    s.sched_g.load_state_dict(ckpt["schedulers"]["g"])
-    s.sched_d.load_state_dict(ckpt["schedulers"]["d"])
-    same_world = int(ckpt["world_size"]) == s.info.world_size
-    if not same_world:
-        logger.warning("resuming a %s-process checkpoint with %d processes: pools and sampling restart",
-                       ckpt["world_size"], s.info.world_size)
-    mine = ckpt["ranks"][s.info.rank] if same_world else ckpt["ranks"][0]
-    s.pool_mri.load_state_dict(mine["pools"]["mri"], s.device)
-    s.pool_ct.load_state_dict(mine["pools"]["ct"], s.device)
-    if same_world and s.sampler_mri is not None and s.sampler_ct is not None and mine["samplers"]["mri"] is not None:
-        s.sampler_mri.load_state_dict(mine["samplers"]["mri"])
-        s.sampler_ct.load_state_dict(mine["samplers"]["ct"])
-    if s.ada is not None and mine["ada"] is not None:
-        s.ada.load_state_dict(mine["ada"])
-    s.guard.load_state_dict(ckpt["guards"]["gan"])
-    s.monitor.load_state_dict(ckpt["monitor"])
-    s.best = dict(ckpt["extra"].get("best", {}))
-    s.last_metrics = dict(ckpt["extra"].get("last_metrics", {}))
-    set_rng_state(mine["rng"])
+        s.pool_mri.load_state_dict(mine["pools"]["mri"], s.device)
+        s.pool_ct.load_state_dict(mine["pools"]["ct"], s.device)
+        if same_world and s.sampler_mri is not None and s.sampler_ct is not None and mine["samplers"]["mri"] is not None:
+            s.sampler_mri.load_state_dict(mine["samplers"]["mri"])
+            s.sampler_ct.load_state_dict(mine["samplers"]["ct"])
+        if s.ada is not None and mine["ada"] is not None:
+            s.ada.load_state_dict(mine["ada"])
+        s.best = dict(ckpt["extra"]["best"])
+        s.last_metrics = dict(ckpt["extra"]["last_metrics"])
+        set_rng_state(mine["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot resume from {path}: its per-rank state is incomplete "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
     s.step = int(ckpt["step"])
 
 
@@ -715,16 +695,101 @@ def write_samples(s: RunState, fixed_mri: torch.Tensor, fixed_ct: torch.Tensor, 
     save_image_grid(rows, path)
 
 
-def _parse_best_key(best_key: str) -> tuple[str, bool]:
-    """"ssim" or "ssim:max" -> ("ssim", higher is better); "mae:min" -> ("mae", lower is better)."""
-    name, _, direction = best_key.partition(":")
-    match direction:
-        case "" | "max":
-            return name, True
-        case "min":
-            return name, False
-        case _:
-            raise ValueError(f"best_key must be 'NAME', 'NAME:max' or 'NAME:min', got {best_key!r}")
+# --- the pieces of one loop iteration ------------------------------------------------------------
+
+
+def next_batches(s: RunState, data: UnpairedData) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's next (MRI, CT) batches, (B, C, H, W) on the device in the run's memory format."""
+    assert s.sampler_mri is not None and s.sampler_ct is not None
+    real_mri = fetch_batch(data.a, s.sampler_mri.take(s.cfg.batch_size), s.cfg, "MRI")
+    real_ct = fetch_batch(data.b, s.sampler_ct.take(s.cfg.batch_size), s.cfg, "CT")
+    real_mri = real_mri.to(s.device, non_blocking=True).contiguous(memory_format=s.memory_format)
+    real_ct = real_ct.to(s.device, non_blocking=True).contiguous(memory_format=s.memory_format)
+    return real_mri, real_ct
+
+
+def d_means(metrics: Mapping[str, float]) -> tuple[float, float]:
+    """Mean raw D(real) and D(fake) over the two discriminators (NaN for a skipped D step)."""
+    d_real = (metrics.get("d_real_ct", math.nan) + metrics.get("d_real_mri", math.nan)) / 2
+    d_fake = (metrics.get("d_fake_ct", math.nan) + metrics.get("d_fake_mri", math.nan)) / 2
+    return d_real, d_fake
+
+
+def train_step(s: RunState, real_mri: torch.Tensor, real_ct: torch.Tensor, step: int) -> dict[str, float]:
+    """One training step: G, then D on the same fakes (as the reference implementation), the
+    non-finite guard, the learning-rate schedules, EMA and the health monitor. Returns the step's metrics."""
+    g_metrics, fake_mri, fake_ct, g_ok = generator_step(s, real_mri, real_ct)
+    if g_ok:
+        d_metrics, d_ok = discriminator_step(s, real_mri, real_ct, fake_mri, fake_ct)
+    else:  # non-finite generator loss: keep NaN fakes out of the pools, skip D too
+        d_metrics, d_ok = {"loss_d": float("nan")}, False
+    s.guard.check({"loss_g": g_metrics["loss_g"] if g_ok else float("nan"),
+                   "loss_d": d_metrics["loss_d"] if d_ok else float("nan")}, step)
+    lrs = {"lr_g": s.opt_g.param_groups[0]["lr"], "lr_d": s.opt_d.param_groups[0]["lr"]}  # this step's rates
+    s.sched_g.step()
+    s.sched_d.step()
+    if s.ema is not None and g_ok:
+        s.ema["g_mri2ct"].update(s.nets.g_mri2ct)
+        s.ema["g_ct2mri"].update(s.nets.g_ct2mri)
+    s.step = step
+    metrics = {**g_metrics, **d_metrics, **lrs, "skipped": float(not (g_ok and d_ok))}
+    if s.ada is not None:
+        metrics["aug_p"] = s.ada.p
+    d_real, d_fake = d_means(metrics)
+    s.monitor.update(d_real=d_real, d_fake=d_fake, grad_g=metrics["grad_norm_g"],
+                     grad_d=metrics.get("grad_norm_d", math.nan), loss_g=metrics["loss_g"],
+                     loss_d=metrics["loss_d"], diversity=metrics["diversity"])
+    return metrics
+
+
+def log_step(s: RunState, writer: MetricsWriter, history: list[dict[str, float]], step: int,
+             metrics: dict[str, float]) -> None:
+    """Health check, one metric row (metrics.jsonl, TensorBoard, history) and a console line (rank 0)."""
+    s.monitor.check(step)
+    s.last_metrics = record(writer, history, step, metrics)
+    if s.info.is_main:
+        d_real, d_fake = d_means(metrics)
+        logger.info("step %d/%d  loss_g %.4f  loss_d %.4f  D(real) %.3f  D(fake) %.3f",
+                    step, s.cfg.total_steps, metrics["loss_g"], metrics["loss_d"], d_real, d_fake)
+
+
+def evaluate_step(s: RunState, evaluate: Callable[[nn.Module, nn.Module], Mapping[str, float]], best_key: str | None,
+                  writer: MetricsWriter, history: list[dict[str, float]], step: int) -> bool:
+    """Run `evaluate` on the inference generators (RNG untouched), log eval/<name>, and with
+    best_key update the best record; returns whether this step is the new best."""
+    scores = evaluate_untouched(evaluate, *inference_generators(s))
+    record(writer, history, step, {f"eval/{k}": v for k, v in scores.items()})
+    if best_key is None:
+        return False
+    name, higher_is_better = parse_best_key(best_key)
+    if name not in scores:
+        raise ValueError(f"best_key {name!r} is not among the evaluation results {sorted(scores)}")
+    s.monitor.observe_eval(step, name, scores[name], higher_is_better)
+    if not improves(scores[name], s.best, higher_is_better):
+        return False
+    s.best = {"key": name, "value": scores[name], "step": step}
+    return True
+
+
+def save_checkpoints(s: RunState, run: Run, meta: Mapping[str, Any], save_last: bool, save_best: bool) -> None:
+    """Gather every rank's state (a collective: all ranks call it), then rank 0 writes last.pt
+    and/or best.pt with their model cards."""
+    ranks = gather_rank_states(s)
+    if s.info.is_main and save_last:
+        save_with_card(run.last_checkpoint, checkpoint_state(s, meta, ranks, run.last_checkpoint.name))
+    if s.info.is_main and save_best:
+        save_with_card(run.best_checkpoint, checkpoint_state(s, meta, ranks, run.best_checkpoint.name))
+
+
+def check_run_options(run: Run, resume: bool, evaluate: Callable[..., Any] | None, best_key: str | None) -> None:
+    """Refuse a fresh run over an existing checkpoint, a bad best_key, or a best_key without evaluate."""
+    if run.last_checkpoint.exists() and not resume:
+        raise FileExistsError(f"{run.dir} already holds a checkpoint ({run.last_checkpoint}); "
+                              "resume it or choose a new run folder")
+    if best_key:
+        parse_best_key(best_key)  # a bad key fails now, not at the first evaluation
+        if evaluate is None:
+            raise ValueError("best_key needs an evaluate callback")
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -747,22 +812,15 @@ def train_cyclegan(
     G_ct2mri) in eval mode under no_grad; its dict is logged as eval/<name>, and with
     best_key ("ssim", "ssim:max" or "mae:min") the best step is kept at checkpoints/best.pt.
     Raises TrainingDivergedError after cfg.max_nonfinite consecutive non-finite steps (the last
-    checkpoint is kept), ValueError for data that do not match the config.
+    checkpoint is kept), CheckpointError for a checkpoint that cannot be resumed or written,
+    ValueError for data that do not match the config.
     """
     # --- setup
-    run_dir = Path(run_dir)
-    dev = select_device(device)
-    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    info = init_distributed(dev)
+    run = start_run(run_dir, device)
+    dev, info, total = run.device, run.info, cfg.total_steps
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
-    ckpt_dir = run_dir / "checkpoints"
-    last_path, best_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt"
-    if last_path.exists() and not resume:
-        raise FileExistsError(f"{run_dir} already holds a checkpoint ({last_path}); resume it or choose a new run folder")
-    best_name, higher_better = _parse_best_key(best_key) if best_key else (None, True)
-    if best_key and evaluate is None:
-        raise ValueError("best_key needs an evaluate callback")
+    check_run_options(run, resume, evaluate, best_key)
 
     # --- data
     n_mri, n_ct = len(data.a), len(data.b)
@@ -778,121 +836,54 @@ def train_cyclegan(
     s.sampler_ct = ShardSampler(n_ct, seed=cfg.seed * 2 + 12, rank=info.rank, world_size=info.world_size)
 
     # --- resume
-    if resume and last_path.exists():
-        restore_state(s, load_checkpoint(last_path, "cyclegan", map_location=dev), last_path)
-        logger.info("resumed from %s at step %d", last_path, s.step)
+    if resume and run.last_checkpoint.exists():
+        restore_state(s, load_checkpoint(run.last_checkpoint, "cyclegan", map_location=dev), run.last_checkpoint)
+        logger.info("resumed from %s at step %d", run.last_checkpoint, s.step)
     elif resume:
-        logger.info("no checkpoint in %s: starting a new run", ckpt_dir)
+        logger.info("no checkpoint in %s: starting a new run", run.last_checkpoint.parent)
     start = s.step
-    writer = MetricsWriter(run_dir, enabled=info.is_main, resume_step=start if start > 0 else None)
+    writer = MetricsWriter(run.dir, enabled=info.is_main, resume_step=start if start > 0 else None)
     history: list[dict[str, float]] = []
     if info.is_main:
         logger.info("CycleGAN: %d MRI and %d CT slices, %d steps from %d on %s (world %d)",
-                    n_mri, n_ct, cfg.total_steps, start, dev, info.world_size)
-
-    def save(path: Path, ranks: list[dict[str, Any]]) -> None:
-        state = checkpoint_state(s, data.meta, ranks, path.name)
-        save_checkpoint(path, state)
-        write_model_card(path.with_suffix(".json"), json.loads(state["card"]))
+                    n_mri, n_ct, total, start, dev, info.world_size)
 
     # --- loop
     try:
-        while s.step < cfg.total_steps:
+        while s.step < total:
             step = s.step + 1
-            real_mri = fetch_batch(data.a, s.sampler_mri.take(cfg.batch_size), cfg, "MRI")
-            real_ct = fetch_batch(data.b, s.sampler_ct.take(cfg.batch_size), cfg, "CT")
-            real_mri = real_mri.to(dev, non_blocking=True).contiguous(memory_format=s.memory_format)
-            real_ct = real_ct.to(dev, non_blocking=True).contiguous(memory_format=s.memory_format)
-
-            # step: G first, then D on the same fakes (as the reference implementation)
-            g_metrics, fake_mri, fake_ct, g_ok = generator_step(s, real_mri, real_ct)
-            if g_ok:
-                d_metrics, d_ok = discriminator_step(s, real_mri, real_ct, fake_mri, fake_ct)
-            else:  # non-finite generator loss: keep NaN fakes out of the pools, skip D too
-                d_metrics, d_ok = {"loss_d": float("nan")}, False
-            s.guard.check({"loss_g": g_metrics["loss_g"] if g_ok else float("nan"),
-                           "loss_d": d_metrics["loss_d"] if d_ok else float("nan")}, step)
-            lrs = {"lr_g": s.opt_g.param_groups[0]["lr"], "lr_d": s.opt_d.param_groups[0]["lr"]}  # this step's rates
-            s.sched_g.step()
-            s.sched_d.step()
-            if s.ema is not None and g_ok:
-                s.ema["g_mri2ct"].update(s.nets.g_mri2ct)
-                s.ema["g_ct2mri"].update(s.nets.g_ct2mri)
-            s.step = step
-            metrics = {**g_metrics, **d_metrics, **lrs, "skipped": float(not (g_ok and d_ok))}
-            if s.ada is not None:
-                metrics["aug_p"] = s.ada.p
-            d_real = (metrics.get("d_real_ct", math.nan) + metrics.get("d_real_mri", math.nan)) / 2
-            d_fake = (metrics.get("d_fake_ct", math.nan) + metrics.get("d_fake_mri", math.nan)) / 2
-            s.monitor.update(d_real=d_real, d_fake=d_fake, grad_g=metrics["grad_norm_g"],
-                             grad_d=metrics.get("grad_norm_d", math.nan), loss_g=metrics["loss_g"],
-                             loss_d=metrics["loss_d"], diversity=metrics["diversity"])
-
-            # log
-            if step % cfg.log_every == 0 or step == cfg.total_steps:
-                s.monitor.check(step)
-                row = {"step": float(step), **metrics}
-                history.append(row)
-                s.last_metrics = row
-                writer.log(step, metrics)
-                if info.is_main:
-                    logger.info("step %d/%d  loss_g %.4f  loss_d %.4f  D(real) %.3f  D(fake) %.3f",
-                                step, cfg.total_steps, metrics["loss_g"], metrics["loss_d"], d_real, d_fake)
-
-            # sample
-            if info.is_main and (step % cfg.sample_every == 0 or step == cfg.total_steps):
-                write_samples(s, fixed_mri, fixed_ct, run_dir / "samples" / f"step_{step:06d}.png")
-
+            # step
+            real_mri, real_ct = next_batches(s, data)
+            metrics = train_step(s, real_mri, real_ct, step)
+            # log, sample
+            if due(step, cfg.log_every, total):
+                log_step(s, writer, history, step, metrics)
+            if info.is_main and due(step, cfg.sample_every, total):
+                write_samples(s, fixed_mri, fixed_ct, run.dir / "samples" / f"step_{step:06d}.png")
             # evaluate (before the checkpoint, so last.pt holds the best-so-far record)
+            eval_due = evaluate is not None and due(step, cfg.eval_every, total)
             is_best = False
-            if evaluate is not None and info.is_main and (step % cfg.eval_every == 0 or step == cfg.total_steps):
-                saved_rng = rng_state()  # an evaluate callback must not change the training's random stream
-                g_ab, g_ba = inference_generators(s)
-                modes = [g_ab.training, g_ba.training]
-                g_ab.eval()
-                g_ba.eval()
-                with torch.no_grad():
-                    scores = {k: float(v) for k, v in evaluate(g_ab, g_ba).items()}
-                g_ab.train(modes[0])
-                g_ba.train(modes[1])
-                set_rng_state(saved_rng)
-                writer.log(step, {f"eval/{k}": v for k, v in scores.items()})
-                history.append({"step": float(step), **{f"eval/{k}": v for k, v in scores.items()}})
-                if best_name is not None:
-                    if best_name not in scores:
-                        raise ValueError(f"best_key {best_name!r} is not among the evaluation results {sorted(scores)}")
-                    value = scores[best_name]
-                    s.monitor.observe_eval(step, best_name, value, higher_better)
-                    prev = s.best.get("value")
-                    if math.isfinite(value) and (prev is None or (value > prev if higher_better else value < prev)):
-                        s.best = {"key": best_name, "value": value, "step": step}
-                        is_best = True
-
+            if eval_due and info.is_main and evaluate is not None:
+                is_best = evaluate_step(s, evaluate, best_key, writer, history, step)
             # checkpoint (every rank takes part in gathering the per-rank state; rank 0 writes)
-            save_last = step % cfg.checkpoint_every == 0 or step == cfg.total_steps
-            eval_step = evaluate is not None and (step % cfg.eval_every == 0 or step == cfg.total_steps)
-            if save_last or eval_step:
-                ranks = gather_rank_states(s)
-                if info.is_main and save_last:
-                    save(last_path, ranks)
-                if info.is_main and is_best:
-                    save(best_path, ranks)
+            save_last = due(step, cfg.checkpoint_every, total)
+            if save_last or eval_due:
+                save_checkpoints(s, run, data.meta, save_last, is_best)
         if info.world_size > 1:
             dist.barrier()  # no rank returns (and maybe resumes) before rank 0 has written the checkpoint
     finally:
         if info.is_main:
-            writer.write_summary({
+            write_summary_safely(writer, {
                 "step": s.step, "last": s.last_metrics, "best": s.best, "warnings": s.monitor.warnings,
                 "skipped_steps": s.guard.total_skipped, "config_hash": config_hash(cfg.model_dump(mode="json")),
             })
         writer.close()
-        if owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        end_run(run)
 
     ema_modules = None if s.ema is None else {k: e.module for k, e in s.ema.items()}
     return TrainResult(
-        run_dir=run_dir, step=s.step, last_checkpoint=last_path,
-        best_checkpoint=best_path if best_path.exists() else None, history=history,
+        run_dir=run.dir, step=s.step, last_checkpoint=run.last_checkpoint,
+        best_checkpoint=run.best_checkpoint if run.best_checkpoint.exists() else None, history=history,
         warnings=list(s.monitor.warnings), final_metrics=dict(s.last_metrics),
         nets=CycleGANNets(*(unwrap(n) for _, n in s.nets.items())), ema=ema_modules,
     )

@@ -14,7 +14,8 @@ learning rates (Heusel et al. 2017) and the EMA generator (Yazici et al. 2019); 
 part of the default recipe, the others are off until a config turns them on. bf16 autocast on GPU, fp32 on CPU; resume continues exactly as
 an uninterrupted run; under torchrun each rank draws its own batches, gradients are averaged
 and only rank 0 writes. The loop reads top to bottom: setup, data, models, optimisers, resume,
-loop (step, log, sample, checkpoint).
+loop (step, log, sample, checkpoint); what it shares with the CycleGAN's (run set-up, resume,
+saving, gathers) is models/training.py, the checkpoint schema models/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -24,13 +25,11 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
@@ -41,8 +40,7 @@ from models.checkpoint import (
     checkpoint_card,
     load_checkpoint,
     load_state_dict_checked,
-    save_checkpoint,
-    versioned,
+    make_checkpoint,
 )
 from models.common import (
     EMA,
@@ -57,7 +55,6 @@ from models.common import (
     config_hash,
     grad_norm,
     gradient_penalty,
-    init_distributed,
     package_versions,
     r1_penalty,
     rng_state,
@@ -66,7 +63,6 @@ from models.common import (
     select_device,
     set_rng_state,
     unwrap,
-    write_model_card,
 )
 from models.diffaug import AdaptiveAugment, Augmentation, diff_augment
 from models.losses import (
@@ -75,6 +71,18 @@ from models.losses import (
     generator_loss,
     health_gap_max,
     real_fake_midpoint,
+)
+from models.training import (
+    all_ranks_finite,
+    due,
+    end_run,
+    gather_objects,
+    gather_tensor,
+    record,
+    restore_training,
+    save_with_card,
+    start_run,
+    write_summary_safely,
 )
 from models.tumor_gan import ProjectionDiscriminator, TumorGenerator
 
@@ -265,23 +273,6 @@ def make_latents(
     return z, labels
 
 
-def _finite_on_all_ranks(loss: torch.Tensor, info: DistInfo | None) -> bool:
-    """Whether `loss` is finite on every rank (ranks must agree to skip a step together)."""
-    flag = torch.isfinite(loss.detach()).to(torch.float32)
-    if info is not None and info.world_size > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def _gather(t: torch.Tensor, info: DistInfo | None) -> torch.Tensor:
-    """`t` (B, ...) from every rank concatenated along the batch (just `t` for one process)."""
-    if info is None or info.world_size <= 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(info.world_size)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
 def d_view(x: torch.Tensor, cfg: TumorGANConfig, p: float) -> torch.Tensor:
     """What D sees of a (B, 2, *S) patch: the mask channel mapped from [0, 1] to [-1, 1] (so both
     channels have background -1, the augmentation fill), then DiffAugment with probability `p`
@@ -334,7 +325,7 @@ def discriminator_step(
         loss = loss + cfg.gp_weight * gp
     loss.backward()
     average_gradients(d.parameters(), info or DistInfo())
-    finite = _finite_on_all_ranks(loss, info)
+    finite = all_ranks_finite(loss, info)
     out = {
         "loss_d": float(loss.detach()),
         "d_adv": float(adv.detach()),
@@ -347,7 +338,7 @@ def discriminator_step(
     if guard is None or guard.check({"loss_d": out["loss_d"] if finite else math.nan}, step):
         opt_d.step()
     if ada is not None:
-        out["aug_p"] = ada.update(_gather(logits_real.detach().float(), info))
+        out["aug_p"] = ada.update(gather_tensor(logits_real.detach().float(), info))
     return out
 
 
@@ -432,7 +423,7 @@ def generator_step(
     for p, flag in zip(d.parameters(), d_trainable, strict=True):
         p.requires_grad_(flag)
     average_gradients(g.parameters(), info or DistInfo())
-    finite = _finite_on_all_ranks(loss, info)
+    finite = all_ranks_finite(loss, info)
     out = {
         "loss_g": float(loss.detach()),
         "g_adv": float(adv.detach()),
@@ -513,6 +504,165 @@ def model_card(cfg: TumorGANConfig, data: TumorPatchData, step: int) -> dict[str
     }
 
 
+# --- run state, checkpoints ------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    """Everything a training step reads or changes; `checkpoint_state` turns it into one dict.
+
+    `g`, `d` are the plain modules (their state dicts go into checkpoints); `g_run`, `d_run`
+    the ones the steps call (the same, or torch.compile'd). `data_gen` draws batches,
+    `noise_gen` latents (each rank its own).
+    """
+
+    cfg: TumorGANConfig
+    device: torch.device
+    info: DistInfo
+    g: TumorGenerator
+    d: ProjectionDiscriminator
+    g_run: nn.Module
+    d_run: nn.Module
+    ema: EMA | None
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    ada: AdaptiveAugment | None
+    guard_d: NonFiniteGuard
+    guard_g: NonFiniteGuard
+    health: HealthMonitor
+    data_gen: torch.Generator
+    noise_gen: torch.Generator
+    step: int = 0
+
+    @property
+    def sampler(self) -> nn.Module:
+        """The generator used for samples and inference: the EMA copy when enabled."""
+        return self.ema.module if self.ema is not None else self.g
+
+
+def build_training(cfg: TumorGANConfig, num_classes: int, device: torch.device, info: DistInfo) -> RunState:
+    """Networks (seeded by cfg.seed, the same on every rank), EMA, optimisers, ADA, guards, monitor,
+    and this rank's data and noise generators."""
+    seed_everything(cfg.seed)
+    g, d = build_networks(cfg, num_classes)
+    g, d = g.to(device), d.to(device)
+    broadcast_module(g, info)
+    broadcast_module(d, info)
+    ema = EMA(g, cfg.ema_decay) if cfg.ema_decay is not None else None
+    # R1 and WGAN-GP differentiate D's gradient again, which torch.compile cannot: D stays eager then
+    needs_double_backward = cfg.r1_gamma > 0 or cfg.loss == "wgan"
+    g_run: nn.Module = torch.compile(g) if cfg.compile else g  # type: ignore[assignment]
+    d_run: nn.Module = torch.compile(d) if cfg.compile and not needs_double_backward else d  # type: ignore[assignment]
+    # the run's own randomness (batches, latents, augmentation, penalties) differs per rank
+    seed_everything(cfg.seed + 1_000_003 * info.rank)
+    data_gen = torch.Generator().manual_seed(cfg.seed + 7919 * info.rank)
+    noise_gen = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * info.rank)
+    opt_g, opt_d = build_optimisers(cfg, g, d)
+    ada = None
+    if cfg.ada_target is not None:
+        ada = AdaptiveAugment(cfg.ada_target, cfg.ada_interval, cfg.ada_speed_images, real_fake_midpoint(cfg.loss))
+    return RunState(
+        cfg=cfg, device=device, info=info, g=g, d=d, g_run=g_run, d_run=d_run, ema=ema, opt_g=opt_g, opt_d=opt_d,
+        ada=ada, guard_d=NonFiniteGuard(cfg.max_nonfinite), guard_g=NonFiniteGuard(cfg.max_nonfinite),
+        health=HealthMonitor(window=max(2, cfg.health_window), d_gap_max=health_gap_max(cfg.loss)),
+        data_gen=data_gen, noise_gen=noise_gen,
+    )
+
+
+def rank_state(s: RunState) -> dict[str, Any]:
+    """The state that differs between ranks: batch and noise generators, global RNG states, ADA."""
+    return {"data_rng": s.data_gen.get_state(), "noise_rng": s.noise_gen.get_state(), "rng": rng_state(),
+            "ada": s.ada.state_dict() if s.ada is not None else None}
+
+
+def checkpoint_state(s: RunState, data: TumorPatchData, fingerprint: str, ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One dict with all training state in the schema of models/checkpoint.py (plain data and tensors)."""
+    return make_checkpoint(
+        kind="tumor_gan",
+        step=s.step,
+        config=s.cfg.model_dump(mode="json"),
+        card=model_card(s.cfg, data, s.step),
+        nets={"generator": unwrap(s.g).state_dict(), "discriminator": unwrap(s.d).state_dict()},
+        ema={"generator": s.ema.state_dict()} if s.ema is not None else None,
+        optimizers={"g": s.opt_g.state_dict(), "d": s.opt_d.state_dict()},
+        schedulers={},
+        guards={"g": s.guard_g.state_dict(), "d": s.guard_d.state_dict()},
+        monitor=s.health.state_dict(),
+        ranks=ranks,
+        extra={"classes": list(data.classes), "data_fingerprint": fingerprint},
+    )
+
+
+def restore_state(s: RunState, state: dict[str, Any], path: Path, classes: list[str], fingerprint: str) -> None:
+    """Load a checkpoint of the same config and data into a freshly built RunState (exact with the
+    same number of ranks). Raises CheckpointError naming `path` for another config, other classes,
+    other patches, or a state that does not fit."""
+    check_resume_config(path, state["config"], s.cfg.model_dump(mode="json"), RESUME_FREE_OPTIONS)
+    extra = state["extra"]
+    if extra["classes"] != classes:
+        raise CheckpointError(f"cannot resume {path}: classes {extra['classes']} differ from the data's {classes}")
+    if extra["data_fingerprint"] != fingerprint:
+        raise CheckpointError(
+            f"cannot resume {path}: the training patches differ from the run's (fingerprint "
+            f"{fingerprint} vs {extra['data_fingerprint']}); pass the same --data and seed, or start a new run"
+        )
+    mine = restore_training(
+        state, path, s.info, nets={"generator": s.g, "discriminator": s.d},
+        ema={"generator": s.ema} if s.ema is not None else None,
+        optimizers={"g": s.opt_g, "d": s.opt_d}, schedulers={},
+        guards={"g": s.guard_g, "d": s.guard_d}, monitor=s.health,
+    )
+    try:
+        s.data_gen.set_state(mine["data_rng"])
+        s.noise_gen.set_state(mine["noise_rng"])
+        if s.ada is not None:
+            s.ada.load_state_dict(mine["ada"])
+        set_rng_state(mine["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot resume from {path}: its per-rank state is incomplete "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    s.step = int(state["step"])
+
+
+# --- the pieces of one loop iteration ------------------------------------------------------------
+
+
+def train_step(s: RunState, data: TumorPatchData) -> dict[str, float]:
+    """One training step at s.step: one fake batch; D learns on it detached, then G on it with its
+    graph (judged by a look-ahead copy of D when unrolled), then EMA and the health monitor.
+    Returns the step's losses, D(x), D(G(z)), gradient norms and batch diversity."""
+    cfg, dev, step = s.cfg, s.device, s.step
+    aug_p = s.ada.p if s.ada is not None else 1.0
+    real, y_real = sample_batch(data, cfg.batch_size, s.data_gen, cfg.balanced_classes)
+    z, y_fake = make_latents(cfg, y_real, s.noise_gen, dev)
+    with autocast(dev, cfg.amp):
+        fake = s.g_run(z, y_fake)
+    out = discriminator_step(s.d_run, s.opt_d, real, y_real, fake, y_fake, cfg, dev, aug_p, s.guard_d, step, s.ada, s.info)
+    d_for_g = s.d_run
+    if cfg.unrolled_steps > 0:  # each rank looks ahead on its own batch
+        d_for_g = unrolled_discriminator(s.d, s.opt_d, real, y_real, fake, y_fake, cfg, dev, aug_p)
+    out |= generator_step(s.g_run, d_for_g, s.opt_g, fake, y_fake, z, real, y_real, cfg, dev, aug_p, s.guard_g, step, s.info)
+    if s.ema is not None:
+        # warm-up (TensorFlow's num_updates rule): early samples are not the random initial weights
+        s.ema.decay = min(cfg.ema_decay or 0.0, (1.0 + step) / (10.0 + step))
+        s.ema.update(s.g)
+    out["batch_diversity"] = batch_diversity(fake[:, :1].detach())
+    s.health.update(diversity=out["batch_diversity"],
+                    **{k: out[k] for k in ("d_real", "d_fake", "grad_g", "grad_d", "loss_g", "loss_d")})
+    return out
+
+
+def log_step(s: RunState, classes: list[str], writer: MetricsWriter, history: list[dict[str, float]],
+             out: dict[str, float]) -> None:
+    """Rank 0: per-class diversity (an eval-mode forward of the sampler, no collective), health
+    check, one metric row and a console line."""
+    out |= class_diversity(s.sampler, classes, s.cfg.diversity_samples, s.cfg.latent_dim, s.device)
+    s.health.check(s.step)
+    record(writer, history, s.step, out)
+    log.info("step %d  loss_d %.3f  loss_g %.3f  D(x) %.3f  D(G(z)) %.3f", s.step, out["loss_d"], out["loss_g"],
+             out["d_real"], out["d_fake"])
+
+
 # --- the loop ------------------------------------------------------------------------------
 
 
@@ -529,16 +679,13 @@ def train_tumor_gan(
     not stopped. Under torchrun (WORLD_SIZE > 1) each rank draws its own batches, gradients are
     averaged after every backward, and only rank 0 writes; the checkpoint keeps every rank's
     RNG states, so a resume with the same number of ranks is exact too. Raises
-    TrainingDivergedError after `max_nonfinite` non-finite steps in a row and ValueError when the
-    data does not fit the config (patch size, dims) or a resumed checkpoint's config or data differ.
+    TrainingDivergedError after `max_nonfinite` non-finite steps in a row, ValueError when the
+    data does not fit the config (patch size, dims), and CheckpointError when a checkpoint cannot
+    be resumed (another config or data, a damaged file) or written.
     """
     # setup
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_path, card_path = ckpt_dir / "last.pt", ckpt_dir / "last.json"
-    dev = select_device(device)
-    owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-    info = init_distributed(dev)
+    run = start_run(run_dir, device)
+    dev, info = run.device, run.info
     expected = (1,) + (cfg.patch_size,) * cfg.spatial_dims
     if tuple(data.images.shape[1:]) != expected:
         raise ValueError(
@@ -554,161 +701,53 @@ def train_tumor_gan(
         list(data.train_subjects), dict(data.normalisation),
     )
 
-    # models: the same seeded weights on every rank
-    seed_everything(cfg.seed)
-    g, d = build_networks(cfg, len(data.classes))
-    g, d = g.to(dev), d.to(dev)
-    broadcast_module(g, info)
-    broadcast_module(d, info)
-    ema = EMA(g, cfg.ema_decay) if cfg.ema_decay is not None else None
-    # R1 and WGAN-GP differentiate D's gradient again, which torch.compile cannot: D stays eager then
-    needs_double_backward = cfg.r1_gamma > 0 or cfg.loss == "wgan"
-    g_run: nn.Module = torch.compile(g) if cfg.compile else g  # type: ignore[assignment]
-    d_run: nn.Module = torch.compile(d) if cfg.compile and not needs_double_backward else d  # type: ignore[assignment]
-    # the run's own randomness (batches, latents, augmentation, penalties) differs per rank
-    seed_everything(cfg.seed + 1_000_003 * info.rank)
-    data_gen = torch.Generator().manual_seed(cfg.seed + 7919 * info.rank)
-    noise_gen = torch.Generator().manual_seed(cfg.seed + 1 + 7919 * info.rank)
-
-    # optimisers
-    opt_g, opt_d = build_optimisers(cfg, g, d)
-    ada = None
-    if cfg.ada_target is not None:
-        ada = AdaptiveAugment(cfg.ada_target, cfg.ada_interval, cfg.ada_speed_images, real_fake_midpoint(cfg.loss))
-    guard_d, guard_g = NonFiniteGuard(cfg.max_nonfinite), NonFiniteGuard(cfg.max_nonfinite)
-    health = HealthMonitor(window=max(2, cfg.health_window), d_gap_max=health_gap_max(cfg.loss))
-    step = 0
-
-    def rank_state() -> dict[str, Any]:
-        return {"data_rng": data_gen.get_state(), "noise_rng": noise_gen.get_state(), "rng": rng_state(),
-                "ada": ada.state_dict() if ada is not None else None}
+    # models, optimisers: the same seeded weights on every rank
+    s = build_training(cfg, len(data.classes), dev, info)
 
     # resume
-    if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, "tumor_gan", map_location=dev)
-        check_resume_config(ckpt_path, state["config"], cfg.model_dump(mode="json"), RESUME_FREE_OPTIONS)
-        extra = state["extra"]
-        if extra["classes"] != data.classes:
-            raise CheckpointError(f"cannot resume {ckpt_path}: classes {extra['classes']} differ from the data's {data.classes}")
-        if extra["data_fingerprint"] != fingerprint:
-            raise CheckpointError(
-                f"cannot resume {ckpt_path}: the training patches differ from the run's (fingerprint "
-                f"{fingerprint} vs {extra['data_fingerprint']}); pass the same --data and seed, or start a new run"
-            )
-        try:
-            load_state_dict_checked(g, state["nets"]["generator"], ckpt_path, "generator")
-            load_state_dict_checked(d, state["nets"]["discriminator"], ckpt_path, "discriminator")
-            opt_g.load_state_dict(state["optimizers"]["g"])
-            opt_d.load_state_dict(state["optimizers"]["d"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"]["generator"])
-            guard_d.load_state_dict(state["guards"]["d"])
-            guard_g.load_state_dict(state["guards"]["g"])
-            health.load_state_dict(state["monitor"])
-            same_world = len(state["ranks"]) == info.world_size
-            if not same_world:
-                log.warning("resuming a %d-process checkpoint with %d processes: batches and noise restart from rank 0's",
-                            len(state["ranks"]), info.world_size)
-            mine = state["ranks"][info.rank] if same_world else state["ranks"][0]
-            data_gen.set_state(mine["data_rng"])
-            noise_gen.set_state(mine["noise_rng"])
-            if ada is not None:
-                ada.load_state_dict(mine["ada"])
-            set_rng_state(mine["rng"])
-            step = int(state["step"])
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise
-            raise CheckpointError(f"cannot resume from {ckpt_path}: its training state is incomplete or does not "
-                                  f"fit this run ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
-        log.info("resumed %s at step %d", ckpt_path, step)
+    if resume and run.last_checkpoint.is_file():
+        state = load_checkpoint(run.last_checkpoint, "tumor_gan", map_location=dev)
+        restore_state(s, state, run.last_checkpoint, data.classes, fingerprint)
+        log.info("resumed %s at step %d", run.last_checkpoint, s.step)
     elif resume:
-        log.info("no checkpoint at %s; starting from scratch", ckpt_path)
-    metrics = MetricsWriter(run_dir, enabled=info.is_main, resume_step=step if resume else None)
+        log.info("no checkpoint at %s; starting from scratch", run.last_checkpoint)
+    writer = MetricsWriter(run.dir, enabled=info.is_main, resume_step=s.step if resume else None)
     if info.is_main:
         log.info("tumor GAN: %d %s patches of %s, steps %d -> %d on %s (world %d)", data.images.shape[0],
-                 data.modality, ", ".join(data.classes), step, cfg.steps, dev, info.world_size)
+                 data.modality, ", ".join(data.classes), s.step, cfg.steps, dev, info.world_size)
 
-    def checkpoint() -> None:
-        """Gather every rank's RNG state (a collective), then rank 0 writes last.pt and last.json."""
-        ranks: list[Any] = [rank_state()]
-        if info.world_size > 1:
-            ranks = [None] * info.world_size
-            dist.all_gather_object(ranks, rank_state())
-        if not info.is_main:
-            return
-        card = model_card(cfg, data, step)
-        state = versioned({
-            "kind": "tumor_gan",
-            "step": step,
-            "config": cfg.model_dump(mode="json"),
-            "card": json.dumps(card, default=str),
-            "nets": {"generator": unwrap(g).state_dict(), "discriminator": unwrap(d).state_dict()},
-            "ema": {"generator": ema.state_dict()} if ema is not None else None,
-            "optimizers": {"g": opt_g.state_dict(), "d": opt_d.state_dict()},
-            "schedulers": {},
-            "guards": {"g": guard_g.state_dict(), "d": guard_d.state_dict()},
-            "monitor": health.state_dict(),
-            "ranks": ranks,
-            "world_size": info.world_size,
-            "extra": {"classes": list(data.classes), "data_fingerprint": fingerprint},
-        })
-        save_checkpoint(ckpt_path, state)
-        write_model_card(card_path, card)
+    def save() -> None:
+        """Gather every rank's state (a collective), then rank 0 writes last.pt and last.json."""
+        ranks = gather_objects(rank_state(s), info)
+        if info.is_main:
+            save_with_card(run.last_checkpoint, checkpoint_state(s, data, fingerprint, ranks))
 
-    sampler = ema.module if ema is not None else g
     history: list[dict[str, float]] = []
     saved_at = -1
     # loop
-    g_run.train()
-    d_run.train()
-    while step < cfg.steps:
-        step += 1
-        aug_p = ada.p if ada is not None else 1.0
-        # step: one fake batch per step; D learns on it detached, then G on it with its graph
-        real, y_real = sample_batch(data, cfg.batch_size, data_gen, cfg.balanced_classes)
-        z, y_fake = make_latents(cfg, y_real, noise_gen, dev)
-        with autocast(dev, cfg.amp):
-            fake = g_run(z, y_fake)
-        out = discriminator_step(d_run, opt_d, real, y_real, fake, y_fake, cfg, dev, aug_p, guard_d, step, ada, info)
-        d_for_g = d_run
-        if cfg.unrolled_steps > 0:  # each rank looks ahead on its own batch
-            d_for_g = unrolled_discriminator(d, opt_d, real, y_real, fake, y_fake, cfg, dev, aug_p)
-        out |= generator_step(g_run, d_for_g, opt_g, fake, y_fake, z, real, y_real, cfg, dev, aug_p, guard_g, step, info)
-        if ema is not None:
-            # warm-up (TensorFlow's num_updates rule): early samples are not the random initial weights
-            ema.decay = min(cfg.ema_decay or 0.0, (1.0 + step) / (10.0 + step))
-            ema.update(g)
-        out["batch_diversity"] = batch_diversity(fake[:, :1].detach())
-        health.update(diversity=out["batch_diversity"], **{k: out[k] for k in ("d_real", "d_fake", "grad_g", "grad_d", "loss_g", "loss_d")})
+    s.g_run.train()
+    s.d_run.train()
+    while s.step < cfg.steps:
+        s.step += 1
+        # step
+        out = train_step(s, data)
+        # log, sample (rank 0)
+        if info.is_main and due(s.step, cfg.log_every, cfg.steps):
+            log_step(s, data.classes, writer, history, out)
+        if info.is_main and due(s.step, cfg.sample_every, cfg.steps):
+            save_class_grids(s.sampler, data.classes, 8, cfg.latent_dim, dev, run.dir / "samples", s.step)
+        # checkpoint (a collective; rank 0 writes)
+        if due(s.step, cfg.checkpoint_every, cfg.steps):
+            save()
+            saved_at = s.step
 
-        # log (rank 0; the per-class diversity is an eval-mode forward of the sampler, no collective)
-        if info.is_main and (step % cfg.log_every == 0 or step == cfg.steps):
-            out |= class_diversity(sampler, data.classes, cfg.diversity_samples, cfg.latent_dim, dev)
-            health.check(step)
-            metrics.log(step, out)
-            history.append({"step": float(step)} | out)
-            log.info(
-                "step %d  loss_d %.3f  loss_g %.3f  D(x) %.3f  D(G(z)) %.3f", step, out["loss_d"], out["loss_g"],
-                out["d_real"], out["d_fake"],
-            )
-
-        # sample
-        if info.is_main and ((cfg.sample_every and step % cfg.sample_every == 0) or step == cfg.steps):
-            save_class_grids(sampler, data.classes, 8, cfg.latent_dim, dev, run_dir / "samples", step)
-
-        # checkpoint
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            checkpoint()
-            saved_at = step
-
-    if saved_at != step:  # resumed with nothing left to do: still leave a fresh checkpoint and card
-        checkpoint()
-    metrics.write_summary({"steps": step, "last": history[-1] if history else {}, "warnings": health.warnings})
-    metrics.close()
-    if owns_group:
-        dist.destroy_process_group()
-    return TrainResult(run_dir, ckpt_path, card_path, step, history, list(health.warnings), g, d, sampler)
+    if saved_at != s.step:  # resumed with nothing left to do: still leave a fresh checkpoint and card
+        save()
+    write_summary_safely(writer, {"steps": s.step, "last": history[-1] if history else {}, "warnings": s.health.warnings})
+    writer.close()
+    end_run(run)
+    return TrainResult(run.dir, run.last_checkpoint, run.last_checkpoint.with_suffix(".json"), s.step, history,
+                       list(s.health.warnings), s.g, s.d, s.sampler)
 
 
 def load_tumor_generator(path: Path, device: str = "cpu") -> tuple[TumorGenerator, dict[str, Any]]:

@@ -221,6 +221,9 @@ def train_cyclegan_cmd(
         raise TrainingDivergedError(str(exc)) from None
     except _CheckpointError as exc:
         raise CheckpointError(str(exc)) from None
+    except OSError as exc:  # a full disk or a vanished folder while writing metrics, samples or cards
+        raise CheckpointError(f"cannot write in the run folder {out}: {exc.strerror or exc}; "
+                              "free space (or choose another --out) and resume with --resume") from None
     except (ValueError, FileExistsError) as exc:
         raise ConfigError(str(exc)) from None
     typer.secho(f"{result.step} steps; checkpoint {result.last_checkpoint}"
@@ -375,6 +378,9 @@ def train_tumor_gan_cmd(
         raise TrainingDivergedError(str(exc)) from None
     except _CheckpointError as exc:
         raise CheckpointError(str(exc)) from None
+    except OSError as exc:  # a full disk or a vanished folder while writing metrics, samples or cards
+        raise CheckpointError(f"cannot write in the run folder {out}: {exc.strerror or exc}; "
+                              "free space (or choose another --out) and resume with --resume") from None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     typer.secho(f"{result.steps} steps; checkpoint {result.checkpoint}", fg=typer.colors.GREEN)

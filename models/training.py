@@ -169,7 +169,12 @@ def improves(value: float, best: Mapping[str, Any], higher_is_better: bool) -> b
 def save_with_card(path: Path, state: Mapping[str, Any]) -> None:
     """Write a checkpoint (atomically) and its model card (the state's "card", as indented JSON) beside it."""
     save_checkpoint(path, state)
-    write_model_card(path.with_suffix(".json"), json.loads(state["card"]))
+    card_path = path.with_suffix(".json")
+    try:
+        write_model_card(card_path, json.loads(state["card"]))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write model card {card_path}: {exc.strerror or exc}; the checkpoint "
+                              f"{path.name} is whole. Free disk space and resume") from None
 
 
 def restore_training(

@@ -336,3 +336,16 @@ def test_a_full_disk_during_training_is_one_line(tmp_path: Path, tumor_ingest: P
                                  "--config", str(CONFIGS / "tumor_gan-tiny.yaml"), "--steps", "2", "--device", "cpu"])
     one_line_error(result, "cannot write checkpoint", "No space left on device")
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == []
+
+
+def test_a_full_disk_while_logging_metrics_is_one_line(tmp_path: Path, mr_ct_ingest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from models.common import MetricsWriter
+
+    def log(self: MetricsWriter, step: int, metrics: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(MetricsWriter, "log", log)
+    result = runner.invoke(app, ["train", "cyclegan", "--data", str(mr_ct_ingest), "--out", str(tmp_path / "run"), "--config",
+                                 str(CONFIGS / "cyclegan-tiny.yaml"), "--steps", "2", "--device", "cpu",
+                                 "--set", "cyclegan.log_every=1"])
+    one_line_error(result, "cannot write in the run folder", "No space left on device", "--resume")

@@ -155,6 +155,11 @@ def test_the_flow_never_retries_a_bad_checkpoint() -> None:
     assert not retry_unless_config_error(None, None, State(PipelineCheckpointError("x.pt is empty")))
     assert not retry_unless_config_error(None, None, State(CheckpointError("x.pt is empty")))
     assert retry_unless_config_error(None, None, State(OSError("network share went away")))
+    # every task that loads a checkpoint carries the condition, also after with_options(retries=...)
+    from flows.tasks import sample_tumors_task, train_cyclegan_task, train_tumor_gan_task, translate_task
+
+    for t in (train_cyclegan_task, train_tumor_gan_task, translate_task, sample_tumors_task):
+        assert t.with_options(retries=3).retry_condition_fn is retry_unless_config_error, t.name
 
 
 @pytest.mark.slow

@@ -184,7 +184,7 @@ def test_bad_extractor_name_lists_the_choices() -> None:
     from medaug.config import load_section
 
     with pytest.raises(ConfigError, match='"domain", "inception", "python:module:attr"'):
-        load_section(GateConfig, None, None, ["extractor=resnet"])
+        load_section(GateConfig, None, "gate", ["gate.extractor=resnet"])
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

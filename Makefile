@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-quick bench-smoke lint bench clean
 
 setup: $(STAMP)
 
@@ -24,8 +24,17 @@ lint: setup
 	$(BIN)/ruff check pipeline models flows medaug tests bench
 	$(BIN)/mypy
 
+# the benchmark scripts' end-to-end smoke runs (marker `bench`) are `make bench-smoke`, which CI runs too
 test: setup lint
-	OMP_NUM_THREADS=2 $(BIN)/pytest -q tests
+	OMP_NUM_THREADS=2 $(BIN)/pytest -q -m "not bench" tests
+
+# while editing: leaves out the real-server and longer training tests (marker `slow`) too
+test-quick: setup
+	OMP_NUM_THREADS=2 $(BIN)/pytest -q -m "not bench and not slow" tests
+
+# bench/cyclegan.py, gate.py and downstream.py --smoke (and their SIGTERM handling) end to end: a few minutes on CPU
+bench-smoke: setup
+	OMP_NUM_THREADS=2 $(BIN)/pytest -q -m bench tests
 
 # bench/gate.py defaults to N=10000, 256x256 on a GPU; here it runs on CPU at N=1000, 64x64 (a few minutes)
 bench: setup

@@ -12,10 +12,13 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_ROWS = 12
 
 
+@pytest.mark.bench
 def test_gate_bench_smoke() -> None:
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "gate.py"), "--smoke"], capture_output=True, text=True,
                          timeout=300, cwd=ROOT)
@@ -39,6 +42,7 @@ def test_gate_bench_smoke() -> None:
     assert "load average at start" in out and "load average at end" in out and "stopped" not in out
 
 
+@pytest.mark.bench
 def test_gate_bench_sigterm_keeps_measured_rows(tmp_path: Path) -> None:
     log = (tmp_path / "stderr.log").open("w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "gate.py"), "--smoke"], stdout=subprocess.PIPE,

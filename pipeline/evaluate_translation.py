@@ -45,8 +45,7 @@ from pipeline.preprocess import (
     DEFAULT_HU_WINDOW,
     body_mask,
     ct_to_unit,
-    mr_landmarks,
-    mr_to_unit,
+    to_unit,
     unit_to_ct,
 )
 from pipeline.slices import manifest_rows, split_matches, volume_as_3d
@@ -441,11 +440,7 @@ def read_volume(path: Path, modality: Modality, settings: TranslationSettings, s
     img = nib.as_closest_canonical(nib.load(str(path)))
     raw = volume_as_3d(np.asarray(img.dataobj, dtype=np.float32))
     body = body_mask(raw, modality)
-    match modality:
-        case "CT":
-            unit = ct_to_unit(raw, settings.hu_window)
-        case "MR":
-            unit = mr_to_unit(raw, mr_landmarks(raw, body, settings.mr_percentiles))
+    unit = to_unit(raw, modality, settings.hu_window, settings.mr_percentiles, body)[0]
     return Volume(subject_id, modality, raw, unit, body, tumor_class)
 
 

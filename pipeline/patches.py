@@ -223,8 +223,8 @@ def extract_patches(
             if volume.ndim != 3 or lesion.shape != volume.shape:
                 skipped.append(f"{name}: volume {volume.shape} and mask {lesion.shape} must be the same 3-D shape")
                 continue
-            unit, _ = to_unit(volume, _modality(modality), hu_window)
             body = body_mask(volume, _modality(modality))
+            unit, _ = to_unit(volume, _modality(modality), hu_window, mask=body)
             affine = np.asarray(img.affine, dtype=np.float64)
             spacing = "x".join(f"{float(z):g}" for z in img.header.get_zooms()[:3])
             rng = np.random.default_rng([seed, int(sha[:15], 16) if sha else 0])

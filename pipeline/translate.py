@@ -35,10 +35,7 @@ from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file, write_m
 from pipeline.preprocess import (
     DEFAULT_HU_WINDOW,
     DEFAULT_MR_PERCENTILES,
-    body_mask,
-    ct_to_unit,
-    mr_landmarks,
-    mr_to_unit,
+    to_unit,
     unit_to_ct,
     unit_to_mr,
 )
@@ -168,11 +165,7 @@ def translate_volume(
     settings = settings or TranslationSettings()
     vol = volume_as_3d(np.asarray(volume, dtype=np.float32))
     source, _ = direction_modalities(direction)
-    match source:
-        case "MR":
-            unit = mr_to_unit(vol, mr_landmarks(vol, body_mask(vol, "MR"), settings.mr_percentiles))
-        case "CT":
-            unit = ct_to_unit(vol, settings.hu_window)
+    unit = to_unit(vol, source, settings.hu_window, settings.mr_percentiles)[0]
     out = translate_unit(generator, unit, settings, batch_size, device)
     match direction:
         case "mri2ct":

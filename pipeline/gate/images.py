@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 from pipeline.errors import DatasetError
 from pipeline.gate.config import GateConfig
 from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file
-from pipeline.preprocess import body_mask, ct_to_unit, foreground_fraction, mr_landmarks, mr_to_unit
+from pipeline.preprocess import body_mask, foreground_fraction, to_unit
 from pipeline.slices import volume_to_slices
 from pipeline.types import Modality
 
@@ -173,12 +173,7 @@ def _modality(row: dict[str, str], raw: NDArray[np.float32], cfg: GateConfig) ->
 def _normalise(raw: NDArray[np.float32], modality: Modality, cfg: GateConfig) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
     """Volume (x, y, z) -> values in [-1, 1] and its body mask, as pipeline.slices does."""
     mask = body_mask(raw, modality)
-    match modality:
-        case "CT":
-            unit = ct_to_unit(raw, cfg.hu_window)
-        case "MR":
-            unit = mr_to_unit(raw, mr_landmarks(raw, mask, cfg.mr_percentiles))
-    return unit, mask
+    return to_unit(raw, modality, cfg.hu_window, cfg.mr_percentiles, mask)[0], mask
 
 
 def load_gate_set(folder: Path, cfg: GateConfig, role: Role, modalities: set[str] | None = None, cap: bool = True) -> GateSet:

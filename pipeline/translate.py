@@ -180,13 +180,18 @@ def translate_volume(
 
 @dataclass(frozen=True)
 class SourceVolume:
-    """One volume to translate: its file, optional tumour mask, and manifest fields."""
+    """One volume to translate: its file, optional tumour mask, and manifest fields.
+
+    `sha256` is the manifest's hash of the file (lower-case hex), empty for a file with no
+    manifest: the hash travels with the item so the file is not read again to hash it.
+    """
 
     path: Path
     label_path: Path | None = None
     subject_id: str = ""
     tumor_class: str = ""
     split: str = ""
+    sha256: str = ""
 
 
 def find_sources(src: Path, modality: Modality, split: str | None = None) -> list[SourceVolume]:
@@ -206,7 +211,8 @@ def find_sources(src: Path, modality: Modality, split: str | None = None) -> lis
                 continue
             label = row.get("label_path", "").strip()
             out.append(SourceVolume(src / row["path"], src / label if label else None,
-                                    row.get("subject_id", ""), row.get("class", ""), row.get("split", "")))
+                                    row.get("subject_id", ""), row.get("class", ""), row.get("split", ""),
+                                    (row.get("sha256") or "").strip().lower()))
         if not out:
             raise DatasetError(f"{src / MANIFEST_NAME} lists no {modality} volume" + (f" in split {split!r}" if split else ""))
         return out
@@ -317,7 +323,7 @@ def run_translate(
     (out / "volumes").mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for i, source in enumerate(sources):
-        src_sha = sha256_file(source.path)
+        src_sha = source.sha256 or sha256_file(source.path)
         try:
             img: Any = nib.load(str(source.path))
             data = translate_image(generator, img, direction, settings, batch_size, dev)

@@ -383,11 +383,11 @@ def build_mrict_inputs(work: Path, subjects: int, size: int, seed: int, cyclegan
 
     from medaug.config import load_section
     from models.train_cyclegan import train_cyclegan
-    from pipeline.evaluate_translation import STRUCTURE_KEY
     from pipeline.gate.config import GateConfig
     from pipeline.gate.run import run_gate
     from pipeline.manifest import sha256_file
     from pipeline.slices import load_training_inputs
+    from pipeline.structure import STRUCTURE_KEY
     from pipeline.translate import run_translate
 
     timings, timed = stage_clock(work)

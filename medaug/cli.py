@@ -195,8 +195,8 @@ def train_cyclegan_cmd(
     from models.common import TrainingDivergedError as _Diverged
     from models.train_cyclegan import train_cyclegan
     from pipeline.errors import ConfigError, TrainingDivergedError
-    from pipeline.evaluate_translation import STRUCTURE_KEY
     from pipeline.slices import load_training_inputs
+    from pipeline.structure import STRUCTURE_KEY
 
     overrides = list(set_ or [])
     for key, value in (("steps", steps), ("image_size", image_size), ("batch_size", batch_size)):

@@ -151,6 +151,21 @@ def to_unit(volume: FloatArray, modality: Modality, hu_window: HUWindow = DEFAUL
             raise ValueError(f"modality must be one of CT, MR; got {modality!r}")
 
 
+def direction_modalities(direction: str) -> tuple[Modality, Modality]:
+    """(source, target) modality of a direction; a bad direction lists the allowed ones.
+
+    >>> direction_modalities("mri2ct")
+    ('MR', 'CT')
+    """
+    match direction:
+        case "mri2ct":
+            return "MR", "CT"
+        case "ct2mri":
+            return "CT", "MR"
+        case _:
+            raise ValueError(f"direction must be one of mri2ct, ct2mri; got {direction!r}")
+
+
 # --- body mask ---------------------------------------------------------------------------
 
 

@@ -42,6 +42,7 @@ from pipeline.preprocess import (
     foreground_fraction,
     to_unit,
 )
+from pipeline.structure import held_out_batches, structure_scores
 from pipeline.types import HUWindow, Modality
 
 if TYPE_CHECKING:
@@ -422,7 +423,7 @@ class TrainingInputs:
 
     `evaluate` scores structure preservation on fixed monitor slices (`monitor`, see
     `plan_monitor`) and is None without a monitor; pass
-    `best_key=pipeline.evaluate_translation.STRUCTURE_KEY` with it.
+    `best_key=pipeline.structure.STRUCTURE_KEY` with it.
     """
 
     data: UnpairedData
@@ -451,8 +452,6 @@ def monitor_scores(
 ) -> Callable[[torch.nn.Module, torch.nn.Module], dict[str, float]] | None:
     """The structure-score callback on the monitor's volumes (fixed batches: comparable between calls);
     None without a monitor, or (with a warning) when its volumes have no usable slice."""
-    from pipeline.evaluate_translation import held_out_batches, structure_scores
-
     if monitor is None:
         return None
     try:

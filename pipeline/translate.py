@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -35,16 +35,16 @@ from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file, write_m
 from pipeline.preprocess import (
     DEFAULT_HU_WINDOW,
     DEFAULT_MR_PERCENTILES,
+    direction_modalities,
     to_unit,
     unit_to_ct,
     unit_to_mr,
 )
 from pipeline.slices import slices_to_volume, split_matches, volume_as_3d, volume_to_slices
-from pipeline.types import HUWindow, Modality
+from pipeline.types import Direction, HUWindow, Modality
 
 log = logging.getLogger(__name__)
 
-Direction = Literal["mri2ct", "ct2mri"]
 
 MR_OUTPUT_LANDMARKS: tuple[float, float] = (0.0, 1000.0)
 """Scale of translated MR: network output -1 -> 0 and +1 -> 1000 (T1-like arbitrary units)."""
@@ -57,21 +57,6 @@ TRANSLATE_COLUMNS = (
     "synthetic", "source_sha256", "checkpoint_sha256", "direction", "seed",
 )
 """Columns of a translate output folder's manifest.csv."""
-
-
-def direction_modalities(direction: str) -> tuple[Modality, Modality]:
-    """(source, target) modality of a direction; a bad direction lists the allowed ones.
-
-    >>> direction_modalities("mri2ct")
-    ('MR', 'CT')
-    """
-    match direction:
-        case "mri2ct":
-            return "MR", "CT"
-        case "ct2mri":
-            return "CT", "MR"
-        case _:
-            raise ValueError(f"direction must be one of mri2ct, ct2mri; got {direction!r}")
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,9 @@ bench-smoke: setup
 TV_VENV ?= .venv-torchvision
 verify-inception:
 	test -x $(TV_VENV)/bin/python || $(PYTHON) -m venv $(TV_VENV)
-	$(TV_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 numpy
+	$(TV_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 numpy pytest
 	PYTHONPATH=. OMP_NUM_THREADS=2 $(TV_VENV)/bin/python tests/inception_reference.py
+	PYTHONPATH=. OMP_NUM_THREADS=2 $(TV_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_inception_reference.py
 
 # bench/gate.py defaults to N=10000, 256x256 on a GPU; here it runs on CPU at N=1000, 64x64 (a few minutes)
 bench: setup

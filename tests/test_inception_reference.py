@@ -27,3 +27,16 @@ def test_fid_inception_matches_torchvision_block_by_block() -> None:
     for name, diff, scale in rows:
         assert diff <= TOLERANCE, f"{name}: max |ours - torchvision| = {diff:.3g} (outputs up to {scale:.3g})"
         assert scale > 0, f"{name}: the reference output is all zero, so the comparison proves nothing"
+
+
+@pytest.mark.slow
+def test_the_check_catches_a_pool_that_counts_padding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stock torchvision pool (padding counted) in our blocks is exactly the mistake the check exists for."""
+    _torchvision_or_skip()
+    import torch.nn.functional as F
+
+    import pipeline.gate.inception as inception
+
+    monkeypatch.setattr(inception, "_avg_pool", lambda x: F.avg_pool2d(x, kernel_size=3, stride=1, padding=1))
+    differ = [name for name, diff, _ in compare(seed=0, n_images=1) if diff > TOLERANCE]
+    assert differ[0] == "Mixed_5b" and "pool3 (whole network)" in differ

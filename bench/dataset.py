@@ -1,9 +1,9 @@
 """Benchmark the dataset stage (`medaug build-dataset`) before and after "hash once, copy ingest's bytes".
 
-A phantom cohort (pipeline.phantoms, 64 subjects by default... see --subjects) is written and
-ingested once into a cache folder (its CT volumes and masks, gzip level 1 as ingest writes
-them). Then the dataset stage builds the same dataset (mri-ct deployment, the real CT items,
-strategy none) two ways, alternating, --repeat times each:
+A seeded phantom cohort (pipeline.phantoms, --subjects of --size) is written and its CT
+volumes and masks are ingested once into a cache folder (gzip level 1, as ingest writes
+them). Then the dataset stage builds the same dataset (mri-ct deployment, the real CT
+items, strategy none) two ways, alternating, --repeat times each:
 
 - before: what the writer did until this change, kept here as `legacy_write_nifti_gz`: every
   real item's file hashed while planning, then each image and mask gunzipped, parsed, gzipped
@@ -17,6 +17,7 @@ script checks that both datasets hold identical NIfTI content (the gunzipped byt
 file) and that every image of the new one has its ingest sha256.
 
 Usage: python bench/dataset.py [--subjects 24] [--size 128] [--repeat 5] [--cache DIR] [--smoke]
+(bench/RESULTS.md records --subjects 32 --size 128 --repeat 5.)
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-quick bench-smoke verify-inception lint bench clean
 
 setup: $(STAMP)
 
@@ -24,8 +24,27 @@ lint: setup
 	$(BIN)/ruff check pipeline models flows medaug tests bench
 	$(BIN)/mypy
 
+# the benchmark scripts' end-to-end smoke runs (marker `bench`) are `make bench-smoke`, which CI runs too
 test: setup lint
-	OMP_NUM_THREADS=2 $(BIN)/pytest -q tests
+	OMP_NUM_THREADS=2 $(BIN)/pytest -q -m "not bench" tests
+
+# while editing: leaves out the real-server and longer training tests (marker `slow`) too
+test-quick: setup
+	OMP_NUM_THREADS=2 $(BIN)/pytest -q -m "not bench and not slow" tests
+
+# bench/cyclegan.py, gate.py and downstream.py --smoke (and their SIGTERM handling) end to end: a few minutes on CPU
+bench-smoke: setup
+	OMP_NUM_THREADS=2 $(BIN)/pytest -q -m bench tests
+
+# FIDInceptionV3 (pipeline/gate/inception.py) against torchvision's Inception3, block by block, to 1e-5
+# (tests/inception_reference.py). torchvision is test-only and has no build for the CPU torch of
+# .venv, so this builds its own venv (torch + torchvision, a ~5 GB download the first time).
+TV_VENV ?= .venv-torchvision
+verify-inception:
+	test -x $(TV_VENV)/bin/python || $(PYTHON) -m venv $(TV_VENV)
+	$(TV_VENV)/bin/pip install --quiet torch==2.14.1 torchvision==0.29.1 numpy pytest
+	PYTHONPATH=. OMP_NUM_THREADS=2 $(TV_VENV)/bin/python tests/inception_reference.py
+	PYTHONPATH=. OMP_NUM_THREADS=2 $(TV_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_inception_reference.py
 
 # bench/gate.py defaults to N=10000, 256x256 on a GPU; here it runs on CPU at N=1000, 64x64 (a few minutes)
 bench: setup

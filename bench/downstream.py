@@ -331,28 +331,25 @@ def cyclegan_config(steps: int | None, seed: int) -> tuple[Any, Any]:
     `steps` keeps the recipe's shape: half at the constant learning rate, half decaying to 0
     (the config's own 1000 + 1000 when None).
     """
-    from medaug.config import load_section
-    from models.train_cyclegan import CycleGANConfig
-    from pipeline.slices import SliceConfig
+    from medaug.config import load_config
 
     overrides = [f"cyclegan.seed={seed}"]
     if steps is not None:
         overrides += [f"cyclegan.n_steps_constant={steps // 2}", f"cyclegan.n_steps_decay={steps - steps // 2}"]
-    path = CONFIGS / "cyclegan.yaml"
-    return load_section(CycleGANConfig, path, "cyclegan", overrides), load_section(SliceConfig, path, "cyclegan_data")
+    cfg = load_config(CONFIGS / "cyclegan.yaml", overrides)
+    return cfg.cyclegan, cfg.cyclegan_data
 
 
 def mrict_dataset_config(work: Path, seed: int, max_share: float | None) -> Any:
-    """configs/dataset.yaml's `dataset:` section with configs/mri-ct.yaml's on top, for the tumor classes.
+    """configs/mri-ct.yaml's `dataset:` section (built on configs/dataset.yaml), for the tumor classes.
 
     Every non-test subject goes to training (its MR or CT trained the CycleGAN, so the writer
     would pin it there anyway); the held-out test subjects are the ingest manifest's test split.
     """
-    from medaug.config import read_yaml
+    from medaug.config import load_config
     from pipeline.dataset import DatasetConfig
 
-    options: dict[str, Any] = dict(read_yaml(CONFIGS / "dataset.yaml").get("dataset") or {})
-    options.update(read_yaml(CONFIGS / "mri-ct.yaml").get("dataset") or {})
+    options: dict[str, Any] = load_config(CONFIGS / "mri-ct.yaml").dataset.model_dump()
     options.update({"classes": TUMOR_CLASSES, "seed": seed, "fractions": {"train": 1.0, "val": 0.0, "test": 0.0},
                     "manifests_dir": work / "data_manifests"})
     if max_share is not None:
@@ -386,11 +383,11 @@ def build_mrict_inputs(work: Path, subjects: int, size: int, seed: int, cyclegan
 
     from medaug.config import load_section
     from models.train_cyclegan import train_cyclegan
-    from pipeline.evaluate_translation import STRUCTURE_KEY
     from pipeline.gate.config import GateConfig
     from pipeline.gate.run import run_gate
     from pipeline.manifest import sha256_file
     from pipeline.slices import load_training_inputs
+    from pipeline.structure import STRUCTURE_KEY
     from pipeline.translate import run_translate
 
     timings, timed = stage_clock(work)

@@ -72,6 +72,7 @@ if str(REPO) not in sys.path:  # run as a script from any folder
     sys.path.insert(0, str(REPO))
 
 from bench.common import RowPrinter, Stopped, cpu_name  # noqa: E402
+from medaug.config import load_section  # noqa: E402
 from pipeline.gate import metrics as M  # noqa: E402
 from pipeline.gate.config import GateConfig  # noqa: E402
 from pipeline.gate.encoder import state_dict_sha256, train_domain_encoder  # noqa: E402
@@ -412,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU, N=48, 32x32, 2 encoder steps, 1 Inception image per set without its metrics (a test of the script)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    cfg = GateConfig()
+    cfg = load_section(GateConfig, REPO / "configs" / "gate.yaml", "gate")  # the gate recipe, as `medaug gate` reads it
 
     if args.smoke:
         device = torch.device("cpu")

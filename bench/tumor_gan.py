@@ -38,6 +38,7 @@ if str(REPO) not in sys.path:  # run as a script from any folder
     sys.path.insert(0, str(REPO))
 
 from bench.common import RowPrinter, Stopped, failure  # noqa: E402
+from medaug.config import load_section  # noqa: E402
 from models.common import EMA, select_device  # noqa: E402
 from models.train_tumor_gan import (  # noqa: E402
     TumorGANConfig,
@@ -130,15 +131,16 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda.")
     args = parser.parse_args(argv)
 
-    recipe = dict(minibatch_std=True, mode_seeking_weight=1.0, diffaug=["translation", "cutout"])
+    recipe = REPO / "configs" / "tumor_gan.yaml"
     if args.smoke:
         device = torch.device("cpu")
-        base = TumorGANConfig(patch_size=16, latent_dim=8, g_channels=4, d_channels=4, **recipe)  # type: ignore[arg-type]
+        base = load_section(TumorGANConfig, recipe, "tumor_gan", ["tumor_gan.patch_size=16", "tumor_gan.latent_dim=8",
+                                                                  "tumor_gan.g_channels=4", "tumor_gan.d_channels=4"])
         settings = [Setting("baseline: fp32, batch 4", 4, False, False, 8), Setting("fastest: batch 8", 8, True, False, 16)]
         steps, warmup, n_sample = 2, 1, 32
     else:
         device = select_device(args.device)
-        base = TumorGANConfig(patch_size=64, **recipe)  # type: ignore[arg-type]
+        base = load_section(TumorGANConfig, recipe, "tumor_gan", ["tumor_gan.patch_size=64"])
         on_gpu = device.type == "cuda"
         settings = [
             Setting("baseline: fp32, batch 16, eager", 16, False, False, 64),

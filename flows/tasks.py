@@ -522,8 +522,8 @@ def train_cyclegan_task(data: Any, run_dir: str, config: dict[str, Any], device:
     > 1 the training runs under torchrun (`medaug train cyclegan`), reading the ingest folder itself.
     """
     from models.train_cyclegan import CycleGANConfig, train_cyclegan
-    from pipeline.evaluate_translation import STRUCTURE_KEY
     from pipeline.slices import SliceConfig, monitor_scores, plan_monitor
+    from pipeline.structure import STRUCTURE_KEY
 
     logger = get_run_logger()
     cfg = CycleGANConfig.model_validate(config)

@@ -191,20 +191,20 @@ def train_cyclegan_cmd(
     train subjects held out of training (cyclegan_data.monitor_fraction), never the test
     split; they compare each input with its translation and never use paired truth.
     """
-    from medaug.config import load_section
+    from medaug.config import load_config
     from models.checkpoint import CheckpointError as _CheckpointError
     from models.common import TrainingDivergedError as _Diverged
-    from models.train_cyclegan import CycleGANConfig, train_cyclegan
+    from models.train_cyclegan import train_cyclegan
     from pipeline.errors import CheckpointError, ConfigError, TrainingDivergedError
-    from pipeline.evaluate_translation import STRUCTURE_KEY
-    from pipeline.slices import SliceConfig, load_training_inputs
+    from pipeline.slices import load_training_inputs
+    from pipeline.structure import STRUCTURE_KEY
 
     overrides = list(set_ or [])
     for key, value in (("steps", steps), ("image_size", image_size), ("batch_size", batch_size)):
         if value is not None:
             overrides.append(f"cyclegan.{key}={value}")
-    cfg = load_section(CycleGANConfig, config, "cyclegan", overrides)
-    data_cfg = load_section(SliceConfig, config, "cyclegan_data", overrides)
+    pipeline_cfg = load_config(config, overrides)
+    cfg, data_cfg = pipeline_cfg.cyclegan, pipeline_cfg.cyclegan_data
     try:
         inputs = load_training_inputs(data, cfg.image_size, cfg.in_channels, data_cfg)
     except ValueError as exc:

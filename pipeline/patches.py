@@ -160,6 +160,99 @@ def _healthy_centres(
     return [(int(a), int(b), int(c)) for a, b, c in candidates[np.sort(picks)]]
 
 
+Centre = tuple[int, int, int]
+"""A patch centre in voxels (x, y, z); for 2-D patches z is the slice."""
+
+
+@dataclass(frozen=True)
+class _CutOptions:
+    """extract_patches' options that decide where and how each volume is cut (see its Args)."""
+
+    patch_size: int
+    dims: int
+    neighbours: int
+    healthy_per_volume: int
+    hu_window: HUWindow
+    min_body_fraction: float
+    brain_margin_mm: float
+    seed: int
+
+
+def _skip_reason(row: dict[str, str], name: str) -> str | None:
+    """Why a manifest row gives no patches before its files are read (None: it may give some)."""
+    if not row.get("label_path"):
+        return f"{name}: no tumor mask, so lesion and healthy tissue cannot be told apart"
+    modality = row.get("modality", "")
+    if modality not in ("CT", "MR"):
+        return f"{name}: modality {modality!r} is not CT or MR"
+    return None
+
+
+def _lesion_centres(lesion: NDArray[np.bool_], cls: str, dims: int, neighbours: int) -> list[tuple[str, Centre]]:
+    """Lesion patch centres of one (x, y, z) mask: 3-D the lesion's centroid; 2-D the centroid
+    in the largest-lesion slice and in up to `neighbours` slices either side that hold lesion."""
+    if not lesion.any():
+        return []
+    if dims == 3:
+        cx, cy, cz = _centroid(lesion)
+        return [(cls, (cx, cy, cz))]
+    areas = lesion.sum(axis=(0, 1))
+    z0 = int(np.argmax(areas))
+    centres: list[tuple[str, Centre]] = []
+    for z in range(z0 - neighbours, z0 + neighbours + 1):
+        if 0 <= z < lesion.shape[2] and areas[z] > 0:
+            cx, cy = _centroid(lesion[:, :, z])
+            centres.append((cls, (cx, cy, z)))
+    return centres
+
+
+def _cut_volume(
+    folder: Path, row: dict[str, str], opts: _CutOptions
+) -> list[tuple[NDArray[np.float32], NDArray[np.uint8], NDArray[np.float64], dict[str, str]]] | str:
+    """The patches of one manifest row as (image, mask, affine, manifest row) tuples, or why it gives none.
+
+    The volume is read once, normalised (pipeline.preprocess.to_unit with its body mask)
+    and cut at its lesion centres and at healthy centres seeded by (seed, its sha256).
+    """
+    name = Path(row["path"]).name
+    modality = _modality(row.get("modality", ""))
+    sha = row.get("sha256") or ""
+    img = _load(folder / row["path"])
+    volume = np.asarray(img.dataobj, dtype=np.float32)
+    lesion = np.asarray(_load(folder / row["label_path"]).dataobj) > 0
+    if volume.ndim != 3 or lesion.shape != volume.shape:
+        return f"{name}: volume {volume.shape} and mask {lesion.shape} must be the same 3-D shape"
+    body = body_mask(volume, modality)
+    unit, _ = to_unit(volume, modality, opts.hu_window, mask=body)
+    zooms = tuple(float(v) for v in img.header.get_zooms()[:3])
+    rng = np.random.default_rng([opts.seed, int(sha[:15], 16) if sha else 0])
+    centres = _lesion_centres(lesion, row.get("class") or "tumor", opts.dims, opts.neighbours)
+    healthy = _healthy_centres(lesion, body, opts.patch_size, opts.healthy_per_volume, rng, opts.dims,
+                               opts.min_body_fraction, (zooms[0], zooms[1], zooms[2]), opts.brain_margin_mm)
+    centres += [(HEALTHY, c) for c in healthy]
+    if not centres:
+        return f"{name}: no lesion and no room for a {opts.patch_size}-voxel healthy patch"
+    base = {
+        "subject_id": row.get("subject_id", ""),
+        "split": row.get("split", ""),
+        "modality": modality,
+        "synthetic": "0",
+        "source_sha256": sha,
+        "spacing": "x".join(f"{z:g}" for z in zooms),
+        "patch_size": str(opts.patch_size),
+    }
+    affine = np.asarray(img.affine, dtype=np.float64)
+    size = [opts.patch_size] * 2 + [1 if opts.dims == 2 else opts.patch_size]
+    stem = name.removesuffix(".nii.gz").removesuffix(".nii")
+    out = []
+    for k, (cls, centre) in enumerate(centres):
+        half = opts.patch_size // 2
+        lower = [centre[0] - half, centre[1] - half, centre[2] if opts.dims == 2 else centre[2] - half]
+        out.append((_crop(unit, lower, size, -1.0), _crop(lesion.astype(np.uint8), lower, size, 0), _translate(affine, lower),
+                    base | {"class": cls, "centre": "x".join(str(c) for c in centre), "name": f"{stem}_{cls}_{k:02d}"}))
+    return out
+
+
 def extract_patches(
     ingest_dirs: Sequence[Path],
     patch_size: int = 64,
@@ -186,94 +279,39 @@ def extract_patches(
             so it sits in brain, not scalp or skull (about their thickness in adults).
 
     Volumes without a label file are skipped (where the lesion is is unknown); a volume with
-    an empty mask gives healthy patches only; a lesion with an empty class is "tumor".
+    an empty mask gives healthy patches only; a lesion with an empty class is "tumor"; a
+    volume listed twice (same sha256) is cut once.
     Returns a PatchSet; `skipped` says which volumes gave nothing and why (by file name).
     """
     if dims not in (2, 3):
         raise PatchError(f"patch dims must be 2 or 3, got {dims}")
     if patch_size < 4:
         raise PatchError(f"patch size must be at least 4 voxels, got {patch_size}")
-    images: list[NDArray[np.float32]] = []
-    masks: list[NDArray[np.uint8]] = []
-    rows: list[dict[str, str]] = []
-    affines: list[NDArray[np.float64]] = []
+    opts = _CutOptions(patch_size, dims, neighbours, healthy_per_volume, hu_window, min_body_fraction, brain_margin_mm, seed)
+    cut: list[tuple[NDArray[np.float32], NDArray[np.uint8], NDArray[np.float64], dict[str, str]]] = []
     skipped: list[str] = []
     seen: set[str] = set()
-    size = [patch_size] * 2 + [1 if dims == 2 else patch_size]
     for folder in ingest_dirs:
         manifest = folder / "manifest.csv"
         if not manifest.is_file():
             raise PatchError(f"{folder} is not an ingest folder: it has no manifest.csv (run `medaug ingest` first)")
         for row in sorted(read_manifest(manifest), key=lambda r: (r.get("sha256", ""), r["path"])):
-            name = Path(row["path"]).name
             sha = row.get("sha256") or ""
             if sha and sha in seen:
                 continue
             seen.add(sha)
-            if not row.get("label_path"):
-                skipped.append(f"{name}: no tumor mask, so lesion and healthy tissue cannot be told apart")
-                continue
-            modality = row.get("modality", "")
-            if modality not in ("CT", "MR"):
-                skipped.append(f"{name}: modality {modality!r} is not CT or MR")
-                continue
-            img = _load(folder / row["path"])
-            volume = np.asarray(img.dataobj, dtype=np.float32)
-            lesion = np.asarray(_load(folder / row["label_path"]).dataobj) > 0
-            if volume.ndim != 3 or lesion.shape != volume.shape:
-                skipped.append(f"{name}: volume {volume.shape} and mask {lesion.shape} must be the same 3-D shape")
-                continue
-            unit, _ = to_unit(volume, _modality(modality), hu_window)
-            body = body_mask(volume, _modality(modality))
-            affine = np.asarray(img.affine, dtype=np.float64)
-            spacing = "x".join(f"{float(z):g}" for z in img.header.get_zooms()[:3])
-            rng = np.random.default_rng([seed, int(sha[:15], 16) if sha else 0])
-            base = {
-                "subject_id": row.get("subject_id", ""),
-                "split": row.get("split", ""),
-                "modality": modality,
-                "synthetic": "0",
-                "source_sha256": sha,
-                "spacing": spacing,
-                "patch_size": str(patch_size),
-            }
-            centres: list[tuple[str, tuple[int, int, int]]] = []
-            if lesion.any():
-                cls = row.get("class") or "tumor"
-                if dims == 2:
-                    areas = lesion.sum(axis=(0, 1))
-                    z0 = int(np.argmax(areas))
-                    for z in range(z0 - neighbours, z0 + neighbours + 1):
-                        if 0 <= z < lesion.shape[2] and areas[z] > 0:
-                            cx, cy = _centroid(lesion[:, :, z])
-                            centres.append((cls, (cx, cy, z)))
-                else:
-                    cx, cy, cz = _centroid(lesion)
-                    centres.append((cls, (cx, cy, cz)))
-            zooms = tuple(float(v) for v in img.header.get_zooms()[:3])
-            healthy = _healthy_centres(lesion, body, patch_size, healthy_per_volume, rng, dims, min_body_fraction,
-                                       (zooms[0], zooms[1], zooms[2]), brain_margin_mm)
-            centres += [(HEALTHY, c) for c in healthy]
-            if not centres:
-                skipped.append(f"{name}: no lesion and no room for a {patch_size}-voxel healthy patch")
-                continue
-            stem = name.removesuffix(".nii.gz").removesuffix(".nii")
-            for k, (cls, centre) in enumerate(centres):
-                lower = [centre[0] - patch_size // 2, centre[1] - patch_size // 2]
-                lower.append(centre[2] if dims == 2 else centre[2] - patch_size // 2)
-                images.append(_crop(unit, lower, size, -1.0))
-                masks.append(_crop(lesion.astype(np.uint8), lower, size, 0))
-                affines.append(_translate(affine, lower))
-                rows.append(
-                    base | {"class": cls, "centre": "x".join(str(c) for c in centre), "name": f"{stem}_{cls}_{k:02d}"}
-                )
-    if not rows:
+            result = _skip_reason(row, Path(row["path"]).name) or _cut_volume(folder, row, opts)
+            if isinstance(result, str):
+                skipped.append(result)
+            else:
+                cut += result
+    if not cut:
         raise PatchError(
             f"no patches from {len(ingest_dirs)} ingest folder(s): "
             + ("; ".join(skipped[:3]) if skipped else "the manifests list no volumes")
         )
-    stack = np.stack(images)
-    stack_m = np.stack(masks)
+    stack = np.stack([c[0] for c in cut])
+    stack_m = np.stack([c[1] for c in cut])
     if dims == 2:
         stack, stack_m = stack[..., 0], stack_m[..., 0]
     params = {
@@ -287,7 +325,7 @@ def extract_patches(
         "normalisation": {"CT": {"hu_window": [float(hu_window[0]), float(hu_window[1])]}, "MR": "foreground percentiles (0.5, 99.5) -> [-1, 1]"},
         "intensity": "normalised [-1, 1]",
     }
-    patch_set = PatchSet(stack, stack_m, rows, affines, params, skipped)
+    patch_set = PatchSet(stack, stack_m, [c[3] for c in cut], [c[2] for c in cut], params, skipped)
     log.info("extracted %d patches %s; %d volume(s) skipped", len(patch_set), patch_set.counts(), len(skipped))
     return patch_set
 

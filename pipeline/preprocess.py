@@ -14,6 +14,7 @@ All arrays are numpy, axes (x, y, z) of a RAS+ volume unless said otherwise.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -125,10 +126,17 @@ def unit_to_mr(x: FloatArray, landmarks: tuple[float, float]) -> NDArray[np.floa
 
 
 def to_unit(volume: FloatArray, modality: Modality, hu_window: HUWindow = DEFAULT_HU_WINDOW,
-            mr_percentiles: tuple[float, float] = DEFAULT_MR_PERCENTILES) -> tuple[NDArray[np.float32], dict[str, object]]:
+            mr_percentiles: tuple[float, float] = DEFAULT_MR_PERCENTILES,
+            mask: BoolArray | None = None) -> tuple[NDArray[np.float32], dict[str, Any]]:
     """Normalise a volume of either modality to [-1, 1]; returns it and the numbers to invert it.
 
-    CT: `{"modality": "CT", "hu_window": [lo, hi]}`; MR: `{"modality": "MR", "mr_landmarks": [lo, hi]}`.
+    The one place that switches on the modality: slices (CycleGAN training), the gate,
+    translation, its evaluation and the tumor patches all call it. CT goes through the HU
+    `hu_window` (low, high); MR maps the `mr_percentiles` of its foreground to -1 and +1.
+    `mask` is that foreground (the volume's shape), when the caller already has the body
+    mask; None computes `body_mask(volume, "MR")`. Returns (unit volume, float32, the
+    input's shape; `{"modality": "CT", "hu_window": [lo, hi]}` or
+    `{"modality": "MR", "mr_landmarks": [lo, hi]}`).
 
     >>> to_unit(np.array([[[-1000.0, 1000.0]]]), "CT")[1]
     {'modality': 'CT', 'hu_window': [-1000.0, 1000.0]}
@@ -137,10 +145,25 @@ def to_unit(volume: FloatArray, modality: Modality, hu_window: HUWindow = DEFAUL
         case "CT":
             return ct_to_unit(volume, hu_window), {"modality": "CT", "hu_window": [float(hu_window[0]), float(hu_window[1])]}
         case "MR":
-            marks = mr_landmarks(volume, percentiles=mr_percentiles)
+            marks = mr_landmarks(volume, mask, mr_percentiles)
             return mr_to_unit(volume, marks), {"modality": "MR", "mr_landmarks": list(marks)}
         case _:
             raise ValueError(f"modality must be one of CT, MR; got {modality!r}")
+
+
+def direction_modalities(direction: str) -> tuple[Modality, Modality]:
+    """(source, target) modality of a direction; a bad direction lists the allowed ones.
+
+    >>> direction_modalities("mri2ct")
+    ('MR', 'CT')
+    """
+    match direction:
+        case "mri2ct":
+            return "MR", "CT"
+        case "ct2mri":
+            return "CT", "MR"
+        case _:
+            raise ValueError(f"direction must be one of mri2ct, ct2mri; got {direction!r}")
 
 
 # --- body mask ---------------------------------------------------------------------------

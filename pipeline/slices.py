@@ -39,11 +39,10 @@ from pipeline.preprocess import (
     DEFAULT_HU_WINDOW,
     DEFAULT_MR_PERCENTILES,
     body_mask,
-    ct_to_unit,
     foreground_fraction,
-    mr_landmarks,
-    mr_to_unit,
+    to_unit,
 )
+from pipeline.structure import held_out_batches, structure_scores
 from pipeline.types import HUWindow, Modality
 
 if TYPE_CHECKING:
@@ -229,16 +228,10 @@ def load_unit_volume(
     img = nib.as_closest_canonical(nib.load(str(path)))
     raw = volume_as_3d(np.asarray(img.dataobj, dtype=np.float32))
     mask = body_mask(raw, modality)
+    unit, params = to_unit(raw, modality, hu_window, mr_percentiles, mask)
     info: dict[str, Any] = {"spacing": tuple(float(s) for s in img.header.get_zooms()[:3])}
-    match modality:
-        case "CT":
-            unit = ct_to_unit(raw, hu_window)
-        case "MR":
-            marks = mr_landmarks(raw, mask, mr_percentiles)
-            info["mr_landmarks"] = marks
-            unit = mr_to_unit(raw, marks)
-        case _:
-            raise ValueError(f"modality must be one of CT, MR; got {modality!r}")
+    if "mr_landmarks" in params:
+        info["mr_landmarks"] = tuple(params["mr_landmarks"])
     return unit, mask, info
 
 
@@ -430,7 +423,7 @@ class TrainingInputs:
 
     `evaluate` scores structure preservation on fixed monitor slices (`monitor`, see
     `plan_monitor`) and is None without a monitor; pass
-    `best_key=pipeline.evaluate_translation.STRUCTURE_KEY` with it.
+    `best_key=pipeline.structure.STRUCTURE_KEY` with it.
     """
 
     data: UnpairedData
@@ -459,8 +452,6 @@ def monitor_scores(
 ) -> Callable[[torch.nn.Module, torch.nn.Module], dict[str, float]] | None:
     """The structure-score callback on the monitor's volumes (fixed batches: comparable between calls);
     None without a monitor, or (with a warning) when its volumes have no usable slice."""
-    from pipeline.evaluate_translation import held_out_batches, structure_scores
-
     if monitor is None:
         return None
     try:

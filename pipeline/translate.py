@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -35,19 +35,16 @@ from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file, write_m
 from pipeline.preprocess import (
     DEFAULT_HU_WINDOW,
     DEFAULT_MR_PERCENTILES,
-    body_mask,
-    ct_to_unit,
-    mr_landmarks,
-    mr_to_unit,
+    direction_modalities,
+    to_unit,
     unit_to_ct,
     unit_to_mr,
 )
 from pipeline.slices import slices_to_volume, split_matches, volume_as_3d, volume_to_slices
-from pipeline.types import HUWindow, Modality
+from pipeline.types import Direction, HUWindow, Modality
 
 log = logging.getLogger(__name__)
 
-Direction = Literal["mri2ct", "ct2mri"]
 
 MR_OUTPUT_LANDMARKS: tuple[float, float] = (0.0, 1000.0)
 """Scale of translated MR: network output -1 -> 0 and +1 -> 1000 (T1-like arbitrary units)."""
@@ -60,21 +57,6 @@ TRANSLATE_COLUMNS = (
     "synthetic", "source_sha256", "checkpoint_sha256", "direction", "seed",
 )
 """Columns of a translate output folder's manifest.csv."""
-
-
-def direction_modalities(direction: str) -> tuple[Modality, Modality]:
-    """(source, target) modality of a direction; a bad direction lists the allowed ones.
-
-    >>> direction_modalities("mri2ct")
-    ('MR', 'CT')
-    """
-    match direction:
-        case "mri2ct":
-            return "MR", "CT"
-        case "ct2mri":
-            return "CT", "MR"
-        case _:
-            raise ValueError(f"direction must be one of mri2ct, ct2mri; got {direction!r}")
 
 
 @dataclass(frozen=True)
@@ -168,11 +150,7 @@ def translate_volume(
     settings = settings or TranslationSettings()
     vol = volume_as_3d(np.asarray(volume, dtype=np.float32))
     source, _ = direction_modalities(direction)
-    match source:
-        case "MR":
-            unit = mr_to_unit(vol, mr_landmarks(vol, body_mask(vol, "MR"), settings.mr_percentiles))
-        case "CT":
-            unit = ct_to_unit(vol, settings.hu_window)
+    unit = to_unit(vol, source, settings.hu_window, settings.mr_percentiles)[0]
     out = translate_unit(generator, unit, settings, batch_size, device)
     match direction:
         case "mri2ct":
@@ -187,13 +165,18 @@ def translate_volume(
 
 @dataclass(frozen=True)
 class SourceVolume:
-    """One volume to translate: its file, optional tumour mask, and manifest fields."""
+    """One volume to translate: its file, optional tumour mask, and manifest fields.
+
+    `sha256` is the manifest's hash of the file (lower-case hex), empty for a file with no
+    manifest: the hash travels with the item so the file is not read again to hash it.
+    """
 
     path: Path
     label_path: Path | None = None
     subject_id: str = ""
     tumor_class: str = ""
     split: str = ""
+    sha256: str = ""
 
 
 def find_sources(src: Path, modality: Modality, split: str | None = None) -> list[SourceVolume]:
@@ -213,7 +196,8 @@ def find_sources(src: Path, modality: Modality, split: str | None = None) -> lis
                 continue
             label = row.get("label_path", "").strip()
             out.append(SourceVolume(src / row["path"], src / label if label else None,
-                                    row.get("subject_id", ""), row.get("class", ""), row.get("split", "")))
+                                    row.get("subject_id", ""), row.get("class", ""), row.get("split", ""),
+                                    (row.get("sha256") or "").strip().lower()))
         if not out:
             raise DatasetError(f"{src / MANIFEST_NAME} lists no {modality} volume" + (f" in split {split!r}" if split else ""))
         return out
@@ -328,7 +312,7 @@ def run_translate(
     (out / "volumes").mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for i, source in enumerate(sources):
-        src_sha = sha256_file(source.path)
+        src_sha = source.sha256 or sha256_file(source.path)
         try:
             img: Any = nib.load(str(source.path))
             data = translate_image(generator, img, direction, settings, batch_size, dev)

@@ -11,5 +11,8 @@ Spacing = tuple[float, float, float]
 HUWindow = tuple[float, float]
 """Hounsfield-unit window (low, high) mapped to [-1, 1] for networks."""
 
+Direction = Literal["mri2ct", "ct2mri"]
+"""Translation direction of the CycleGAN: MR -> CT (output in HU) or CT -> MR."""
+
 Split = Literal["train", "val", "test"]
 """Subject-level split names used in manifests and datasets."""

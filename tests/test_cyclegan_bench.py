@@ -28,6 +28,7 @@ def _rows(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("| (") or line.startswith("| bf16")]
 
 
+@pytest.mark.bench
 def test_cyclegan_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     bench = _bench()
     assert bench.main(["--smoke"]) == 0
@@ -41,6 +42,7 @@ def test_cyclegan_bench_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.index("| setting | batch |") < out.index(table[0]) and "stopped" not in out
 
 
+@pytest.mark.bench
 def test_cyclegan_bench_sigterm_keeps_measured_rows(capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     bench = _bench()
@@ -65,6 +67,7 @@ def test_cyclegan_bench_sigterm_keeps_measured_rows(capsys: pytest.CaptureFixtur
     assert out.rstrip().endswith("- stopped by SIGTERM after 2 of 6 rows")
 
 
+@pytest.mark.bench
 def test_cyclegan_bench_a_failing_setting_is_a_row_not_the_end(capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     bench = _bench()

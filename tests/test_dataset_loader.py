@@ -7,6 +7,7 @@ The dataset is written by the builders of tests/test_dataset.py (tiny NIfTI inpu
 from __future__ import annotations
 
 import importlib.util
+import re
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -33,23 +34,21 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-README_EXAMPLE = """
-from monai.data import DataLoader
-from monai.transforms import Compose, RandAffined, RandGaussianNoised, ScaleIntensityd
-from pipeline.dataset import BalancedDataset, class_balanced_sampler
-augment = Compose([ScaleIntensityd(keys="image"),
-                   RandAffined(keys=["image", "label"], prob=0.5, rotate_range=0.2, mode=("bilinear", "nearest")),
-                   RandGaussianNoised(keys="image", prob=0.3, std=0.05)])
-train = BalancedDataset("my_dataset", split="train", transform=augment)
-loader = DataLoader(train, batch_size=8, sampler=class_balanced_sampler(train))
-for batch in loader:
-    images, classes, synthetic = batch["image"], batch["class"], batch["meta"]["synthetic"]
-"""
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_example() -> str:
+    """The README's ```python block that loads a dataset with BalancedDataset (the one users copy)."""
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
+              if "BalancedDataset(" in b]
+    assert len(blocks) == 1, f"README.md should hold one python block using BalancedDataset, found {len(blocks)}"
+    assert '"my_dataset"' in blocks[0], "the README example should load the dataset folder \"my_dataset\""
+    return blocks[0]
 
 
 def test_readme_example_runs(dataset: Path) -> None:
     scope: dict[str, object] = {}
-    exec(textwrap.dedent(README_EXAMPLE).replace('"my_dataset"', repr(str(dataset))), scope)
+    exec(textwrap.dedent(readme_example()).replace('"my_dataset"', repr(str(dataset))), scope)
     images, classes = scope["images"], scope["classes"]
     assert isinstance(images, torch.Tensor) and images.shape[1:] == (1, 8, 8, 4)
     assert isinstance(classes, torch.Tensor) and classes.dtype == torch.int64

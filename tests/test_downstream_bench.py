@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.bench
 def test_downstream_bench_mri_ct_smoke(tmp_path: Path) -> None:
     args = ["--deployment", "mri-ct", "--subjects", "16", "--size", "32", "--patch-size", "16", "--cyclegan-steps", "4",
             "--seeds", "2", "--steps", "4", "--crop", "8", "--work", str(tmp_path / "work")]

@@ -18,6 +18,7 @@ from test_slices import INGEST_COLUMNS, make_ingest_like
 from test_translate import train_tiny
 
 import pipeline.evaluate_translation as ev
+import pipeline.structure as st
 from pipeline.errors import ProvenanceError
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.preprocess import ct_to_unit
@@ -25,6 +26,7 @@ from pipeline.preprocess import ct_to_unit
 
 def test_doctests() -> None:
     assert doctest.testmod(ev, raise_on_error=False).failed == 0
+    assert doctest.testmod(st, raise_on_error=False).failed == 0
 
 
 def _phantom_ct(size: int = 24) -> np.ndarray:
@@ -43,8 +45,8 @@ def test_identical_volumes_known_answers() -> None:
     body = ct > -500
     m = ev.paired_metrics(unit, unit, body, "mri2ct", truth_raw=ct)
     assert m["mae"] == 0.0 and m["psnr"] == math.inf and m["ssim"] == pytest.approx(1.0)
-    assert ev.dice(body, body) == 1.0
-    s = ev.structure_measures(unit, unit, "ct2mri") | ev.structure_measures(unit, unit, "mri2ct")
+    assert st.dice(body, body) == 1.0
+    s = st.structure_measures(unit, unit, "ct2mri") | st.structure_measures(unit, unit, "mri2ct")
     assert s["body_dice"] == 1.0 and s["edge_corr"] == pytest.approx(1.0) and s["edge_dice"] == 1.0
 
 
@@ -54,8 +56,8 @@ def test_metrics_known_values() -> None:
     assert ev.mae(a, b) == pytest.approx(0.2)
     assert ev.psnr(a, b, data_range=2.0) == pytest.approx(20.0, abs=1e-4)  # 20 log10(2 / 0.2)
     assert ev.ssim(a, -a + 1) < 0.1
-    assert ev.dice(np.zeros(4, bool), np.ones(4, bool)) == 0.0
-    assert ev.correlation(np.arange(5.0), -np.arange(5.0)) == pytest.approx(-1.0)
+    assert st.dice(np.zeros(4, bool), np.ones(4, bool)) == 0.0
+    assert st.correlation(np.arange(5.0), -np.arange(5.0)) == pytest.approx(-1.0)
 
 
 def test_mae_in_hu_inside_the_body_only() -> None:
@@ -74,7 +76,7 @@ def test_mae_in_hu_inside_the_body_only() -> None:
 def test_structure_catches_a_destroyed_body() -> None:
     unit = ct_to_unit(_phantom_ct())
     empty = np.full_like(unit, -1.0)
-    s = ev.structure_measures(unit, empty, "ct2mri")
+    s = st.structure_measures(unit, empty, "ct2mri")
     assert s["body_dice"] == 0.0 and s["edge_corr"] == 0.0
 
 
@@ -85,7 +87,7 @@ def test_hu_plausibility_per_class() -> None:
     hu = np.where(mr > -1, 40.0, -1000.0)
     hu[4:6, 4:6] = 900.0  # bone where MR is dark: plausible
     hu[2, 2:8] = 900.0  # bone where MR is bright: implausible (6 of 32 soft voxels)
-    p = ev.hu_plausibility(ct_to_unit(hu), mr)
+    p = st.hu_plausibility(ct_to_unit(hu), mr)
     assert p["air"] == 1.0 and p["dark"] == 1.0 and p["soft"] == pytest.approx(26 / 32)
     assert p["all"] == pytest.approx(94 / 100)
 
@@ -146,20 +148,20 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def test_structure_scores_callback() -> None:
-    good = ev.structure_scores(_Flip(), _Flip(), _batches())
-    bad = ev.structure_scores(_Const(-1.0), _Const(-1.0), _batches())
-    assert ev.STRUCTURE_KEY in good and all(isinstance(v, float) for v in good.values())
+    good = st.structure_scores(_Flip(), _Flip(), _batches())
+    bad = st.structure_scores(_Const(-1.0), _Const(-1.0), _batches())
+    assert st.STRUCTURE_KEY in good and all(isinstance(v, float) for v in good.values())
     assert {"mri2ct_body_dice", "ct2mri_edge_corr", "mri2ct_hu_plausible_all"} <= set(good)
     assert good["mri2ct_body_dice"] == pytest.approx(1.0) and good["ct2mri_body_dice"] == pytest.approx(1.0)
     assert bad["mri2ct_body_dice"] == 0.0
-    assert good[ev.STRUCTURE_KEY] > bad[ev.STRUCTURE_KEY]
+    assert good[st.STRUCTURE_KEY] > bad[st.STRUCTURE_KEY]
 
 
 def test_structure_scores_restores_training_mode() -> None:
     g1, g2 = _Flip(), _Flip()
     g1.train()
     g2.eval()
-    ev.structure_scores(g1, g2, _batches())
+    st.structure_scores(g1, g2, _batches())
     assert g1.training and not g2.training
 
 
@@ -167,9 +169,9 @@ def test_held_out_batches_are_fixed_and_paired_in_count() -> None:
     a = [torch.full((1, 8, 8), float(i)) for i in range(10)]
     b = [torch.full((1, 8, 8), float(i)) for i in range(3)]
     data = SimpleNamespace(a=a, b=b, meta={})
-    batches = ev.held_out_batches(data, batch_size=2, max_batches=3)
+    batches = st.held_out_batches(data, batch_size=2, max_batches=3)
     assert [x.shape[0] for x, _ in batches] == [2, 1] and [y.shape[0] for _, y in batches] == [2, 1]
-    assert ev.held_out_batches(data, 2, 3)[0][0].equal(batches[0][0])
+    assert st.held_out_batches(data, 2, 3)[0][0].equal(batches[0][0])
 
 
 def test_save_grid_png(tmp_path: Path) -> None:

@@ -141,6 +141,8 @@ def test_inception_round_trip_gives_2048_features_for_grey_images(inception_file
 def test_inception_extractor_through_config(inception_file: Path) -> None:
     ext = build_extractor(GateConfig(extractor="inception", inception_weights=inception_file), torch.zeros(1, 1, 8, 8), None)
     assert ext.name == "fid-inception-v3" and len(ext.sha256) == 64
+    # random weights are not pytorch-fid's: the report says so, by sha256
+    assert ext.weights.startswith("NOT pytorch-fid's") and ext.sha256[:12] in ext.weights  # type: ignore[attr-defined]
     f = ext(torch.rand(1, 1, 32, 32) * 2 - 1)
     assert f.shape == (1, 2048) and f.dtype == np.float64
 
@@ -184,7 +186,7 @@ def test_bad_extractor_name_lists_the_choices() -> None:
     from medaug.config import load_section
 
     with pytest.raises(ConfigError, match='"domain", "inception", "python:module:attr"'):
-        load_section(GateConfig, None, None, ["extractor=resnet"])
+        load_section(GateConfig, None, "gate", ["gate.extractor=resnet"])
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

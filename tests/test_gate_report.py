@@ -103,3 +103,13 @@ def test_image_grid_writes_a_png(tmp_path: Path) -> None:
     with Image.open(path) as im:
         assert im.format == "PNG" and im.mode == "L"
         assert im.width >= 2 * 16 and im.height >= 16
+
+
+def test_markdown_names_the_inception_weights_by_sha256(tmp_path: Path) -> None:
+    from pipeline.gate.features import inception_weights_note
+
+    r = replace(_report(), feature_extractor={"name": "fid-inception-v3", "sha256": "6726825d" + "0" * 56, "dim": 2048,
+                                              "weights": inception_weights_note("6726825d" + "0" * 56, False)})
+    md = write_markdown(r, tmp_path, []).read_text()
+    assert "fid-inception-v3 (sha256 `6726825d" in md and "weights: pytorch-fid's FID Inception weights" in md
+    assert "weights:" not in write_markdown(_report(), tmp_path, []).read_text()  # the domain encoder has none

@@ -88,6 +88,19 @@ def test_to_unit_dispatches_and_refuses_unknown_modality() -> None:
         pp.to_unit(vol, "PET")  # type: ignore[arg-type]
 
 
+def test_to_unit_mr_uses_the_given_foreground() -> None:
+    """A caller's body mask picks the MR landmarks; without one, to_unit computes the same mask itself."""
+    v = np.zeros((6, 6, 2))
+    v[1:5, 1:5] = np.arange(16, dtype=float).reshape(4, 4)[..., None] * 10 + 100  # body 100..250, air 0
+    own, params = pp.to_unit(v, "MR", mr_percentiles=(0.0, 100.0))
+    given_mask, same = pp.to_unit(v, "MR", mr_percentiles=(0.0, 100.0), mask=pp.body_mask(v, "MR"))
+    assert params == same == {"modality": "MR", "mr_landmarks": [100.0, 250.0]}
+    assert np.array_equal(own, given_mask)
+    inner = np.zeros_like(v, dtype=bool)
+    inner[2:4, 2:4] = True  # values 150..200
+    assert pp.to_unit(v, "MR", mr_percentiles=(0.0, 100.0), mask=inner)[1]["mr_landmarks"] == [150.0, 200.0]
+
+
 def test_body_mask_known_answer() -> None:
     ct = _head(value=40.0, background=-1000.0)
     truth = ct > -1000

@@ -235,3 +235,19 @@ def test_cli_translate_and_its_errors(tmp_path: Path, tiny_run: Path, ingest: Pa
     missing = runner.invoke(app, ["translate", str(ingest), "--checkpoint", str(tmp_path / "none.pt"),
                                   "--direction", "mri2ct", "--out", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_sources_are_not_hashed_again(tmp_path: Path, tiny_run: Path, ingest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ingest manifest's sha256 travels with each source: translate reads no source file to hash it."""
+    hashed: list[Path] = []
+    real_sha256_file = tr.sha256_file
+
+    def recording(path: Path) -> str:
+        hashed.append(Path(path).resolve())
+        return real_sha256_file(path)
+
+    monkeypatch.setattr(tr, "sha256_file", recording)
+    rows = tr.run_translate(tiny_run, "mri2ct", ingest, tmp_path / "out", batch_size=4, device="cpu", split="test")
+    sources = {(ingest / r["path"]).resolve() for r in read_manifest(ingest) if r["modality"] == "MR"}
+    assert rows and not sources & set(hashed)
+    assert {r["source_sha256"] for r in rows} <= {r["sha256"] for r in read_manifest(ingest)}

@@ -135,7 +135,7 @@ def test_evaluate_tumors_reports_fidelity_diversity_and_masks(trained: tuple[Pat
     for cls in ("healthy", "necrotic", "round"):
         r = report["per_class"][cls]
         assert 0.0 <= r["fidelity_accuracy"] <= 1.0 and 0.0 <= r["ms_ssim_generated"] <= 1.0
-        assert r["mask_real"]["area_vox_mean"] >= 0 and "compactness_mean" in r["mask_generated"]
+        assert (r["mask_real"]["area_vox_mean"] > 0) == (cls != "healthy") and "compactness_mean" in r["mask_generated"]
     assert report["per_class"]["healthy"]["mask_real"]["area_vox_mean"] == 0.0
     with pytest.raises(PatchError, match="no manifest"):
         evaluate_tumors(ckpt, tmp_path / "nothing", tmp_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,7 +35,9 @@ class Item:
 
     `subject_id` is the real subject pseudonym (for a translated volume: its source
     subject; empty for sampled patches). `explicit_split` is the split the input names.
-    `sha256` is the sha256 of the input image file (selection key and id).
+    `sha256` is the sha256 of the input image file (selection key and id): the one its
+    manifest gives, else measured here; the writer checks the bytes it copies against it,
+    so the file is hashed once in the dataset stage.
     """
 
     path: Path
@@ -88,6 +91,16 @@ def _resolve(base: Path, rel: str) -> Path:
     return (p if p.is_absolute() else base / p).resolve()
 
 
+def _manifest_sha256(row: dict[str, str]) -> str:
+    """The row's `sha256` column when it holds a sha256 (64 hex digits), lower-case; else "".
+
+    >>> _manifest_sha256({"sha256": "AB" * 32}) == "ab" * 32, _manifest_sha256({"sha256": "n/a"})
+    (True, '')
+    """
+    value = (row.get("sha256") or "").strip().lower()
+    return value if re.fullmatch(r"[0-9a-f]{64}", value) else ""
+
+
 def _flag(value: str | None) -> bool:
     return str(value or "").strip().lower() in ("1", "true", "yes")
 
@@ -120,7 +133,7 @@ def read_real(manifest: Path) -> list[Item]:
                 modality=(row.get("modality") or "").strip(),
                 synthetic=False,
                 subject_id=(row.get("subject_id") or "").strip(),
-                sha256=sha256_file(image),
+                sha256=_manifest_sha256(row) or sha256_file(image),
                 explicit_split=(row.get("split") or "").strip(),
                 origin=base.name,
             )
@@ -235,7 +248,7 @@ def read_synthetic(
                 modality=(row.get("modality") or "").strip(),
                 synthetic=True,
                 subject_id=subject,
-                sha256=sha256_file(image),
+                sha256=_manifest_sha256(row) or sha256_file(image),
                 explicit_split=(row.get("split") or "").strip(),
                 checkpoint_sha256=ckpt,
                 seed=(row.get("seed") or "").strip(),

@@ -7,17 +7,20 @@ Flow: `plan_dataset` reads the inputs (pipeline/dataset/inputs.py), checks gener
 provenance against the splits (pipeline/dataset/splits.py) and picks items
 (pipeline/dataset/balance.py); `write_dataset` writes the plan into a temporary folder
 beside the target and renames it into place, so an interrupted write leaves no half
-dataset. The same inputs and config give a byte-identical folder and content hash.
+dataset. The same inputs and config give a byte-identical folder and content hash: the
+images are the inputs' own .nii.gz bytes (write_nifti_gz), so each file's sha256 is the
+one its input manifest gives.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+from isal import igzip
 
 from pipeline.dataset.balance import ClassPlan, choose, plan_balance
 from pipeline.dataset.config import DatasetConfig
@@ -40,6 +44,7 @@ from pipeline.dataset.inputs import (
 )
 from pipeline.dataset.splits import SPLITS, Subject, assign_splits, split_counts, subject_class
 from pipeline.errors import ConfigError, DatasetExistsError, InputRejected, ProvenanceError
+from pipeline.ingest.writer import gzip_bytes
 from pipeline.manifest import MANIFEST_NAME, sha256_file, write_manifest
 from pipeline.types import Split
 
@@ -303,20 +308,58 @@ def _report(
     }
 
 
-def write_nifti_gz(src: Path, dst: Path) -> str:
-    """Copy a NIfTI file (.nii or .nii.gz) to `dst` (.nii.gz) with the voxels and header
-    unchanged and a reproducible gzip stream (mtime 0, level 6, no file name); returns the
-    sha256 of the written file. Raises InputRejected when `src` is not NIfTI."""
-    raw = src.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+CANONICAL_GZIP_HEAD = b"\x1f\x8b\x08\x00\x00\x00\x00\x00"
+"""gzip magic, deflate, no flags (so no file name or comment in the header), mtime 0: the
+header pipeline.ingest.writer and nibabel write. A member that starts so is copied as it is."""
+
+
+def _check_nifti_header(head: bytes, name: str) -> None:
+    """Raise InputRejected unless `head` (the first bytes of the decompressed file) is a NIfTI-1/2 header."""
     try:
-        klass = nib.Nifti1Image if int.from_bytes(raw[:4], "little") in (348, 348 << 24) else nib.Nifti2Image
-        klass.from_bytes(raw)
+        klass = nib.Nifti1Header if int.from_bytes(head[:4], "little") in (348, 348 << 24) else nib.Nifti2Header
+        klass.from_fileobj(io.BytesIO(head))
     except Exception as exc:  # nibabel raises several types for a bad header
-        raise InputRejected(f"{src.name} is not a readable NIfTI file ({type(exc).__name__}); the dataset holds NIfTI only") from None
-    dst.write_bytes(gzip.compress(raw, compresslevel=6, mtime=0))
-    return sha256_file(dst)
+        raise InputRejected(f"{name} is not a readable NIfTI file ({type(exc).__name__}); the dataset holds NIfTI only") from None
+
+
+def write_nifti_gz(src: Path, dst: Path, sha256: str = "") -> str:
+    """Write NIfTI `src` (.nii or .nii.gz) to `dst` (.nii.gz), voxels and header unchanged;
+    returns the sha256 of the bytes written.
+
+    A .nii.gz with a reproducible header (CANONICAL_GZIP_HEAD: ingest's, translate's and
+    sample-tumors' files) is copied byte for byte: recompressing it would cost CPU time and
+    undo ingest's measured deflate choice for no gain. Anything else (plain .nii, a gzip
+    header with a name or a time) is recompressed with ingest's deflate
+    (pipeline.ingest.writer.gzip_bytes: mtime 0, no name, GZIP_LEVEL), so the output is
+    reproducible either way. The file is read and hashed once: `sha256`, the input
+    manifest's hash of `src` when it has one, is checked against the bytes read (a file
+    changed since its manifest was written is refused); without it the whole gzip stream
+    is inflated once to check its CRC. Raises InputRejected for a file that is not NIfTI,
+    a broken gzip stream or a hash that does not match.
+    """
+    raw = src.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
+    if sha256 and digest != sha256:
+        raise InputRejected(f"{src.name} changed since its manifest was written (sha256 {digest[:12]}, the manifest says "
+                            f"{sha256[:12]}); run the stage that wrote it again")
+    gzipped = raw[:2] == b"\x1f\x8b"
+    if gzipped and raw[:8] == CANONICAL_GZIP_HEAD:
+        try:
+            # the header is in the first 540 bytes (NIfTI-2); a hash-checked stream needs no more
+            head = zlib.decompressobj(wbits=31).decompress(raw, 540) if sha256 else igzip.decompress(raw)[:540]
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InputRejected(f"{src.name} is not a readable gzip stream ({type(exc).__name__}: {exc})") from None
+        _check_nifti_header(head, src.name)
+        dst.write_bytes(raw)
+        return digest
+    try:
+        data = igzip.decompress(raw) if gzipped else raw
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputRejected(f"{src.name} is not a readable gzip stream ({type(exc).__name__}: {exc})") from None
+    _check_nifti_header(data[:540], src.name)
+    out = gzip_bytes(data)
+    dst.write_bytes(out)
+    return hashlib.sha256(out).hexdigest()
 
 
 def content_hash(files: Sequence[tuple[str, str]], cfg: DatasetConfig) -> str:
@@ -419,7 +462,7 @@ def write_dataset(plan: DatasetPlan, out: Path, cfg: DatasetConfig, overwrite: b
         for ch in plan.chosen:
             it = ch.item
             rel = f"images/{ch.id}.nii.gz"
-            sha = write_nifti_gz(it.path, tmp / rel)
+            sha = write_nifti_gz(it.path, tmp / rel, it.sha256)
             files.append((rel, sha))
             rel_label, label_sha = "", ""
             if it.label_path is not None:

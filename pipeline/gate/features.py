@@ -65,13 +65,37 @@ class DomainExtractor:
         return encode(self.model, images, self.device)
 
 
+PYTORCH_FID_SHA256_PREFIX = "6726825d"
+"""First hex digits of the sha256 of pytorch-fid's FID Inception weights: torch.hub names the
+file by them (FID_INCEPTION_FILE) and checks them when it downloads the file."""
+
+
+def inception_weights_note(sha256: str, torchscript: bool) -> str:
+    """Which Inception weights a gate report's FID used, for its feature-extractor line.
+
+    >>> inception_weights_note("6726825d" + "0" * 56, False)
+    "pytorch-fid's FID Inception weights (sha256 6726825d...: the reference network's)"
+    """
+    if torchscript:
+        return f"a TorchScript Inception (clean-fid's inception-2015-12-05.pt or another; sha256 {sha256[:12]}... not checked)"
+    if sha256.startswith(PYTORCH_FID_SHA256_PREFIX):
+        return f"pytorch-fid's FID Inception weights (sha256 {PYTORCH_FID_SHA256_PREFIX}...: the reference network's)"
+    return (f"NOT pytorch-fid's FID Inception weights (sha256 {sha256[:12]}..., expected {PYTORCH_FID_SHA256_PREFIX}...): "
+            "FID values are not comparable with published ones")
+
+
 class InceptionExtractor:
-    """FID InceptionV3 pool3 (2048-d) as a FeatureExtractor (name "fid-inception-v3")."""
+    """FID InceptionV3 pool3 (2048-d) as a FeatureExtractor (name "fid-inception-v3").
+
+    `sha256` is the weights file's; `weights` says in words which weights those are
+    (inception_weights_note), and the gate report prints it.
+    """
 
     def __init__(self, model: FIDInceptionV3 | TorchScriptInception, sha256: str, device: str = "cpu", batch: int = 32) -> None:
         self.model = model.to(torch.device(device)).eval()
         self.sha256 = sha256
         self.name = "fid-inception-v3"
+        self.weights = inception_weights_note(sha256, isinstance(model, TorchScriptInception))
         self.device = device
         self.batch = batch
 

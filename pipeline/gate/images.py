@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 from pipeline.errors import DatasetError
 from pipeline.gate.config import GateConfig
 from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file
-from pipeline.preprocess import body_mask, ct_to_unit, foreground_fraction, mr_landmarks, mr_to_unit
+from pipeline.preprocess import body_mask, foreground_fraction, to_unit
 from pipeline.slices import volume_to_slices
 from pipeline.types import Modality
 
@@ -173,24 +173,12 @@ def _modality(row: dict[str, str], raw: NDArray[np.float32], cfg: GateConfig) ->
 def _normalise(raw: NDArray[np.float32], modality: Modality, cfg: GateConfig) -> tuple[NDArray[np.float32], NDArray[np.bool_]]:
     """Volume (x, y, z) -> values in [-1, 1] and its body mask, as pipeline.slices does."""
     mask = body_mask(raw, modality)
-    match modality:
-        case "CT":
-            unit = ct_to_unit(raw, cfg.hu_window)
-        case "MR":
-            unit = mr_to_unit(raw, mr_landmarks(raw, mask, cfg.mr_percentiles))
-    return unit, mask
+    return to_unit(raw, modality, cfg.hu_window, cfg.mr_percentiles, mask)[0], mask
 
 
-def load_gate_set(folder: Path, cfg: GateConfig, role: Role, modalities: set[str] | None = None, cap: bool = True) -> GateSet:
-    """Read `folder` into a GateSet of scored slices (see the module doc).
-
-    role "real" keeps rows of `cfg.real_split` (and rows with an empty split) and, when
-    `modalities` is given and some rows match it, only rows of those modalities (the
-    synthetic set's). With `cap`, at most `cfg.max_slices` slices are kept (seeded subset);
-    run_gate loads the synthetic set uncapped so that every item gets a per-sample decision.
-    Raises DatasetError for unreadable folders or files.
-    """
-    rows, columns = _rows(folder)
+def _select_rows(rows: list[dict[str, str]], folder: Path, cfg: GateConfig, role: Role,
+                 modalities: set[str] | None) -> list[dict[str, str]]:
+    """The manifest rows a set is read from (see load_gate_set); DatasetError when none is left."""
     if role == "real" and cfg.real_split and rows and "split" in rows[0]:
         picked = [r for r in rows if (r.get("split") or "").strip() in ("", cfg.real_split)]
         if picked:
@@ -205,7 +193,46 @@ def load_gate_set(folder: Path, cfg: GateConfig, role: Role, modalities: set[str
         rows = [r for r in rows if (r.get("synthetic") or "1").strip() not in ("0", "false", "False")]
     if not rows:
         raise DatasetError(f"{folder} lists no usable {role} items")
+    return rows
 
+
+def _scored_slices(raw: NDArray[np.float32], item: GateItem, cfg: GateConfig) -> tuple[torch.Tensor, NDArray[np.int64]]:
+    """The slices of one item that are scored, (S, 1, H, W) in [-1, 1], and their indices along z.
+
+    An array already in [-1, 1] (patch folders, sample-tumors) is taken as it is, every slice
+    (item.kind becomes "patch"); a 2-D patch in HU or MR units is normalised
+    (pipeline.preprocess.to_unit); a volume is normalised and keeps its axial slices with at
+    least cfg.min_foreground body, resized to gate_size (none: item.skipped says why).
+    """
+    if float(np.abs(raw).max()) <= UNIT_TOL:
+        item.kind = "patch"
+        unit = np.clip(raw, -1.0, 1.0)
+        stack = torch.as_tensor(unit[..., None] if unit.ndim == 2 else unit, dtype=torch.float32).permute(2, 0, 1)[:, None]
+        return stack, np.arange(stack.shape[0], dtype=np.int64)
+    if raw.ndim == 2:
+        unit = _normalise(raw[..., None], item.modality, cfg)[0][..., 0]  # type: ignore[arg-type]
+        return torch.as_tensor(unit, dtype=torch.float32)[None, None], np.array([0], np.int64)
+    unit, mask = _normalise(raw, item.modality, cfg)  # type: ignore[arg-type]
+    keep = np.flatnonzero(foreground_fraction(mask) >= cfg.min_foreground)
+    if len(keep) == 0:
+        item.skipped = f"no axial slice has {cfg.min_foreground:.0%} body or more"
+        return torch.empty(0, 1, cfg.gate_size, cfg.gate_size), keep.astype(np.int64)
+    # a plain tensor, not MONAI's MetaTensor: the metrics need no metadata
+    return volume_to_slices(unit[..., keep], cfg.gate_size)[:, :1].as_subclass(torch.Tensor), keep.astype(np.int64)
+
+
+def load_gate_set(folder: Path, cfg: GateConfig, role: Role, modalities: set[str] | None = None, cap: bool = True) -> GateSet:
+    """Read `folder` into a GateSet of scored slices (see the module doc).
+
+    role "real" keeps rows of `cfg.real_split` (and rows with an empty split) and, when
+    `modalities` is given and some rows match it, only rows of those modalities (the
+    synthetic set's). With `cap`, at most `cfg.max_slices` slices are kept (seeded subset);
+    run_gate loads the synthetic set uncapped so that every item gets a per-sample decision.
+    Each file is decoded once; its sha256 is the manifest's when it has one.
+    Raises DatasetError for unreadable folders or files.
+    """
+    rows, columns = _rows(folder)
+    rows = _select_rows(rows, folder, cfg, role, modalities)
     items: list[GateItem] = []
     stacks: list[torch.Tensor] = []
     item_of: list[NDArray[np.int64]] = []
@@ -217,37 +244,17 @@ def load_gate_set(folder: Path, cfg: GateConfig, role: Role, modalities: set[str
         if not path.is_file():
             raise DatasetError(f"{folder.name}/{MANIFEST_NAME} lists {rel} but the file is missing")
         raw = _read_array(path)
-        modality = _modality(row, raw, cfg)
         item = GateItem(rel, path, (row.get("sha256") or "").strip().lower() or sha256_file(path),
-                        (row.get("class") or "").strip(), modality, "patch" if raw.ndim == 2 else "volume", dict(row))
-        idx = len(items)
+                        (row.get("class") or "").strip(), _modality(row, raw, cfg), "patch" if raw.ndim == 2 else "volume", dict(row))
         items.append(item)
-        if float(np.abs(raw).max()) <= UNIT_TOL:
-            # already in [-1, 1] (patch folders, sample-tumors): taken as it is, every slice scored
-            item.kind = "patch"
-            unit = np.clip(raw, -1.0, 1.0)
-            stack = torch.as_tensor(unit[..., None] if unit.ndim == 2 else unit, dtype=torch.float32).permute(2, 0, 1)[:, None]
-            stacks.append(stack)
+        stack, slices = _scored_slices(raw, item, cfg)
+        if item.skipped:
+            continue
+        if item.kind == "patch":
             patch_sizes.add((int(stack.shape[-2]), int(stack.shape[-1])))
-            item_of.append(np.full(stack.shape[0], idx, np.int64))
-            slice_of.append(np.arange(stack.shape[0], dtype=np.int64))
-            continue
-        if raw.ndim == 2:
-            unit = _normalise(raw[..., None], modality, cfg)[0][..., 0]
-            stacks.append(torch.as_tensor(unit, dtype=torch.float32)[None, None])
-            patch_sizes.add((int(unit.shape[0]), int(unit.shape[1])))
-            item_of.append(np.array([idx], np.int64))
-            slice_of.append(np.array([0], np.int64))
-            continue
-        unit, mask = _normalise(raw, modality, cfg)
-        keep = np.flatnonzero(foreground_fraction(mask) >= cfg.min_foreground)
-        if len(keep) == 0:
-            item.skipped = f"no axial slice has {cfg.min_foreground:.0%} body or more"
-            continue
-        # a plain tensor, not MONAI's MetaTensor: the metrics need no metadata
-        stacks.append(volume_to_slices(unit[..., keep], cfg.gate_size)[:, :1].as_subclass(torch.Tensor))
-        item_of.append(np.full(len(keep), idx, np.int64))
-        slice_of.append(keep.astype(np.int64))
+        stacks.append(stack)
+        item_of.append(np.full(len(slices), len(items) - 1, np.int64))
+        slice_of.append(slices)
 
     if not stacks:
         raise DatasetError(f"{folder}: no {role} item has a scored slice (all near-empty)")

@@ -170,7 +170,8 @@ def write_markdown(report: GateReport, out: Path, figures: list[str]) -> Path:
         "",
         f"- report id: `{report.report_id}`",
         f"- feature extractor: {report.feature_extractor.get('name')} (sha256 `{report.feature_extractor.get('sha256')}`, "
-        f"{report.feature_extractor.get('dim')}-d)",
+        f"{report.feature_extractor.get('dim')}-d)"
+        + (f"; weights: {report.feature_extractor['weights']}" if report.feature_extractor.get("weights") else ""),
         f"- real: {report.inputs['real']['n_items']} items, {report.inputs['real']['n_slices']} scored slices; "
         f"synthetic: {report.inputs['synthetic']['n_items']} items, {report.inputs['synthetic']['n_slices']} scored slices",
         f"- per-sample filter: {report.n_accepted} accepted, {report.n_rejected} rejected",

@@ -467,7 +467,8 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
         metrics=metrics,
         per_class=_class_metrics(ref, syn, fr, fs, copies[sub], cfg, dev),
         samples=samples,
-        feature_extractor={"name": extractor.name, "sha256": extractor.sha256, "dim": int(fr.shape[1])},
+        feature_extractor={"name": extractor.name, "sha256": extractor.sha256, "dim": int(fr.shape[1])}
+        | ({"weights": weights} if (weights := str(getattr(extractor, "weights", ""))) else {}),
         inputs={
             "real": {"content_sha256": ref_all.content_sha256(), "n_items": len(ref_all.items),
                      "n_slices": len(ref_all.item_of), "n_slices_batch_metrics": len(rsub), "modalities": ref_all.modalities},

@@ -481,6 +481,7 @@ def build_dataset_cmd(
     manifests_dir: Annotated[Path | None, typer.Option("--manifests-dir", help="Where manifest copies go under <content-hash>/ (default: config, data_manifests/).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different dataset already at --out.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override, e.g. --set dataset.strategy=fixed.")] = None,
+    allow_ungated: Annotated[bool, typer.Option("--allow-ungated", help="Ship synthetic items without --gate (console and datasheet say so).")] = False,
 ) -> None:
     """Write a class-balanced dataset: real items split by subject plus gated synthetic items in training."""
     from rich.console import Console
@@ -493,7 +494,7 @@ def build_dataset_cmd(
     cfg = load_section(DatasetConfig, config, "dataset", set_ or [])
     if manifests_dir is not None:
         cfg = cfg.model_copy(update={"manifests_dir": manifests_dir})
-    result = build_dataset(real, synthetic or [], out, cfg, gate or [], generator_card or [], runs_dir, overwrite)
+    result = build_dataset(real, synthetic or [], out, cfg, gate or [], generator_card or [], runs_dir, overwrite, allow_ungated)
     table = Table(title=f"{result.out} ({'unchanged, ' if result.unchanged else ''}content hash {result.content_hash[:12]})")
     table.add_column("split")
     table.add_column("class")
@@ -503,6 +504,9 @@ def build_dataset_cmd(
         for klass, n in per_class.items():
             table.add_row(split, klass, str(n["real"]), str(n["synthetic"]))
     Console().print(table)
+    if result.ungated:
+        typer.secho(f"warning: {result.ungated} synthetic items are UNGATED (--allow-ungated): no quality gate judged them",
+                    fg=typer.colors.YELLOW, err=True)
     typer.echo(f"manifest copy: {result.manifests_copy}")
 
 

@@ -8,7 +8,8 @@ the quality gate's reject exits 3.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -54,6 +55,17 @@ def clean_errors(fn: F) -> F:
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def guarded_output(out: Path, command: str, inputs: list[tuple[str, Path | None]]) -> Iterator[None]:
+    """Refuse an --out that is, contains or lies inside an input, and hold its write lock
+    (pipeline/outputs.py) while the command writes it."""
+    from pipeline.outputs import check_apart, output_lock
+
+    check_apart(out, [(name, p) for name, p in inputs if p is not None])
+    with output_lock(out, command):
+        yield
 
 
 # --- phantoms --------------------------------------------------------------------------
@@ -252,7 +264,8 @@ def translate_cmd(
         raise ConfigError(f"--direction must be one of mri2ct, ct2mri; got {direction!r}")
     _checkpoint_option_check(checkpoint)
     try:
-        rows = run_translate(checkpoint, direction, src, out, batch_size=batch_size, device=device, split=split)  # type: ignore[arg-type]
+        with guarded_output(out, "translate", [("SRC", src), ("--checkpoint", checkpoint)]):
+            rows = run_translate(checkpoint, direction, src, out, batch_size=batch_size, device=device, split=split)  # type: ignore[arg-type]
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     labelled = sum(1 for r in rows if r["label_path"])
@@ -322,9 +335,10 @@ def extract_patches_cmd(
 
     from pipeline.patches import extract_patches, write_patch_folder
 
-    ps = extract_patches(data, patch_size, seed, dims, neighbours, healthy_per_volume, (hu_low, hu_high),
-                         brain_margin_mm=brain_margin_mm)
-    manifest = write_patch_folder(ps, out)
+    with guarded_output(out, "extract-patches", [("--data", d) for d in data]):
+        ps = extract_patches(data, patch_size, seed, dims, neighbours, healthy_per_volume, (hu_low, hu_high),
+                             brain_margin_mm=brain_margin_mm)
+        manifest = write_patch_folder(ps, out)
     table = Table(title=f"{len(ps)} patches ({patch_size}^{dims}, seed {seed}) -> {manifest}")
     table.add_column("class")
     table.add_column("patches", justify="right")
@@ -389,7 +403,8 @@ def sample_tumors_cmd(
     """Write synthetic tumor patches and masks of one class as NIfTI, with provenance."""
     from pipeline.sample_tumors import sample_tumors
 
-    report = sample_tumors(checkpoint, class_name, n, seed, out, device=device)
+    with guarded_output(out, "sample-tumors", [("--checkpoint", checkpoint)]):
+        report = sample_tumors(checkpoint, class_name, n, seed, out, device=device)
     typer.echo(f"wrote {len(report.files)} {class_name} patches (seed {seed}) to {out}")
 
 
@@ -409,7 +424,8 @@ def evaluate_tumors_cmd(
 
     from pipeline.tumor_eval import evaluate_tumors
 
-    report = evaluate_tumors(checkpoint, real, out, n_per_class, seed, classifier_steps)
+    with guarded_output(out, "evaluate-tumors", [("--checkpoint", checkpoint), ("--real", real)]):
+        report = evaluate_tumors(checkpoint, real, out, n_per_class, seed, classifier_steps)
     clf = report["classifier"]
     table = Table(title=f"tumor GAN vs real (classifier accuracy on real {clf['real_accuracy_on']}: {clf['real_accuracy']:.2f})")
     for column in ("class", "fidelity acc", "MS-SSIM gen", "MS-SSIM real", "area gen", "area real"):
@@ -449,7 +465,8 @@ def gate_cmd(
     from pipeline.gate.run import run_gate
 
     cfg = load_section(GateConfig, config, "gate", set_ or [])
-    report = run_gate(real, synthetic, out, cfg)
+    with guarded_output(out, "gate", [("--real", real), ("--synthetic", synthetic)]):
+        report = run_gate(real, synthetic, out, cfg)
     table = Table(title=f"gate {report.report_id[:12]}: {report.feature_extractor['name']}")
     for col in ("check", "value", "threshold", "result"):
         table.add_column(col)
@@ -494,7 +511,10 @@ def build_dataset_cmd(
     cfg = load_section(DatasetConfig, config, "dataset", set_ or [])
     if manifests_dir is not None:
         cfg = cfg.model_copy(update={"manifests_dir": manifests_dir})
-    result = build_dataset(real, synthetic or [], out, cfg, gate or [], generator_card or [], runs_dir, overwrite, allow_ungated)
+    inputs = [("--real", real), ("--runs-dir", runs_dir), *[("--synthetic", p) for p in synthetic or []],
+              *[("--gate", p) for p in gate or []], *[("--generator-card", p) for p in generator_card or []]]
+    with guarded_output(out, "build-dataset", inputs):
+        result = build_dataset(real, synthetic or [], out, cfg, gate or [], generator_card or [], runs_dir, overwrite, allow_ungated)
     table = Table(title=f"{result.out} ({'unchanged, ' if result.unchanged else ''}content hash {result.content_hash[:12]})")
     table.add_column("split")
     table.add_column("class")

@@ -83,3 +83,7 @@ class OutputLockedError(MedaugError):
 
 class OutputOverlapError(MedaugError):
     """An output folder is, contains, or lies inside one of the command's inputs."""
+
+
+class OutputWriteError(MedaugError):
+    """Writing an output failed (full disk, read-only folder); nothing half-written is left behind."""

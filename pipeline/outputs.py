@@ -8,6 +8,10 @@ the folder by a rename): the kernel drops it when its process dies, even by SIGK
 stale lock is taken over without guessing whether a pid is still alive. The file holds
 only the pid, host name, command name and start time (no path, no patient identifier).
 
+`atomic_file(path)` gives a temporary name beside `path` to write to and renames it into
+place only when the block succeeds, so a full disk or a kill leaves the old file or none,
+never a truncated one.
+
 `check_apart(out, inputs)` refuses an output folder that is, contains, or lies inside one
 of the command's inputs (compared after resolving symbolic links), so no command writes its
 results over the files it reads.
@@ -108,6 +112,27 @@ def output_lock(out: Path, command: str) -> Iterator[Path]:
         path.unlink(missing_ok=True)
         fh.close()
         del _HELD[path]
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffixes, so nibabel picks the same format);
+    on success rename it to `path`, on any error remove it.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     with atomic_file(Path(d) / "a.json") as tmp:
+    ...         _ = tmp.write_text("{}")
+    ...     sorted(p.name for p in Path(d).iterdir())
+    ['a.json']
+    """
+    tmp = path.parent / f".tmp-{os.getpid()}-{path.name}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _relation(out: Path, inp: Path) -> str | None:

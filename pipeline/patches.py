@@ -55,6 +55,8 @@ PATCH_COLUMNS = (
     "patch_size",
 )
 PARAMS_NAME = "patches.json"
+PADDING_WARN = 0.25
+"""extract_patches warns when every patch is at least this share padding (patches larger than the volumes)."""
 
 
 @dataclass
@@ -193,12 +195,16 @@ def extract_patches(
         raise PatchError(f"patch dims must be 2 or 3, got {dims}")
     if patch_size < 4:
         raise PatchError(f"patch size must be at least 4 voxels, got {patch_size}")
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise PatchError(f"the CT window must have --hu-low below --hu-high; got {lo:g} to {hi:g} HU (swap them?)")
     images: list[NDArray[np.float32]] = []
     masks: list[NDArray[np.uint8]] = []
     rows: list[dict[str, str]] = []
     affines: list[NDArray[np.float64]] = []
     skipped: list[str] = []
     seen: set[str] = set()
+    padding = 0.0
     size = [patch_size] * 2 + [1 if dims == 2 else patch_size]
     for folder in ingest_dirs:
         manifest = folder / "manifest.csv"
@@ -217,12 +223,11 @@ def extract_patches(
             if modality not in ("CT", "MR"):
                 skipped.append(f"{name}: modality {modality!r} is not CT or MR")
                 continue
-            img = _load(folder / row["path"])
-            volume = np.asarray(img.dataobj, dtype=np.float32)
-            lesion = np.asarray(_load(folder / row["label_path"]).dataobj) > 0
+            img, volume, lesion = _read_pair(folder, row)
             if volume.ndim != 3 or lesion.shape != volume.shape:
                 skipped.append(f"{name}: volume {volume.shape} and mask {lesion.shape} must be the same 3-D shape")
                 continue
+            padding = max(padding, _padding_share(volume.shape, size))
             unit, _ = to_unit(volume, _modality(modality), hu_window)
             body = body_mask(volume, _modality(modality))
             affine = np.asarray(img.affine, dtype=np.float64)
@@ -267,6 +272,9 @@ def extract_patches(
                 rows.append(
                     base | {"class": cls, "centre": "x".join(str(c) for c in centre), "name": f"{stem}_{cls}_{k:02d}"}
                 )
+    if padding > PADDING_WARN:
+        log.warning("%d-voxel patches are larger than the volumes: at least %.0f%% of a patch is padding; pass a --patch-size "
+                    "no larger than the volumes' smallest side", patch_size, 100 * padding)
     if not rows:
         raise PatchError(
             f"no patches from {len(ingest_dirs)} ingest folder(s): "
@@ -290,6 +298,33 @@ def extract_patches(
     patch_set = PatchSet(stack, stack_m, rows, affines, params, skipped)
     log.info("extracted %d patches %s; %d volume(s) skipped", len(patch_set), patch_set.counts(), len(skipped))
     return patch_set
+
+
+def _read_pair(folder: Path, row: dict[str, str]) -> tuple[nib.Nifti1Image, NDArray[np.float32], NDArray[np.bool_]]:
+    """The volume (image and float32 voxels) and lesion mask of an ingest manifest row.
+
+    Raises PatchError naming the manifest row's file when a file is missing or the volume
+    holds NaN or infinite voxels (they would spread through the normalisation silently).
+    """
+    for rel in (row["path"], row["label_path"]):
+        if not (folder / rel).is_file():
+            raise PatchError(f"{folder.name}/manifest.csv lists {rel} but the file is missing; run `medaug ingest` again")
+    img = _load(folder / row["path"])
+    volume = np.asarray(img.dataobj, dtype=np.float32)
+    bad = int((~np.isfinite(volume)).sum())
+    if bad:
+        raise PatchError(f"{folder.name}/{row['path']} holds {bad} NaN or infinite voxels; fix or leave out this volume")
+    return img, volume, np.asarray(_load(folder / row["label_path"]).dataobj) > 0
+
+
+def _padding_share(shape: Sequence[int], size: Sequence[int]) -> float:
+    """Least share of a patch of `size` that lies outside a volume of `shape` (padding), in [0, 1).
+
+    >>> _padding_share((32, 32, 16), (64, 64, 1))
+    0.75
+    """
+    inside = float(np.prod([min(int(a), int(b)) for a, b in zip(shape, size, strict=True)]))
+    return 1.0 - inside / float(np.prod(size))
 
 
 def _modality(value: str) -> Modality:
@@ -418,6 +453,10 @@ def to_train_data(patch_set: PatchSet, modality: str | None = None, splits: Sequ
     keep = [i for i in keep if patch_set.rows[i]["modality"] == modality]
     rows = [patch_set.rows[i] for i in keep]
     classes = sorted({r["class"] for r in rows})
+    if len(classes) == 1:
+        # a class-conditional GAN with one class learns no class differences; its class label is a constant
+        log.warning("only one class (%s) among %d training patches: the tumor GAN cannot learn class differences; "
+                    "add volumes of other classes (or healthy patches, --healthy-per-volume)", classes[0], len(rows))
     index = {c: k for k, c in enumerate(classes)}
     spacing_text = Counter(r.get("spacing", "") for r in rows).most_common(1)[0][0]
     try:

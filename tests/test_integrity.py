@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,7 +28,7 @@ from typer.testing import CliRunner
 from medaug.cli import app
 from pipeline.dataset.inputs import read_gate
 from pipeline.errors import ConfigError, GateMismatchError
-from pipeline.manifest import read_manifest
+from pipeline.manifest import read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,3 +154,128 @@ def test_gate_mismatch_is_raised_by_the_library_too(tmp_path: Path) -> None:
     with pytest.raises(GateMismatchError, match="1 of 34 items"):
         build_dataset(inputs["real"], [other], tmp_path / "ds", B.tumor_config(tmp_path),
                       gates=[inputs["gate"]], generator_cards=[inputs["card"]])
+
+
+# --- output folders: one writer at a time, never an input ----------------------------------------------------------
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from pipeline.errors import OutputLockedError
+from pipeline.outputs import output_lock
+try:
+    with output_lock(Path(sys.argv[1]), "holder"):
+        print("locked", flush=True)
+        time.sleep(float(sys.argv[2]))
+except OutputLockedError as exc:
+    print("refused:", exc, flush=True)
+"""
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def _holder(out: Path, seconds: float) -> subprocess.Popen[str]:
+    """A real process holding the lock of `out` for `seconds` (a stand-in for a long command)."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out), str(seconds)], stdout=subprocess.PIPE, text=True, env=_env())
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_racing_writers_one_wins_the_others_get_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, "-c", _HOLDER, str(out), "1.5"], stdout=subprocess.PIPE, text=True, env=_env())
+             for _ in range(4)]
+    lines = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert sum(ln == "locked" for ln in lines) == 1, lines
+    refused = [ln for ln in lines if ln != "locked"]
+    assert all(ln.startswith("refused:") and "is being written by pid" in ln and "choose another --out" in ln for ln in refused)
+    assert not (tmp_path / ".out.medaug-lock").exists()  # the winner removed its lock file
+
+
+def test_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_path: Path) -> None:
+    inputs = B.make_tumor_inputs(tmp_path / "a")
+    out = tmp_path / "ds"
+    args = [*_dataset_args(inputs, out, tmp_path), "--synthetic", inputs["synthetic"], "--gate", inputs["gate"]]
+    holder = _holder(out, 60)
+    try:
+        line = _one_line_error(_invoke(args))
+        assert f"is being written by pid {holder.pid} on host" in line and "(holder, since" in line
+        assert not out.exists()
+    finally:
+        holder.kill()  # SIGKILL: its lock file stays behind, the kernel drops the lock
+        holder.wait()
+    lock = tmp_path / ".ds.medaug-lock"
+    assert str(holder.pid) in lock.read_text()
+    res = _invoke(args)
+    assert res.exit_code == 0, res.output
+    assert (out / "dataset.json").is_file() and not lock.exists()
+    # the lock file names no path and no subject: pid, host, command, time
+    holder = _holder(out, 60)
+    try:
+        assert set(json.loads(lock.read_text())) == {"pid", "host", "command", "started"}
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_demos_into_one_folder_the_second_stops_at_once(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    holder = _holder(out, 60)
+    try:
+        start = time.monotonic()
+        line = _one_line_error(_invoke(["demo", "--out", out, "--config", REPO / "configs" / "tiny.yaml"]))
+        assert "is being written by pid" in line and time.monotonic() - start < 30
+        assert not (out / ".prefect").exists() and list(out.iterdir()) == []  # nothing of the second run written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _ingest_like(root: Path) -> Path:
+    """A tiny ingest-format folder: two labelled CT volumes (16 x 16 x 4)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(2):
+        for sub, arr in (("volumes", rng.normal(0, 50, (16, 16, 4)).astype(np.float32)),
+                         ("labels", (rng.random((16, 16, 4)) > 0.8).astype(np.uint8))):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), str(root / sub / f"s{k}_CT_0.nii.gz"))
+        rows.append({"path": f"volumes/s{k}_CT_0.nii.gz", "label_path": f"labels/s{k}_CT_0.nii.gz", "subject_id": f"s{k}",
+                     "modality": "CT", "class": "round", "split": "train", "sha256": f"{k:064d}"})
+    write_manifest(root, rows, ("path", "label_path", "subject_id", "modality", "class", "split", "sha256"))
+    return root
+
+
+def test_out_equal_to_or_inside_an_input_is_refused(tmp_path: Path) -> None:
+    ingest = _ingest_like(tmp_path / "ingest")
+    before = (ingest / "manifest.csv").read_bytes()
+    ckpt = tmp_path / "run" / "last.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"x")
+    cases = [
+        ["translate", ingest, "--checkpoint", ckpt, "--direction", "mri2ct", "--out", ingest],
+        ["extract-patches", "--data", ingest, "--out", ingest],
+        ["extract-patches", "--data", ingest, "--out", ingest / "patches"],
+        ["build-dataset", "--real", ingest, "--out", ingest, "--overwrite"],
+        ["build-dataset", "--real", ingest / "manifest.csv", "--out", tmp_path, "--overwrite"],
+        ["gate", "--real", ingest, "--synthetic", tmp_path / "run", "--out", tmp_path / "run"],
+    ]
+    for args in cases:
+        line = _one_line_error(_invoke(args))
+        assert "a command never writes into its inputs" in line, (args, line)
+        assert (ingest / "manifest.csv").read_bytes() == before and (ingest / "volumes" / "s0_CT_0.nii.gz").is_file()
+    assert not (ingest / "patches").exists()
+
+
+def test_sample_tumors_refuses_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    write_manifest(real, [{"path": "patches/a.nii.gz", "subject_id": "s0", "class": "round"}], ("path", "subject_id", "class"))
+    before = (real / "manifest.csv").read_bytes()
+    ckpt = tmp_path / "run" / "last.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"x")
+    line = _one_line_error(_invoke(["sample-tumors", "--checkpoint", ckpt, "--class", "round", "--n", "2", "--out", real]))
+    assert "sample-tumors did not write" in line
+    assert (real / "manifest.csv").read_bytes() == before and not (real / "provenance.json").exists()

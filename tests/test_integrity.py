@@ -279,3 +279,128 @@ def test_sample_tumors_refuses_a_folder_it_did_not_write(tmp_path: Path) -> None
     line = _one_line_error(_invoke(["sample-tumors", "--checkpoint", ckpt, "--class", "round", "--n", "2", "--out", real]))
     assert "sample-tumors did not write" in line
     assert (real / "manifest.csv").read_bytes() == before and not (real / "provenance.json").exists()
+
+
+# --- one line for bad input, nothing half-written -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cyclegan(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A phantom ingest-like folder (32 px) and a 2-step tiny CycleGAN checkpoint trained on it."""
+    from test_slices import make_ingest_like
+    from test_translate import train_tiny
+
+    ingest = make_ingest_like(tmp_path_factory.mktemp("ingest"), n_subjects=4)
+    return ingest, train_tiny(ingest, tmp_path_factory.mktemp("run"), steps=2)
+
+
+def _copy_ingest(ingest: Path, dst: Path) -> Path:
+    shutil.copytree(ingest, dst)
+    return dst
+
+
+def test_translate_manifest_naming_a_missing_file(tmp_path: Path, cyclegan: tuple[Path, Path]) -> None:
+    ingest = _copy_ingest(cyclegan[0], tmp_path / "ingest")
+    row = next(r for r in read_manifest(ingest) if r["modality"] == "MR")
+    (ingest / row["path"]).unlink()
+    line = _one_line_error(_invoke(["translate", ingest, "--checkpoint", cyclegan[1], "--direction", "mri2ct",
+                                    "--out", tmp_path / "out", "--device", "cpu"]))
+    assert f"lists {row['path']} but the file is missing" in line
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+
+
+def test_translate_nan_volume_is_named(tmp_path: Path, cyclegan: tuple[Path, Path]) -> None:
+    ingest = _copy_ingest(cyclegan[0], tmp_path / "ingest")
+    rows = [r for r in read_manifest(ingest) if r["modality"] == "MR"]
+    victim = ingest / rows[1]["path"]
+    img: Any = nib.load(str(victim))
+    arr = np.asarray(img.dataobj, dtype=np.float32)
+    arr[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(arr, img.affine), str(victim))
+    line = _one_line_error(_invoke(["translate", ingest, "--checkpoint", cyclegan[1], "--direction", "mri2ct",
+                                    "--out", tmp_path / "out", "--device", "cpu"]))
+    assert "source volume" in line and f"of {len(rows)}" in line and "1 NaN or infinite voxels" in line
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Any:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_translate_full_disk_one_line_and_no_half_written_file(tmp_path: Path, tmpfs: Path, cyclegan: tuple[Path, Path]) -> None:
+    args = ["translate", cyclegan[0], "--checkpoint", cyclegan[1], "--direction", "mri2ct", "--device", "cpu"]
+    full = tmp_path / "full"
+    assert _invoke([*args, "--out", full]).exit_code == 0
+    need = sum(f.stat().st_size for f in full.rglob("*") if f.is_file())
+    # leave room for about half the output: the disk fills in the middle of the run
+    free = shutil.disk_usage(tmpfs).free
+    (tmpfs / "filler").write_bytes(b"\0" * max(0, free - need // 2))
+    out = tmpfs / "out"
+    line = _one_line_error(_invoke([*args, "--out", out]))
+    assert "No space left on device" in line and "no half-written file is left" in line
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert not [f for f in files if f.stat().st_size == 0], "0-byte files left behind"
+    assert not [f for f in files if f.name.startswith(".tmp")], "temporary files left behind"
+    for f in files:
+        if f.name.endswith(".nii.gz"):
+            np.asarray(nib.load(str(f)).dataobj)  # loads in full
+        elif f.suffix == ".json":
+            json.loads(f.read_text())
+    (tmpfs / "filler").unlink()
+    assert _invoke([*args, "--out", out]).exit_code == 0  # after freeing space the same command completes
+
+
+def test_extract_patches_bad_inputs_are_one_line(tmp_path: Path) -> None:
+    ingest = _ingest_like(tmp_path / "ingest")
+    line = _one_line_error(_invoke(["extract-patches", "--data", ingest, "--out", tmp_path / "p", "--hu-low", "200",
+                                    "--hu-high", "-100"]))
+    assert "--hu-low below --hu-high" in line and "200 to -100" in line
+    victim = ingest / "volumes" / "s1_CT_0.nii.gz"
+    arr = np.asarray(nib.load(str(victim)).dataobj, dtype=np.float32)  # type: ignore[attr-defined]
+    arr[0, 0, 0] = np.inf
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(victim))
+    line = _one_line_error(_invoke(["extract-patches", "--data", ingest, "--out", tmp_path / "p", "--patch-size", "8"]))
+    assert "ingest/volumes/s1_CT_0.nii.gz holds 1 NaN or infinite voxels" in line
+    victim.unlink()
+    line = _one_line_error(_invoke(["extract-patches", "--data", ingest, "--out", tmp_path / "p", "--patch-size", "8"]))
+    assert "lists volumes/s1_CT_0.nii.gz but the file is missing" in line
+    assert not (tmp_path / "p" / "manifest.csv").exists()
+
+
+def test_patches_larger_than_the_volumes_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.patches import extract_patches
+
+    ingest = _ingest_like(tmp_path / "ingest")  # 16 x 16 x 4 volumes
+    with caplog.at_level("WARNING", logger="pipeline.patches"):
+        extract_patches([ingest], patch_size=8, healthy_per_volume=0)
+    assert "padding" not in caplog.text
+    with caplog.at_level("WARNING", logger="pipeline.patches"):
+        extract_patches([ingest], patch_size=32, healthy_per_volume=0)
+    assert "at least 75% of a patch is padding" in caplog.text
+
+
+def test_foreign_file_as_gate_encoder_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    for name, data in (("random.pt", os.urandom(4096)), ("empty.pt", b"")):
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        line = _one_line_error(_invoke(["gate", "--real", tmp_path / "in", "--synthetic", tmp_path / "in", "--out",
+                                        tmp_path / f"g_{name}", "--set", f"gate.encoder_path={bad}"]))
+        assert f"{bad} is not a" in line and "encoder saved by `medaug gate`" in line and "gate.encoder_path" in line, line
+    import torch
+
+    torch.save({"version": "x"}, tmp_path / "other.pt")
+    from pipeline.errors import WeightsMissingError
+    from pipeline.gate.encoder import load_domain_encoder
+
+    with pytest.raises(WeightsMissingError, match="is not a"):
+        load_domain_encoder(tmp_path / "other.pt")

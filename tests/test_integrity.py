@@ -404,3 +404,62 @@ def test_foreign_file_as_gate_encoder_is_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(WeightsMissingError, match="is not a"):
         load_domain_encoder(tmp_path / "other.pt")
+
+
+@pytest.fixture(scope="module")
+def tumor_gan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-step tiny tumor GAN checkpoint (16 px patches of a 32 px ingest-format folder)."""
+    from test_tumor_gan_data import make_ingest_folder
+
+    root = tmp_path_factory.mktemp("tumor")
+    ingest = make_ingest_folder(root / "ingest", n_subjects=4, size=32, depth=8, seed=3)
+    res = _invoke(["train", "tumor-gan", "--data", ingest, "--out", root / "run", "--config",
+                   REPO / "configs" / "tumor_gan-tiny.yaml", "--patch-size", "16", "--steps", "2", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    return root / "run" / "checkpoints" / "last.pt"
+
+
+def test_sample_tumors_huge_n_is_refused_before_allocating(tmp_path: Path, tumor_gan: Path) -> None:
+    import tracemalloc
+
+    tracemalloc.start()
+    line = _one_line_error(_invoke(["sample-tumors", "--checkpoint", tumor_gan, "--class", "round", "--n", "100000000000",
+                                    "--out", tmp_path / "s"]))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert "--n 100000000000 patches of 16^2 need about 137.6 TB" in line and "ask for fewer" in line
+    assert peak < 256 << 20
+    assert not (tmp_path / "s" / "manifest.csv").exists()
+
+
+def test_sample_tumors_streams_in_blocks(tmp_path: Path, tumor_gan: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.sample_tumors as st
+
+    st.sample_tumors(tumor_gan, "round", 4, 0, tmp_path / "one", device="cpu")
+    sizes: list[int] = []
+    real_generate = __import__("models.train_tumor_gan", fromlist=["generate"]).generate
+
+    def counting(g: Any, c: int, n: int, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(n)
+        return real_generate(g, c, n, *args, **kwargs)
+
+    monkeypatch.setattr(st, "STREAM_BLOCK", 4)
+    monkeypatch.setattr("models.train_tumor_gan.generate", counting)
+    st.sample_tumors(tumor_gan, "round", 10, 0, tmp_path / "ten", device="cpu")
+    assert sizes == [4, 4, 2]  # never more than one block in memory
+    rows = read_manifest(tmp_path / "ten")
+    assert [r["index"] for r in rows] == [str(i) for i in range(10)]
+    # the first block is what a call of one block gives, byte for byte
+    for r in read_manifest(tmp_path / "one"):
+        assert (tmp_path / "one" / r["path"]).read_bytes() == (tmp_path / "ten" / r["path"]).read_bytes()
+    assert len({(tmp_path / "ten" / r["path"]).read_bytes() for r in rows}) == 10  # blocks draw different latents
+
+
+def test_one_class_gan_data_warns(caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.patches import PatchSet, to_train_data
+
+    rows = [{"class": "round", "modality": "CT", "split": "train", "subject_id": f"s{k}", "spacing": "1x1x1"} for k in range(4)]
+    ps = PatchSet(np.zeros((4, 8, 8), np.float32), np.zeros((4, 8, 8), np.uint8), rows, [np.eye(4)] * 4, {}, [])
+    with caplog.at_level("WARNING", logger="pipeline.patches"):
+        data = to_train_data(ps)
+    assert data.classes == ["round"] and "only one class (round)" in caplog.text

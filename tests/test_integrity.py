@@ -463,3 +463,55 @@ def test_one_class_gan_data_warns(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("WARNING", logger="pipeline.patches"):
         data = to_train_data(ps)
     assert data.classes == ["round"] and "only one class (round)" in caplog.text
+
+
+# --- the demo's Prefect server dies with it ----------------------------------------------------------------------
+
+
+def _children_with(parent: int, word: str) -> list[int]:
+    """Pids of the children of `parent` whose command line contains `word`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") if stat else ""
+        except OSError:
+            continue
+        if stat and int(stat.rsplit(")", 1)[1].split()[1]) == parent and word in cmd:
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_kill_9_of_demo_takes_its_prefect_server_along(tmp_path: Path) -> None:
+    env = {k: v for k, v in _env().items() if not k.startswith("PREFECT_")}
+    demo = subprocess.Popen([sys.executable, "-m", "medaug.cli", "demo", "--out", str(tmp_path / "demo"), "--config",
+                             str(REPO / "configs" / "tiny.yaml")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=REPO)
+    server: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not server and time.monotonic() < deadline and demo.poll() is None:
+            time.sleep(0.2)
+            server = _children_with(demo.pid, "uvicorn")
+        assert server, "the demo never started its ephemeral Prefect server"
+        demo.kill()
+        demo.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(p) for p in server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in server), "the ephemeral Prefect server outlived the demo"
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        for p in server:
+            if _alive(p):
+                os.kill(p, 9)

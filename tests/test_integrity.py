@@ -515,3 +515,31 @@ def test_kill_9_of_demo_takes_its_prefect_server_along(tmp_path: Path) -> None:
         for p in server:
             if _alive(p):
                 os.kill(p, 9)
+
+
+def test_gate_warns_when_synthetic_and_real_sizes_differ(tmp_path: Path, cyclegan: tuple[Path, Path],
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.gate.config import GateConfig
+    from pipeline.gate.run import run_gate
+
+    rng = np.random.default_rng(0)
+    syn = tmp_path / "syn"
+    rows = []
+    for k in range(12):
+        (syn / "patches").mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(rng.uniform(-1, 1, (16, 16, 1)).astype(np.float32), np.eye(4)), str(syn / "patches" / f"p{k}.nii.gz"))
+        rows.append({"path": f"patches/p{k}.nii.gz", "modality": "CT", "synthetic": 1, "class": "round"})
+    write_manifest(syn, rows, ("path", "modality", "synthetic", "class"))
+    cfg = GateConfig(gate_size=32, min_samples=8, encoder_steps=2, encoder_batch=8, encoder_width=4, kid_subsets=2,
+                     kid_subset_size=8, max_pairs=10, n_bootstrap=0, min_class_samples=4, figure_samples=2)
+    with caplog.at_level("WARNING", logger="pipeline.gate.run"):
+        report = run_gate(cyclegan[0], syn, tmp_path / "gate", cfg)
+    assert "synthetic images are 16x16 and real ones 32x32" in caplog.text
+    assert report.samples and all(len(s.sha256) == 64 for s in report.samples)
+    # the written report verifies: build-dataset recomputes its id from the bytes on disk
+    from pipeline.dataset.inputs import content_id
+    from pipeline.manifest import sha256_file
+
+    written = json.loads((tmp_path / "gate" / "gate_report.json").read_text())
+    assert content_id(written) == written["report_id"] == report.report_id
+    assert {s["sha256"] for s in written["samples"]} == {sha256_file(syn / r["path"]) for r in rows}

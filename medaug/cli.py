@@ -585,10 +585,15 @@ def serve(
 ) -> None:
     """Serve the `mri-ct` and `tumor-patches` deployments in this process (needs PREFECT_API_URL)."""
     import os
+    import sys
 
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline,models")
-    from flows.deploy import serve_all
+    from flows.deploy import CHILD_ENV, serve_all, supervise
 
+    if not os.environ.get(CHILD_ENV):  # serve in a child that a stop signal cannot leave hanging
+        args = ["serve", *([] if schedules is None else ["--schedules" if schedules else "--no-schedules"]),
+                *([] if limit is None else ["--limit", str(limit)])]
+        raise typer.Exit(code=supervise([sys.executable, "-m", "medaug.cli", *args]))
     serve_all(activate_schedules=schedules, limit=limit)
 
 

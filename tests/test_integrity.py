@@ -543,3 +543,42 @@ def test_gate_warns_when_synthetic_and_real_sizes_differ(tmp_path: Path, cyclega
     written = json.loads((tmp_path / "gate" / "gate_report.json").read_text())
     assert content_id(written) == written["report_id"] == report.report_id
     assert {s["sha256"] for s in written["samples"]} == {sha256_file(syn / r["path"]) for r in rows}
+
+
+# --- medaug serve stops on SIGTERM even when Prefect's shutdown hangs --------------------------------------------
+
+_STUCK_CHILD = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *a: time.sleep(600))  # what Prefect's shutdown does when its server is gone
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+_SUPERVISOR = """
+import sys
+from flows.deploy import supervise
+from pipeline.errors import MedaugError
+try:
+    sys.exit(supervise([sys.executable, "-c", sys.argv[1]], grace_s=2.0))
+except MedaugError as exc:
+    print("error:", exc, flush=True)
+    sys.exit(2)
+"""
+
+
+def test_serve_supervisor_stops_a_child_stuck_in_shutdown(tmp_path: Path) -> None:
+    sup = subprocess.Popen([sys.executable, "-c", _SUPERVISOR, _STUCK_CHILD], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert sup.stdout is not None and sup.stdout.readline().strip() == "ready"
+        child = _children_with(sup.pid, "time.sleep(600)")
+        assert child
+        start = time.monotonic()
+        sup.terminate()
+        out = sup.communicate(timeout=30)[0]
+        assert sup.returncode == 2 and time.monotonic() - start < 10
+        assert "did not shut down within 2 s" in out and "Traceback" not in out
+        time.sleep(0.5)
+        assert not any(_alive(p) for p in child)
+    finally:
+        if sup.poll() is None:
+            sup.kill()

@@ -7,6 +7,7 @@ the quality gate's reject exits 3.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +41,10 @@ def _setup_logging(verbose: bool = False) -> None:
     )
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+"""A full disk, a full quota, a read-only folder: one line from any command, not a traceback."""
+
+
 def clean_errors(fn: F) -> F:
     """Turn a MedaugError into one red line and exit code 2, instead of a traceback."""
 
@@ -52,6 +57,12 @@ def clean_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except MedaugError as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from None
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRNOS:
+                raise
+            typer.secho(f"error: writing {exc.filename or 'an output'} failed ({exc.strerror}); check free space and "
+                        "permissions, then run the command again", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from pipeline.errors import PatchError
 from pipeline.manifest import read_manifest, write_manifest
+from pipeline.outputs import atomic_file
 from pipeline.preprocess import body_mask, to_unit
 from pipeline.types import HUWindow, Modality
 
@@ -355,16 +356,18 @@ def write_patch_folder(patch_set: PatchSet, out: Path) -> Path:
         if img.ndim == 2:
             img, msk = img[..., None], msk[..., None]
         rel_img, rel_msk = f"patches/{name}.nii.gz", f"masks/{name}.nii.gz"
-        nib.save(nib.Nifti1Image(img.astype(np.float32), patch_set.affines[i]), out / rel_img)
-        nib.save(nib.Nifti1Image(msk.astype(np.uint8), patch_set.affines[i]), out / rel_msk)
+        for rel, arr in ((rel_img, img.astype(np.float32)), (rel_msk, msk.astype(np.uint8))):
+            with atomic_file(out / rel) as tmp:  # a full disk leaves no truncated patch
+                nib.save(nib.Nifti1Image(arr, patch_set.affines[i]), tmp)
         row["path"], row["label_path"] = rel_img, rel_msk
         out_rows.append({c: row.get(c, "") for c in PATCH_COLUMNS})
     out_rows.sort(key=lambda r: r["path"])
-    (out / PARAMS_NAME).write_text(
-        json.dumps(patch_set.params | {"counts": patch_set.counts(), "skipped": patch_set.skipped}, indent=2, sort_keys=True)
-        + "\n",
-        encoding="utf-8",
-    )
+    with atomic_file(out / PARAMS_NAME) as tmp:
+        tmp.write_text(
+            json.dumps(patch_set.params | {"counts": patch_set.counts(), "skipped": patch_set.skipped}, indent=2, sort_keys=True)
+            + "\n",
+            encoding="utf-8",
+        )
     return write_manifest(out, out_rows, PATCH_COLUMNS)
 
 

@@ -582,3 +582,16 @@ def test_serve_supervisor_stops_a_child_stuck_in_shutdown(tmp_path: Path) -> Non
     finally:
         if sup.poll() is None:
             sup.kill()
+
+
+def test_extract_patches_full_disk_one_line(tmp_path: Path, tmpfs: Path) -> None:
+    ingest = _ingest_like(tmp_path / "ingest")
+    free = shutil.disk_usage(tmpfs).free
+    (tmpfs / "filler").write_bytes(b"\0" * max(0, free - 6000))
+    out = tmpfs / "p"
+    line = _one_line_error(_invoke(["extract-patches", "--data", ingest, "--out", out, "--patch-size", "8"]))
+    assert "No space left on device" in line and "check free space" in line
+    files = [f for f in out.rglob("*") if f.is_file()]
+    assert not [f for f in files if f.stat().st_size == 0 or f.name.startswith(".tmp")], files
+    for f in files:
+        np.asarray(nib.load(str(f)).dataobj)  # every patch left loads in full

@@ -192,13 +192,7 @@ def extract_patches(
     an empty mask gives healthy patches only; a lesion with an empty class is "tumor".
     Returns a PatchSet; `skipped` says which volumes gave nothing and why (by file name).
     """
-    if dims not in (2, 3):
-        raise PatchError(f"patch dims must be 2 or 3, got {dims}")
-    if patch_size < 4:
-        raise PatchError(f"patch size must be at least 4 voxels, got {patch_size}")
-    lo, hi = float(hu_window[0]), float(hu_window[1])
-    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
-        raise PatchError(f"the CT window must have --hu-low below --hu-high; got {lo:g} to {hi:g} HU (swap them?)")
+    _check_arguments(patch_size, dims, hu_window)
     images: list[NDArray[np.float32]] = []
     masks: list[NDArray[np.uint8]] = []
     rows: list[dict[str, str]] = []
@@ -243,19 +237,7 @@ def extract_patches(
                 "spacing": spacing,
                 "patch_size": str(patch_size),
             }
-            centres: list[tuple[str, tuple[int, int, int]]] = []
-            if lesion.any():
-                cls = row.get("class") or "tumor"
-                if dims == 2:
-                    areas = lesion.sum(axis=(0, 1))
-                    z0 = int(np.argmax(areas))
-                    for z in range(z0 - neighbours, z0 + neighbours + 1):
-                        if 0 <= z < lesion.shape[2] and areas[z] > 0:
-                            cx, cy = _centroid(lesion[:, :, z])
-                            centres.append((cls, (cx, cy, z)))
-                else:
-                    cx, cy, cz = _centroid(lesion)
-                    centres.append((cls, (cx, cy, cz)))
+            centres = _lesion_centres(lesion, row.get("class") or "tumor", dims, neighbours)
             zooms = tuple(float(v) for v in img.header.get_zooms()[:3])
             healthy = _healthy_centres(lesion, body, patch_size, healthy_per_volume, rng, dims, min_body_fraction,
                                        (zooms[0], zooms[1], zooms[2]), brain_margin_mm)
@@ -299,6 +281,36 @@ def extract_patches(
     patch_set = PatchSet(stack, stack_m, rows, affines, params, skipped)
     log.info("extracted %d patches %s; %d volume(s) skipped", len(patch_set), patch_set.counts(), len(skipped))
     return patch_set
+
+
+def _check_arguments(patch_size: int, dims: int, hu_window: HUWindow) -> None:
+    """PatchError for patch dims other than 2/3, patches under 4 voxels, or a CT window that is not low < high (HU)."""
+    if dims not in (2, 3):
+        raise PatchError(f"patch dims must be 2 or 3, got {dims}")
+    if patch_size < 4:
+        raise PatchError(f"patch size must be at least 4 voxels, got {patch_size}")
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise PatchError(f"the CT window must have --hu-low below --hu-high; got {lo:g} to {hi:g} HU (swap them?)")
+
+
+def _lesion_centres(lesion: NDArray[np.bool_], cls: str, dims: int, neighbours: int) -> list[tuple[str, tuple[int, int, int]]]:
+    """(class, voxel centre) of the lesion patches of one volume: 2D, the largest-lesion axial slice and
+    `neighbours` either side that hold lesion; 3D, the lesion's centroid. Empty for an empty mask."""
+    centres: list[tuple[str, tuple[int, int, int]]] = []
+    if not lesion.any():
+        return centres
+    if dims == 2:
+        areas = lesion.sum(axis=(0, 1))
+        z0 = int(np.argmax(areas))
+        for z in range(z0 - neighbours, z0 + neighbours + 1):
+            if 0 <= z < lesion.shape[2] and areas[z] > 0:
+                cx, cy = _centroid(lesion[:, :, z])
+                centres.append((cls, (cx, cy, z)))
+    else:
+        cx, cy, cz = _centroid(lesion)
+        centres.append((cls, (cx, cy, cz)))
+    return centres
 
 
 def _read_pair(folder: Path, row: dict[str, str]) -> tuple[nib.Nifti1Image, NDArray[np.float32], NDArray[np.bool_]]:

@@ -99,8 +99,8 @@ def output_lock(out: Path, command: str) -> Iterator[Path]:
     fh = _open_locked(path, out)
     _HELD[path] = 1
     try:
-        stale = fh.seek(0) == 0 and fh.read().strip()
-        if stale:
+        fh.seek(0)
+        if fh.read().strip():  # a holder that exited cleanly removed its file: this one was killed
             log.warning("%s: taking over the lock left by %s, which is no longer running", out.name, _holder(path))
         fh.seek(0)
         fh.truncate()
@@ -159,8 +159,8 @@ def check_apart(out: Path, inputs: Sequence[tuple[str, Path]]) -> None:
         folder = p.parent if p.is_file() else p
         rel = _relation(o, folder)
         if rel is not None:
-            what = "the folder of" if folder != p else ""
+            what = "the folder of the input" if folder != p else "the input"
             raise OutputOverlapError(
-                f"--out {out} {rel} {what + ' ' if what else ''}the input {name} {path}; a command never writes into its "
-                "inputs: choose an output folder apart from them"
+                f"--out {out} {rel} {what} {name} {path}; a command never writes into its inputs: choose an output "
+                "folder apart from them"
             )

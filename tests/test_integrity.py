@@ -595,3 +595,14 @@ def test_extract_patches_full_disk_one_line(tmp_path: Path, tmpfs: Path) -> None
     assert not [f for f in files if f.stat().st_size == 0 or f.name.startswith(".tmp")], files
     for f in files:
         np.asarray(nib.load(str(f)).dataobj)  # every patch left loads in full
+
+
+def test_two_reports_on_the_same_bytes_a_reject_wins(tmp_path: Path) -> None:
+    from pipeline.dataset.inputs import apply_gates, read_synthetic
+
+    inputs = B.make_tumor_inputs(tmp_path / "a", gate_drop=0)  # the first report accepts all 34
+    srows = read_manifest(inputs["synthetic"])
+    strict = B.write_gate_report(tmp_path / "strict", inputs["synthetic"], srows, "accept", 5)  # rejects the first 5
+    items = read_synthetic(inputs["synthetic"], "tumor-patches", {})
+    kept, n_out = apply_gates(items, [read_gate(inputs["gate"]), read_gate(strict)], inputs["synthetic"])
+    assert n_out == 5 and len(kept) == len(items) - 5

@@ -23,7 +23,6 @@ from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file
 log = logging.getLogger(__name__)
 
 GATE_REPORT = "gate_report.json"
-GATE_ACCEPTED = "accepted.csv"
 PROVENANCE_NAME = "provenance.json"  # pipeline/sample_tumors.py: {"checkpoints": {sha256: card}, ...}
 _PASS = {"accept", "accepted", "pass", "passed", "ok"}
 _FAIL = {"reject", "rejected", "fail", "failed"}
@@ -58,14 +57,13 @@ class GateInfo:
     """A gate report: its id, verdict, and the synthetic files it judged, by the sha256 of their bytes.
 
     `judged` maps the sha256 of every synthetic item the report decided on to its decision
-    ("accept" or "reject"); `synthetic_sha256` is the report's content hash of its synthetic set.
+    ("accept" or "reject").
     """
 
     folder: Path
     report_id: str
     verdict: str
     judged: dict[str, str] = field(default_factory=dict)
-    synthetic_sha256: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -203,9 +201,7 @@ def read_gate(folder: Path) -> GateInfo:
             f"gate report {folder / GATE_REPORT} was changed after the gate wrote it (its report_id {report_id[:12]} no "
             "longer matches its content); run `medaug gate` again"
         )
-    synthetic_input = (report.get("inputs") or {}).get("synthetic") or {}
-    info = GateInfo(folder=folder, report_id=report_id, verdict=verdict, judged=judged,
-                    synthetic_sha256=str(synthetic_input.get("content_sha256") or "") if isinstance(synthetic_input, dict) else "")
+    info = GateInfo(folder=folder, report_id=report_id, verdict=verdict, judged=judged)
     info.summary = {k: report[k] for k in ("report_id", "verdict", "failed_checks", "n_accepted", "n_rejected") if k in report}
     checks = report.get("checks")
     if isinstance(checks, list):  # pipeline/gate/report.py CheckResult dicts; keep what the datasheet shows
@@ -301,9 +297,10 @@ def apply_gates(items: Sequence[Item], gates: Sequence[GateInfo], folder: Path) 
         )
     kept: list[Item] = []
     for it in items:
-        gate = next((g for g in gates if it.sha256 in g.accepted_sha256), None)
-        if gate is not None:
-            kept.append(replace(it, gate_report_id=gate.report_id))
+        judges = [g for g in gates if it.sha256 in g.judged]
+        # two reports that judged the same bytes must both accept them: a reject anywhere wins
+        if all(it.sha256 in g.accepted_sha256 for g in judges):
+            kept.append(replace(it, gate_report_id=judges[0].report_id))
     return kept, len(items) - len(kept)
 
 

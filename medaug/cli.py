@@ -594,7 +594,7 @@ def serve(
     schedules: Annotated[bool | None, typer.Option("--schedules/--no-schedules", help="Switch the example cron schedules of prefect.yaml on or off (default: as prefect.yaml says).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Most flow runs at the same time.")] = None,
 ) -> None:
-    """Serve the `mri-ct` and `tumor-patches` deployments in this process (needs PREFECT_API_URL)."""
+    """Serve the `mri-ct` and `tumor-patches` deployments (in a supervised child process; needs PREFECT_API_URL)."""
     import os
     import sys
 

@@ -52,7 +52,7 @@ def _one_line_error(res: Any) -> str:
     """The CLI's error output: exit 2, one `error:` line, no traceback."""
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert "Traceback" not in res.output and res.exception is None or isinstance(res.exception, SystemExit), res.output
+    assert "Traceback" not in res.output and (res.exception is None or isinstance(res.exception, SystemExit)), res.output
     errors = [ln for ln in lines if ln.startswith("error:")]
     assert len(errors) == 1, res.output
     return errors[0]

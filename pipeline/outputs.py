@@ -47,14 +47,20 @@ def lock_path(out: Path) -> Path:
     return out.parent / f".{out.name}{LOCK_SUFFIX}"
 
 
-def _holder(path: Path) -> str:
-    """'pid N on host H (command C, since T)' from a lock file, or a plain phrase when unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(data["started"])))
-        return f"pid {int(data['pid'])} on host {data['host']} ({data['command']}, since {since})"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+def _holder(path: Path, tries: int = 1) -> str:
+    """'pid N on host H (command C, since T)' from a lock file, or a plain phrase when unreadable.
+
+    A holder writes its file just after taking the lock: `tries` reads 50 ms apart wait for it.
+    """
+    for k in range(tries):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(data["started"])))
+            return f"pid {int(data['pid'])} on host {data['host']} ({data['command']}, since {since})"
+        except (OSError, ValueError, KeyError, TypeError):
+            if k + 1 < tries:
+                time.sleep(0.05)
+    return "another process"
 
 
 def _open_locked(path: Path, out: Path) -> IO[str]:
@@ -66,7 +72,7 @@ def _open_locked(path: Path, out: Path) -> IO[str]:
         except BlockingIOError:
             fh.close()
             raise OutputLockedError(
-                f"{out} is being written by {_holder(path)}; wait for it to finish or choose another --out"
+                f"{out} is being written by {_holder(path, tries=20)}; wait for it to finish or choose another --out"
             ) from None
         # the holder we waited on may have unlinked the file after we opened it: lock the file at the path
         try:

@@ -163,6 +163,10 @@ import sys, time
 from pathlib import Path
 from pipeline.errors import OutputLockedError
 from pipeline.outputs import output_lock
+if len(sys.argv) > 3:  # a racer: wait at the start line until every racer has started
+    print("ready", flush=True)
+    while not Path(sys.argv[3]).exists():
+        time.sleep(0.005)
 try:
     with output_lock(Path(sys.argv[1]), "holder"):
         print("locked", flush=True)
@@ -184,9 +188,11 @@ def _holder(out: Path, seconds: float) -> subprocess.Popen[str]:
 
 
 def test_racing_writers_one_wins_the_others_get_one_line(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    procs = [subprocess.Popen([sys.executable, "-c", _HOLDER, str(out), "1.5"], stdout=subprocess.PIPE, text=True, env=_env())
-             for _ in range(4)]
+    out, go = tmp_path / "out", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _HOLDER, str(out), "3", str(go)], stdout=subprocess.PIPE, text=True,
+                              env=_env()) for _ in range(4)]
+    assert all(p.stdout is not None and p.stdout.readline().strip() == "ready" for p in procs)
+    go.touch()
     lines = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert sum(ln == "locked" for ln in lines) == 1, lines
     refused = [ln for ln in lines if ln != "locked"]

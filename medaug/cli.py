@@ -301,7 +301,8 @@ def evaluate_translation_cmd(
 
     _checkpoint_option_check(checkpoint)
     try:
-        report = run_evaluate_translation(checkpoint, data, out, batch_size=batch_size, device=device)
+        with guarded_output(out, "evaluate-translation", [("--checkpoint", checkpoint), *[("--data", d) for d in data]]):
+            report = run_evaluate_translation(checkpoint, data, out, batch_size=batch_size, device=device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -451,7 +451,8 @@ def build_arm_dataset(inputs: dict[str, Any], cfg: Any, root: Path, gated: bool)
 
     if not gated:
         out = root / "dataset_ungated"
-        build_dataset(inputs["real"], [inputs["synthetic"]], out, cfg, generator_cards=[inputs["card"]], overwrite=True)
+        build_dataset(inputs["real"], [inputs["synthetic"]], out, cfg, generator_cards=[inputs["card"]], overwrite=True,
+                      allow_ungated=True)
     elif inputs["gate"] is None:
         out = root / "dataset"
         build_dataset(inputs["real"], [], out, cfg, overwrite=True)

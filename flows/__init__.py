@@ -5,6 +5,7 @@
     flows/augment.py  the `augment` flow: ingest -> preprocess -> train (or load) -> generate -> gate -> dataset
     flows/deploy.py   `medaug serve`: the mri-ct and tumor-patches deployments of prefect.yaml in one process
     flows/demo.py     `medaug demo`: the flow in-process (Prefect's ephemeral mode) with a rich stage view
+    flows/orphans.py  a watchdog that ends the demo's children (the ephemeral server) when the demo dies
 
 Run it:
 

@@ -62,6 +62,7 @@ from flows.tasks import (
 from pipeline.dataset.config import Deployment
 from pipeline.errors import ConfigError, GateRejected
 from pipeline.ingest.dicomweb import redact_url
+from pipeline.outputs import output_lock
 from pipeline.translate import resolve_device
 
 
@@ -126,14 +127,25 @@ def generate_synthetic(jobs: list[dict[str, Any]], retries: int, retry_backoff_s
 
 
 def run_augment(params: AugmentParams) -> dict[str, Any]:
-    """The body of the `augment` flow (inside a flow run); returns where the outputs are."""
-    logger = get_run_logger()
+    """The body of the `augment` flow (inside a flow run); returns where the outputs are.
+
+    The output folder is locked for the whole run (pipeline/outputs.py): a second run into
+    the same folder fails at once with one line naming the first, instead of interleaving files.
+    """
     cfg: PipelineConfig = load_pipeline_config(params)
     # the device is decided once, here: "auto" becomes cuda or cpu for every stage
     device = str(resolve_device(cfg.runtime.device))
     cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"device": device})})
     out = output_dir(params, cfg)
     out.mkdir(parents=True, exist_ok=True)
+    with output_lock(out, "augment"):
+        return _run_stages(params, cfg, out)
+
+
+def _run_stages(params: AugmentParams, cfg: PipelineConfig, out: Path) -> dict[str, Any]:
+    """The stages of `run_augment`, with the output folder `out` locked."""
+    logger = get_run_logger()
+    device = cfg.runtime.device
     rt = cfg.runtime
     logger.info("augment (%s): config %s, output %s, device %s", cfg.pipeline, Path(params.config).name, out, device)
     result: dict[str, Any] = {"pipeline": cfg.pipeline, "out": str(out)}

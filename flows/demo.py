@@ -20,6 +20,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
+from flows.orphans import watch_children
+from pipeline.outputs import output_lock
+
 STAGE_TITLES = {
     "phantoms": "Generate the phantom cohort",
     "ingest": "Ingest (NIfTI for training, DICOM de-identified)",
@@ -124,6 +127,15 @@ def run_demo(out: Path, config: Path, overrides: list[str], verbose: bool = Fals
     """
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # locked before Prefect starts: its ephemeral server's database lives under OUT/.prefect
+    with output_lock(out, "demo"):
+        return _run_locked(out, config, overrides, verbose)
+
+
+def _run_locked(out: Path, config: Path, overrides: list[str], verbose: bool) -> dict[str, Any]:
+    """`run_demo` with the output folder locked."""
+    # the ephemeral Prefect server (a child process) must not outlive this one, even after SIGKILL
+    watch_children()
     prefect_environment(out / ".prefect", verbose)
 
     from flows.augment import augment  # Prefect reads its settings (and sets up logging) at import

@@ -4,10 +4,20 @@ The deployments are defined once, in prefect.yaml at the repository root; `deplo
 turns its entries into RunnerDeployments (flow.to_deployment) and `serve_all` serves them
 in one process (prefect.serve), so that with a server running,
 `prefect deployment run augment/mri-ct` runs the whole pipeline in a subprocess of this one.
+
+`medaug serve` runs `serve_all` in a child process under `supervise`: on SIGTERM, Prefect
+pauses every deployment through its API before it exits, and when that server is already
+gone its client retries for minutes; the supervisor gives the child `SHUTDOWN_GRACE_S`
+seconds after forwarding the signal, then kills it and says so in one line.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,7 +26,12 @@ from prefect.schedules import Cron, Schedule
 
 from flows.params import REPO_ROOT
 from medaug.config import read_yaml
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StageFailed
+
+SHUTDOWN_GRACE_S = 15.0
+"""Seconds `medaug serve` waits for the served flows to shut down after SIGTERM or Ctrl-C."""
+CHILD_ENV = "MEDAUG_SERVE_CHILD"
+"""Set in the supervised child: the `serve` command then serves instead of supervising."""
 
 PREFECT_YAML = REPO_ROOT / "prefect.yaml"
 DEPLOYMENT_NAMES = ("mri-ct", "tumor-patches")
@@ -76,3 +91,39 @@ def serve_all(activate_schedules: bool | None = None, limit: int | None = None) 
         )
 
     serve(*deployments(activate_schedules), limit=limit)
+
+
+def supervise(argv: Sequence[str], grace_s: float = SHUTDOWN_GRACE_S) -> int:
+    """Run `argv` as a child (with CHILD_ENV set) until it exits; returns its exit code.
+
+    SIGTERM and SIGINT are forwarded to the child, which then has `grace_s` seconds to exit;
+    after that it is killed and StageFailed says so. The child carries the orphan watchdog's
+    token (flows/orphans.py), so it also ends when this process is killed with SIGKILL.
+    """
+    from flows.orphans import watch_children
+
+    watch_children()
+    child = subprocess.Popen(list(argv), env={**os.environ, CHILD_ENV: "1"})
+    stopping = threading.Event()
+
+    def forward(signum: int, frame: Any) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while child.poll() is None and not stopping.wait(0.5):
+            pass
+        try:
+            return child.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            raise StageFailed(
+                f"serve: the served flows did not shut down within {grace_s:.0f} s of the stop signal (is the Prefect "
+                "server gone? their deployments may still be unpaused there); stopped them"
+            ) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

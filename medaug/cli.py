@@ -7,8 +7,10 @@ the quality gate's reject exits 3.
 
 from __future__ import annotations
 
+import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -39,6 +41,10 @@ def _setup_logging(verbose: bool = False) -> None:
     )
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+"""A full disk, a full quota, a read-only folder: one line from any command, not a traceback."""
+
+
 def clean_errors(fn: F) -> F:
     """Turn a MedaugError into one red line and exit code 2, instead of a traceback."""
 
@@ -52,8 +58,25 @@ def clean_errors(fn: F) -> F:
         except MedaugError as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=2) from None
+        except OSError as exc:
+            if exc.errno not in _WRITE_ERRNOS:
+                raise
+            typer.secho(f"error: writing {exc.filename or 'an output'} failed ({exc.strerror}); check free space and "
+                        "permissions, then run the command again", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def guarded_output(out: Path, command: str, inputs: list[tuple[str, Path | None]]) -> Iterator[None]:
+    """Refuse an --out that is, contains or lies inside an input, and hold its write lock
+    (pipeline/outputs.py) while the command writes it."""
+    from pipeline.outputs import check_apart, output_lock
+
+    check_apart(out, [(name, p) for name, p in inputs if p is not None])
+    with output_lock(out, command):
+        yield
 
 
 # --- phantoms --------------------------------------------------------------------------
@@ -258,7 +281,8 @@ def translate_cmd(
         raise ConfigError(f"--direction must be one of mri2ct, ct2mri; got {direction!r}")
     _checkpoint_option_check(checkpoint)
     try:
-        rows = run_translate(checkpoint, direction, src, out, batch_size=batch_size, device=device, split=split)  # type: ignore[arg-type]
+        with guarded_output(out, "translate", [("SRC", src), ("--checkpoint", checkpoint)]):
+            rows = run_translate(checkpoint, direction, src, out, batch_size=batch_size, device=device, split=split)  # type: ignore[arg-type]
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     labelled = sum(1 for r in rows if r["label_path"])
@@ -283,7 +307,8 @@ def evaluate_translation_cmd(
 
     _checkpoint_option_check(checkpoint)
     try:
-        report = run_evaluate_translation(checkpoint, data, out, batch_size=batch_size, device=device)
+        with guarded_output(out, "evaluate-translation", [("--checkpoint", checkpoint), *[("--data", d) for d in data]]):
+            report = run_evaluate_translation(checkpoint, data, out, batch_size=batch_size, device=device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -328,9 +353,10 @@ def extract_patches_cmd(
 
     from pipeline.patches import extract_patches, write_patch_folder
 
-    ps = extract_patches(data, patch_size, seed, dims, neighbours, healthy_per_volume, (hu_low, hu_high),
-                         brain_margin_mm=brain_margin_mm)
-    manifest = write_patch_folder(ps, out)
+    with guarded_output(out, "extract-patches", [("--data", d) for d in data]):
+        ps = extract_patches(data, patch_size, seed, dims, neighbours, healthy_per_volume, (hu_low, hu_high),
+                             brain_margin_mm=brain_margin_mm)
+        manifest = write_patch_folder(ps, out)
     table = Table(title=f"{len(ps)} patches ({patch_size}^{dims}, seed {seed}) -> {manifest}")
     table.add_column("class")
     table.add_column("patches", justify="right")
@@ -401,7 +427,8 @@ def sample_tumors_cmd(
     """Write synthetic tumor patches and masks of one class as NIfTI, with provenance."""
     from pipeline.sample_tumors import sample_tumors
 
-    report = sample_tumors(checkpoint, class_name, n, seed, out, device=device)
+    with guarded_output(out, "sample-tumors", [("--checkpoint", checkpoint)]):
+        report = sample_tumors(checkpoint, class_name, n, seed, out, device=device)
     typer.echo(f"wrote {len(report.files)} {class_name} patches (seed {seed}) to {out}")
 
 
@@ -421,7 +448,8 @@ def evaluate_tumors_cmd(
 
     from pipeline.tumor_eval import evaluate_tumors
 
-    report = evaluate_tumors(checkpoint, real, out, n_per_class, seed, classifier_steps)
+    with guarded_output(out, "evaluate-tumors", [("--checkpoint", checkpoint), ("--real", real)]):
+        report = evaluate_tumors(checkpoint, real, out, n_per_class, seed, classifier_steps)
     clf = report["classifier"]
     table = Table(title=f"tumor GAN vs real (classifier accuracy on real {clf['real_accuracy_on']}: {clf['real_accuracy']:.2f})")
     for column in ("class", "fidelity acc", "MS-SSIM gen", "MS-SSIM real", "area gen", "area real"):
@@ -483,7 +511,8 @@ def gate_cmd(
     from pipeline.gate.run import run_gate
 
     cfg = load_section(GateConfig, config, "gate", set_ or [])
-    report = run_gate(real, synthetic, out, cfg)
+    with guarded_output(out, "gate", [("--real", real), ("--synthetic", synthetic)]):
+        report = run_gate(real, synthetic, out, cfg)
     table = Table(title=f"gate {report.report_id[:12]}: {report.feature_extractor['name']}")
     for col in ("check", "value", "threshold", "result"):
         table.add_column(col)
@@ -515,6 +544,7 @@ def build_dataset_cmd(
     manifests_dir: Annotated[Path | None, typer.Option("--manifests-dir", help="Where manifest copies go under <content-hash>/ (default: config, data_manifests/).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a different dataset already at --out.")] = False,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override, e.g. --set dataset.strategy=fixed.")] = None,
+    allow_ungated: Annotated[bool, typer.Option("--allow-ungated", help="Ship synthetic items without --gate (console and datasheet say so).")] = False,
 ) -> None:
     """Write a class-balanced dataset: real items split by subject plus gated synthetic items in training."""
     from rich.console import Console
@@ -527,7 +557,10 @@ def build_dataset_cmd(
     cfg = load_section(DatasetConfig, config, "dataset", set_ or [])
     if manifests_dir is not None:
         cfg = cfg.model_copy(update={"manifests_dir": manifests_dir})
-    result = build_dataset(real, synthetic or [], out, cfg, gate or [], generator_card or [], runs_dir, overwrite)
+    inputs = [("--real", real), ("--runs-dir", runs_dir), *[("--synthetic", p) for p in synthetic or []],
+              *[("--gate", p) for p in gate or []], *[("--generator-card", p) for p in generator_card or []]]
+    with guarded_output(out, "build-dataset", inputs):
+        result = build_dataset(real, synthetic or [], out, cfg, gate or [], generator_card or [], runs_dir, overwrite, allow_ungated)
     table = Table(title=f"{result.out} ({'unchanged, ' if result.unchanged else ''}content hash {result.content_hash[:12]})")
     table.add_column("split")
     table.add_column("class")
@@ -537,6 +570,9 @@ def build_dataset_cmd(
         for klass, n in per_class.items():
             table.add_row(split, klass, str(n["real"]), str(n["synthetic"]))
     Console().print(table)
+    if result.ungated:
+        typer.secho(f"warning: {result.ungated} synthetic items are UNGATED (--allow-ungated): no quality gate judged them",
+                    fg=typer.colors.YELLOW, err=True)
     typer.echo(f"manifest copy: {result.manifests_copy}")
 
 
@@ -593,12 +629,17 @@ def serve(
     schedules: Annotated[bool | None, typer.Option("--schedules/--no-schedules", help="Switch the example cron schedules of prefect.yaml on or off (default: as prefect.yaml says).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", help="Most flow runs at the same time.")] = None,
 ) -> None:
-    """Serve the `mri-ct` and `tumor-patches` deployments in this process (needs PREFECT_API_URL)."""
+    """Serve the `mri-ct` and `tumor-patches` deployments (in a supervised child process; needs PREFECT_API_URL)."""
     import os
+    import sys
 
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline,models")
-    from flows.deploy import serve_all
+    from flows.deploy import CHILD_ENV, serve_all, supervise
 
+    if not os.environ.get(CHILD_ENV):  # serve in a child that a stop signal cannot leave hanging
+        args = ["serve", *([] if schedules is None else ["--schedules" if schedules else "--no-schedules"]),
+                *([] if limit is None else ["--limit", str(limit)])]
+        raise typer.Exit(code=supervise([sys.executable, "-m", "medaug.cli", *args]))
     serve_all(activate_schedules=schedules, limit=limit)
 
 

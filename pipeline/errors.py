@@ -77,3 +77,23 @@ class StageFailed(MedaugError):
 
 class PatchError(MedaugError):
     """Tumor patches cannot be extracted, read, sampled or evaluated (names the folder or class and the fix)."""
+
+
+class GateMismatchError(MedaugError):
+    """A gate report did not judge these synthetic bytes (a report for another set, or files changed since)."""
+
+
+class UngatedError(MedaugError):
+    """Synthetic items would enter a dataset without a gate report (pass --gate, or --allow-ungated)."""
+
+
+class OutputLockedError(MedaugError):
+    """Another live process is writing the same output folder (names its pid and host)."""
+
+
+class OutputOverlapError(MedaugError):
+    """An output folder is, contains, or lies inside one of the command's inputs."""
+
+
+class OutputWriteError(MedaugError):
+    """Writing an output failed (full disk, read-only folder); nothing half-written is left behind."""

@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from pipeline.errors import PatchError
 from pipeline.manifest import read_manifest, write_manifest
+from pipeline.outputs import atomic_file
 from pipeline.preprocess import body_mask, to_unit
 from pipeline.types import HUWindow, Modality
 
@@ -55,6 +56,8 @@ PATCH_COLUMNS = (
     "patch_size",
 )
 PARAMS_NAME = "patches.json"
+PADDING_WARN = 0.25
+"""extract_patches warns when every patch is at least this share padding (patches larger than the volumes)."""
 
 
 @dataclass
@@ -178,6 +181,44 @@ class _CutOptions:
     seed: int
 
 
+def _check_arguments(patch_size: int, dims: int, hu_window: HUWindow) -> None:
+    """PatchError for patch dims other than 2/3, patches under 4 voxels, or a CT window that is not low < high (HU)."""
+    if dims not in (2, 3):
+        raise PatchError(f"patch dims must be 2 or 3, got {dims}")
+    if patch_size < 4:
+        raise PatchError(f"patch size must be at least 4 voxels, got {patch_size}")
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise PatchError(f"the CT window must have --hu-low below --hu-high; got {lo:g} to {hi:g} HU (swap them?)")
+
+
+def _read_pair(folder: Path, row: dict[str, str]) -> tuple[nib.Nifti1Image, NDArray[np.float32], NDArray[np.bool_]]:
+    """The volume (image and float32 voxels) and lesion mask of an ingest manifest row.
+
+    Raises PatchError naming the manifest row's file when a file is missing or the volume
+    holds NaN or infinite voxels (they would spread through the normalisation silently).
+    """
+    for rel in (row["path"], row["label_path"]):
+        if not (folder / rel).is_file():
+            raise PatchError(f"{folder.name}/manifest.csv lists {rel} but the file is missing; run `medaug ingest` again")
+    img = _load(folder / row["path"])
+    volume = np.asarray(img.dataobj, dtype=np.float32)
+    bad = int((~np.isfinite(volume)).sum())
+    if bad:
+        raise PatchError(f"{folder.name}/{row['path']} holds {bad} NaN or infinite voxels; fix or leave out this volume")
+    return img, volume, np.asarray(_load(folder / row["label_path"]).dataobj) > 0
+
+
+def _padding_share(shape: Sequence[int], size: Sequence[int]) -> float:
+    """Least share of a patch of `size` that lies outside a volume of `shape` (padding), in [0, 1).
+
+    >>> _padding_share((32, 32, 16), (64, 64, 1))
+    0.75
+    """
+    inside = float(np.prod([min(int(a), int(b)) for a, b in zip(shape, size, strict=True)]))
+    return 1.0 - inside / float(np.prod(size))
+
+
 def _skip_reason(row: dict[str, str], name: str) -> str | None:
     """Why a manifest row gives no patches before its files are read (None: it may give some)."""
     if not row.get("label_path"):
@@ -208,8 +249,9 @@ def _lesion_centres(lesion: NDArray[np.bool_], cls: str, dims: int, neighbours: 
 
 def _cut_volume(
     folder: Path, row: dict[str, str], opts: _CutOptions
-) -> list[tuple[NDArray[np.float32], NDArray[np.uint8], NDArray[np.float64], dict[str, str]]] | str:
-    """The patches of one manifest row as (image, mask, affine, manifest row) tuples, or why it gives none.
+) -> tuple[list[tuple[NDArray[np.float32], NDArray[np.uint8], NDArray[np.float64], dict[str, str]]], float] | str:
+    """The patches of one manifest row as (image, mask, affine, manifest row) tuples with the
+    least share of a patch that is padding (patches larger than the volume), or why it gives none.
 
     The volume is read once, normalised (pipeline.preprocess.to_unit with its body mask)
     and cut at its lesion centres and at healthy centres seeded by (seed, its sha256).
@@ -217,9 +259,7 @@ def _cut_volume(
     name = Path(row["path"]).name
     modality = _modality(row.get("modality", ""))
     sha = row.get("sha256") or ""
-    img = _load(folder / row["path"])
-    volume = np.asarray(img.dataobj, dtype=np.float32)
-    lesion = np.asarray(_load(folder / row["label_path"]).dataobj) > 0
+    img, volume, lesion = _read_pair(folder, row)
     if volume.ndim != 3 or lesion.shape != volume.shape:
         return f"{name}: volume {volume.shape} and mask {lesion.shape} must be the same 3-D shape"
     body = body_mask(volume, modality)
@@ -250,7 +290,7 @@ def _cut_volume(
         lower = [centre[0] - half, centre[1] - half, centre[2] if opts.dims == 2 else centre[2] - half]
         out.append((_crop(unit, lower, size, -1.0), _crop(lesion.astype(np.uint8), lower, size, 0), _translate(affine, lower),
                     base | {"class": cls, "centre": "x".join(str(c) for c in centre), "name": f"{stem}_{cls}_{k:02d}"}))
-    return out
+    return out, _padding_share(volume.shape, size)
 
 
 def extract_patches(
@@ -283,14 +323,12 @@ def extract_patches(
     volume listed twice (same sha256) is cut once.
     Returns a PatchSet; `skipped` says which volumes gave nothing and why (by file name).
     """
-    if dims not in (2, 3):
-        raise PatchError(f"patch dims must be 2 or 3, got {dims}")
-    if patch_size < 4:
-        raise PatchError(f"patch size must be at least 4 voxels, got {patch_size}")
+    _check_arguments(patch_size, dims, hu_window)
     opts = _CutOptions(patch_size, dims, neighbours, healthy_per_volume, hu_window, min_body_fraction, brain_margin_mm, seed)
     cut: list[tuple[NDArray[np.float32], NDArray[np.uint8], NDArray[np.float64], dict[str, str]]] = []
     skipped: list[str] = []
     seen: set[str] = set()
+    padding = 0.0
     for folder in ingest_dirs:
         manifest = folder / "manifest.csv"
         if not manifest.is_file():
@@ -304,7 +342,11 @@ def extract_patches(
             if isinstance(result, str):
                 skipped.append(result)
             else:
-                cut += result
+                cut += result[0]
+                padding = max(padding, result[1])
+    if padding > PADDING_WARN:
+        log.warning("%d-voxel patches are larger than the volumes: at least %.0f%% of a patch is padding; pass a --patch-size "
+                    "no larger than the volumes' smallest side", patch_size, 100 * padding)
     if not cut:
         raise PatchError(
             f"no patches from {len(ingest_dirs)} ingest folder(s): "
@@ -358,16 +400,18 @@ def write_patch_folder(patch_set: PatchSet, out: Path) -> Path:
         if img.ndim == 2:
             img, msk = img[..., None], msk[..., None]
         rel_img, rel_msk = f"patches/{name}.nii.gz", f"masks/{name}.nii.gz"
-        nib.save(nib.Nifti1Image(img.astype(np.float32), patch_set.affines[i]), out / rel_img)
-        nib.save(nib.Nifti1Image(msk.astype(np.uint8), patch_set.affines[i]), out / rel_msk)
+        for rel, arr in ((rel_img, img.astype(np.float32)), (rel_msk, msk.astype(np.uint8))):
+            with atomic_file(out / rel) as tmp:  # a full disk leaves no truncated patch
+                nib.save(nib.Nifti1Image(arr, patch_set.affines[i]), tmp)
         row["path"], row["label_path"] = rel_img, rel_msk
         out_rows.append({c: row.get(c, "") for c in PATCH_COLUMNS})
     out_rows.sort(key=lambda r: r["path"])
-    (out / PARAMS_NAME).write_text(
-        json.dumps(patch_set.params | {"counts": patch_set.counts(), "skipped": patch_set.skipped}, indent=2, sort_keys=True)
-        + "\n",
-        encoding="utf-8",
-    )
+    with atomic_file(out / PARAMS_NAME) as tmp:
+        tmp.write_text(
+            json.dumps(patch_set.params | {"counts": patch_set.counts(), "skipped": patch_set.skipped}, indent=2, sort_keys=True)
+            + "\n",
+            encoding="utf-8",
+        )
     return write_manifest(out, out_rows, PATCH_COLUMNS)
 
 
@@ -456,6 +500,10 @@ def to_train_data(patch_set: PatchSet, modality: str | None = None, splits: Sequ
     keep = [i for i in keep if patch_set.rows[i]["modality"] == modality]
     rows = [patch_set.rows[i] for i in keep]
     classes = sorted({r["class"] for r in rows})
+    if len(classes) == 1:
+        # a class-conditional GAN with one class learns no class differences; its class label is a constant
+        log.warning("only one class (%s) among %d training patches: the tumor GAN cannot learn class differences; "
+                    "add volumes of other classes (or healthy patches, --healthy-per-volume)", classes[0], len(rows))
     index = {c: k for k, c in enumerate(classes)}
     spacing_text = Counter(r.get("spacing", "") for r in rows).most_common(1)[0][0]
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from pipeline.errors import CheckpointError, PatchError
+from pipeline.errors import CheckpointError, OutputOverlapError, PatchError
 from pipeline.manifest import read_manifest, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ SAMPLE_COLUMNS = (
 )
 PROVENANCE_NAME = "provenance.json"
 MASK_THRESHOLD = 0.5
+STREAM_BLOCK = 1024
+"""Patches generated and written per block: a 3-D 32^3 block is 256 MiB of float32 (image and mask)."""
+NIFTI_HEADER_BYTES = 352
 
 
 @dataclass
@@ -90,6 +94,7 @@ def sample_tumors(
 
     if n < 1:
         raise PatchError(f"--n must be at least 1, got {n}")
+    _check_sample_folder(out)
     checkpoint = Path(checkpoint)
     try:
         g, card = load_tumor_generator(checkpoint, device=device)
@@ -100,14 +105,9 @@ def sample_tumors(
     classes = list(card["classes"])
     if class_name not in classes:
         raise PatchError(f"class {class_name!r} is not one the generator knows; choose one of {', '.join(classes)}")
+    _check_room(out, n, card)
     ckpt_sha = sha256_file(checkpoint)
     import torch
-
-    x = generate(g, classes.index(class_name), n, class_seed(seed, class_name), g.latent_dim, torch.device(device), batch_size)
-    images = x[:, 0].numpy().astype(np.float32)
-    masks = (x[:, 1].numpy() > MASK_THRESHOLD).astype(np.uint8)
-    affine = patch_affine(card["spacing"])
-    spacing_text = "x".join(f"{float(s):g}" for s in card["spacing"])
 
     (out / "patches").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -120,33 +120,17 @@ def sample_tumors(
     stale = [r for r in existing if same_call(r)]
     rows = [r for r in existing if not same_call(r)]
     files: list[str] = []
-    for i in range(n):
-        name = f"{class_name}_seed{seed}_{ckpt_sha[:8]}_{i:05d}.nii.gz"
-        img, msk = images[i], masks[i]
-        if img.ndim == 2:
-            img, msk = img[..., None], msk[..., None]
-        descrip = f"medaug synthetic {class_name} seed={seed} i={i} ckpt={ckpt_sha[:16]}".encode()[:79]
-        for sub, arr in (("patches", img), ("masks", msk)):
-            nii = nib.Nifti1Image(arr, affine)
-            nii.header["descrip"] = descrip
-            nii.header.set_xyzt_units("mm")
-            nib.save(nii, out / sub / name)
-        rows.append(
-            {
-                "path": f"patches/{name}",
-                "label_path": f"masks/{name}",
-                "class": class_name,
-                "split": "train",
-                "modality": card.get("modality", ""),
-                "synthetic": "1",
-                "checkpoint_sha256": ckpt_sha,
-                "seed": str(seed),
-                "index": str(i),
-                "patch_size": str(card.get("patch_size", "")),
-                "spacing": spacing_text,
-            }
-        )
-        files.append(f"patches/{name}")
+    base = {"class": class_name, "split": "train", "modality": card.get("modality", ""), "synthetic": "1",
+            "checkpoint_sha256": ckpt_sha, "seed": str(seed), "patch_size": str(card.get("patch_size", "")),
+            "spacing": "x".join(f"{float(s):g}" for s in card["spacing"])}
+    # streamed in blocks of STREAM_BLOCK patches: memory stays bounded whatever --n is
+    for start in range(0, n, STREAM_BLOCK):
+        m = min(STREAM_BLOCK, n - start)
+        x = generate(g, classes.index(class_name), m, block_seed(seed, class_name, start // STREAM_BLOCK), g.latent_dim,
+                     torch.device(device), batch_size)
+        for k, name in enumerate(_write_block(out, x, start, class_name, seed, ckpt_sha, patch_affine(card["spacing"]))):
+            rows.append({"path": f"patches/{name}", "label_path": f"masks/{name}", "index": str(start + k), **base})
+            files.append(f"patches/{name}")
     written = {r["path"] for r in rows}
     for r in stale:  # a re-run with a smaller n leaves no orphan files behind
         if r["path"] not in written:
@@ -158,6 +142,81 @@ def sample_tumors(
     _write_provenance(out, ckpt_sha, card, class_name, seed, n)
     log.info("wrote %d %s patches (seed %d) to %s", n, class_name, seed, out)
     return SampleReport(out, files, class_name, seed, ckpt_sha)
+
+
+def block_seed(seed: int, class_name: str, block: int) -> int:
+    """Latent seed of streaming block `block` of a (seed, class) call; block 0 is `class_seed`, so
+    a call of at most STREAM_BLOCK patches draws the latents it drew before streaming existed.
+
+    >>> block_seed(0, "round", 0) == class_seed(0, "round") != block_seed(0, "round", 1)
+    True
+    """
+    return class_seed(seed, class_name) if block == 0 else class_seed(seed, f"{class_name}#{block}")
+
+
+def _write_block(out: Path, x: Any, start: int, class_name: str, seed: int, ckpt_sha: str, affine: np.ndarray) -> list[str]:
+    """Write a block of generated patches x (m, 2, *S) as patches/ and masks/ NIfTI files
+    (temp file + rename each); returns their file names (indices start, start+1, ...)."""
+    images = x[:, 0].numpy().astype(np.float32)
+    masks = (x[:, 1].numpy() > MASK_THRESHOLD).astype(np.uint8)
+    names = []
+    for k in range(images.shape[0]):
+        i = start + k
+        name = f"{class_name}_seed{seed}_{ckpt_sha[:8]}_{i:05d}.nii.gz"
+        img, msk = images[k], masks[k]
+        if img.ndim == 2:
+            img, msk = img[..., None], msk[..., None]
+        descrip = f"medaug synthetic {class_name} seed={seed} i={i} ckpt={ckpt_sha[:16]}".encode()[:79]
+        for sub, arr in (("patches", img), ("masks", msk)):
+            nii = nib.Nifti1Image(arr, affine)
+            nii.header["descrip"] = descrip
+            nii.header.set_xyzt_units("mm")
+            tmp = out / sub / f".{name}.tmp.nii.gz"
+            nib.save(nii, tmp)
+            tmp.replace(out / sub / name)
+        names.append(name)
+    return names
+
+
+def _check_sample_folder(out: Path) -> None:
+    """Refuse an --out that holds a manifest sample-tumors did not write (a real patch or ingest
+    folder): merging into it would rewrite that manifest and drop its columns (subject ids)."""
+    if not (out / "manifest.csv").is_file():
+        return
+    try:
+        kind = json.loads((out / PROVENANCE_NAME).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind != "tumor_gan_samples":
+        raise OutputOverlapError(
+            f"--out {out} holds a manifest.csv that sample-tumors did not write (no {PROVENANCE_NAME} of its kind; a real "
+            "patch or ingest folder?); sampling into it would rewrite that manifest. Choose an empty folder or an "
+            "earlier sample-tumors --out"
+        )
+
+
+def _check_room(out: Path, n: int, card: dict[str, Any]) -> None:
+    """Refuse a call whose patches cannot fit the free space at `out` (float32 images, before gzip,
+    which hardly shrinks generated noise; masks compress to little and are not counted)."""
+    side = int(card.get("patch_size") or 0)
+    dims = int(card.get("spatial_dims") or 2)
+    need = n * (side**dims * 4 + NIFTI_HEADER_BYTES)
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise PatchError(
+            f"--n {n} patches of {side}^{dims} need about {_size(need)} and {probe} has {_size(free)} free; ask for fewer "
+            "(calls with different --seed values add to one folder)"
+        )
+
+
+def _size(n_bytes: float) -> str:
+    """Bytes as a short human size, e.g. '12.8 TB'."""
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n_bytes < 1000 or unit == "PB":
+            return f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1000
+    return f"{n_bytes:.1f} PB"
 
 
 def _write_provenance(out: Path, ckpt_sha: str, card: dict[str, Any], class_name: str, seed: int, n: int) -> None:

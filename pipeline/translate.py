@@ -30,8 +30,9 @@ import torch
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from numpy.typing import NDArray
 
-from pipeline.errors import CheckpointError, DatasetError, InputRejected
+from pipeline.errors import CheckpointError, DatasetError, InputRejected, OutputWriteError
 from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file, write_manifest
+from pipeline.outputs import atomic_file
 from pipeline.preprocess import (
     DEFAULT_HU_WINDOW,
     DEFAULT_MR_PERCENTILES,
@@ -195,6 +196,8 @@ def find_sources(src: Path, modality: Modality, split: str | None = None) -> lis
             if split is not None and not split_matches(row.get("split", ""), split):
                 continue
             label = row.get("label_path", "").strip()
+            if not (src / row["path"]).is_file():
+                raise DatasetError(f"{src / MANIFEST_NAME} lists {row['path']} but the file is missing; run `medaug ingest` again")
             out.append(SourceVolume(src / row["path"], src / label if label else None,
                                     row.get("subject_id", ""), row.get("class", ""), row.get("split", ""),
                                     (row.get("sha256") or "").strip().lower()))
@@ -252,6 +255,8 @@ def translate_image(
     if len(img.shape) not in (3, 4) or (len(img.shape) == 4 and img.shape[3] != 1):
         raise InputRejected(f"a volume of shape {img.shape} is not 3-D; translate takes one 3-D volume per file")
     data = volume_as_3d(np.asarray(img.dataobj, dtype=np.float32))
+    if not np.isfinite(data).all():
+        raise InputRejected(f"holds {int((~np.isfinite(data)).sum())} NaN or infinite voxels; fix or leave out this volume")
     own = io_orientation(img.affine)
     ras = axcodes2ornt(("R", "A", "S"))
     data_ras = apply_orientation(data, ornt_transform(own, ras))
@@ -321,12 +326,11 @@ def run_translate(
             raise InputRejected(f"source volume {i + 1} of {len(sources)} (sha256 {src_sha[:12]}): {exc}") from None
         name = f"syn_{src_sha[:16]}_{target_mod}"
         vol_path = out / "volumes" / f"{name}.nii.gz"
-        write_like(data, img, vol_path)
-        label_rel = ""
-        if source.label_path is not None and source.label_path.is_file():
-            label_rel = f"labels/{name}.nii.gz"
-            (out / "labels").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source.label_path, out / label_rel)
+        label_rel = f"labels/{name}.nii.gz" if source.label_path is not None and source.label_path.is_file() else ""
+        try:
+            _write_outputs(data, img, vol_path, source.label_path if label_rel else None, out / label_rel)
+        except OSError as exc:
+            raise _write_failed(out, exc, i, len(sources)) from None
         zooms = img.header.get_zooms()[:3]
         row = {
             "path": f"volumes/{name}.nii.gz",
@@ -359,11 +363,37 @@ def run_translate(
             "split": source.split,
             "sha256": row["sha256"],
         }
-        (out / "volumes" / f"{name}.json").write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        try:
+            with atomic_file(out / "volumes" / f"{name}.json") as tmp:
+                tmp.write_text(json.dumps(sidecar, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise _write_failed(out, exc, i, len(sources)) from None
         rows.append(row)
         log.info("translated volume %d of %d (%s -> %s)", i + 1, len(sources), source_mod, target_mod)
-    write_manifest(out, sorted(rows, key=lambda r: str(r["path"])), TRANSLATE_COLUMNS)
+    try:
+        write_manifest(out, sorted(rows, key=lambda r: str(r["path"])), TRANSLATE_COLUMNS)
+    except OSError as exc:
+        (out / f".{MANIFEST_NAME}.tmp").unlink(missing_ok=True)
+        raise _write_failed(out, exc, len(sources), len(sources)) from None
     return rows
+
+
+def _write_outputs(data: NDArray[np.float32], img: Any, vol_path: Path, label_src: Path | None, label_dst: Path) -> None:
+    """Write a translated volume and copy its label, each to a temp file renamed into place."""
+    with atomic_file(vol_path) as tmp:
+        write_like(data, img, tmp)
+    if label_src is not None:
+        label_dst.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(label_dst) as tmp:
+            shutil.copyfile(label_src, tmp)
+
+
+def _write_failed(out: Path, exc: OSError, i: int, n: int) -> OutputWriteError:
+    """One line for a failed write: the folder, the system's reason, how far it got, what to do."""
+    return OutputWriteError(
+        f"writing to {out} failed after {i} of {n} volumes ({exc.strerror or type(exc).__name__}); no half-written "
+        "file is left: check free space and permissions, then run translate again"
+    )
 
 
 def _card_value(card: dict[str, Any], key: str, default: Any) -> Any:

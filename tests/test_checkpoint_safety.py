@@ -107,7 +107,7 @@ def _args(command: str, ckpt: Path, tmp: Path, mr_ct: Path, tumor: Path) -> list
         case "sample-tumors":
             return ["sample-tumors", "--checkpoint", str(ckpt), "--class", "round", "--n", "2", "--out", str(tmp / "o")]
         case "evaluate-tumors":
-            return ["evaluate-tumors", "--checkpoint", str(ckpt), "--real", str(tmp), "--out", str(tmp / "o")]
+            return ["evaluate-tumors", "--checkpoint", str(ckpt), "--real", str(tmp / "real"), "--out", str(tmp / "o")]
     raise ValueError(command)
 
 

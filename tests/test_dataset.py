@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from pipeline.dataset.balance import choose, plan_balance, seeded_order, synthetic_cap
 from pipeline.dataset.config import DatasetConfig, SplitFractions
+from pipeline.dataset.inputs import content_id
 from pipeline.dataset.splits import Subject, assign_splits
 from pipeline.dataset.writer import build_dataset, plan_dataset
 from pipeline.errors import ConfigError, DatasetExistsError, GateRejected, ProvenanceError
@@ -110,12 +111,25 @@ def make_tumor_inputs(
     if gate_verdict is not None:
         gate = root / "gate"
         gate.mkdir()
-        verdict = {"report_id": "gate-0001", "verdict": gate_verdict, "failed_checks": ["fid"] if gate_verdict == "reject" else []}
-        (gate / "gate_report.json").write_text(json.dumps(verdict), encoding="utf-8")
-        accepted = [{"path": str(syn / r["path"])} for r in srows[gate_drop:]]
-        write_manifest(gate, accepted, ("path",), name="accepted.csv")
-        out["gate"] = gate
+        out["gate"] = write_gate_report(gate, syn, srows, gate_verdict, gate_drop)
     return out
+
+
+def write_gate_report(gate: Path, syn: Path, srows: list[dict[str, Any]], verdict: str, drop: int) -> Path:
+    """A gate folder in `medaug gate`'s format: gate_report.json judging every synthetic item by
+    the sha256 of its bytes (the first `drop` rejected), with a report_id that matches its content."""
+    gate.mkdir(parents=True, exist_ok=True)
+    samples = [{"path": r["path"], "sha256": sha256_file(syn / r["path"]), "decision": "reject" if k < drop else "accept"}
+               for k, r in enumerate(srows)]
+    report: dict[str, Any] = {"verdict": verdict, "failed_checks": ["fid"] if verdict == "reject" else [], "samples": samples}
+    report["report_id"] = content_id(report)
+    (gate / "gate_report.json").write_text(json.dumps(report), encoding="utf-8")
+    return gate
+
+
+def gate_id(inputs: dict[str, Path]) -> str:
+    """The report id of the inputs' gate report."""
+    return str(json.loads((inputs["gate"] / "gate_report.json").read_text(encoding="utf-8"))["report_id"])
 
 
 def make_mri_ct_inputs(root: Path) -> dict[str, Path]:
@@ -249,7 +263,7 @@ def test_split_invariants(classes: list[str], explicit: list[str], pinned: set[i
 
 
 def test_build_invariants_and_counts(tmp_path: Path) -> None:
-    out, _ = build_tumor_dataset(tmp_path)
+    out, inputs = build_tumor_dataset(tmp_path)
     rows = read_manifest(out)
     splits_of: dict[str, set[str]] = defaultdict(set)
     for r in rows:
@@ -261,7 +275,7 @@ def test_build_invariants_and_counts(tmp_path: Path) -> None:
     assert {r["split"] for r in rows if r["synthetic"] == "1"} == {"train"}  # synthetic only in train
     assert all(r["source"] == r["subject_id"] for r in rows if r["synthetic"] == "0")
     syn = [r for r in rows if r["synthetic"] == "1"]
-    assert syn and all(r["gate_report_id"] == "gate-0001" and r["seed"] == "7" and len(r["source"]) == 64 for r in syn)
+    assert syn and all(r["gate_report_id"] == gate_id(inputs) and r["seed"] == "7" and len(r["source"]) == 64 for r in syn)
     report = json.loads((out / "build_report.json").read_text())
     counts = report["counts"]
     train = {c: counts["train"][c]["real"] + counts["train"][c]["synthetic"] for c in ("round", "necrotic")}
@@ -273,7 +287,7 @@ def test_build_invariants_and_counts(tmp_path: Path) -> None:
     assert report["balance"]["necrotic"] == {"target": 8, "real": 1, "synthetic": 3, "short": 4}
     assert report["excluded"] == {"synthetic, not accepted by the gate": 3}
     sheet = (out / "datasheet.md").read_text()
-    assert "gate-0001" in sheet and "| necrotic |" in sheet and (out / "sample_grid.png").is_file()
+    assert gate_id(inputs) in sheet and "| necrotic |" in sheet and (out / "sample_grid.png").is_file()
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no partial folder left
 
 
@@ -335,7 +349,8 @@ def test_provenance_refusal_names_count_and_split_only(tmp_path: Path) -> None:
     inputs = make_tumor_inputs(tmp_path / "inputs", card_subjects="test")
     cfg = tumor_config(tmp_path)
     with pytest.raises(ProvenanceError, match=r"trained on 1 subject\(s\) of the test split") as info:
-        build_dataset(inputs["real"], [inputs["synthetic"]], tmp_path / "ds", cfg, generator_cards=[inputs["card"]])
+        build_dataset(inputs["real"], [inputs["synthetic"]], tmp_path / "ds", cfg, generator_cards=[inputs["card"]],
+                      allow_ungated=True)
     assert not re.search(r"subj\d", str(info.value))  # no pseudonym in the message
     assert not (tmp_path / "ds").exists()
 
@@ -343,16 +358,16 @@ def test_provenance_refusal_names_count_and_split_only(tmp_path: Path) -> None:
 def test_provenance_missing_card(tmp_path: Path) -> None:
     inputs = make_tumor_inputs(tmp_path / "inputs")
     with pytest.raises(ProvenanceError, match="no model card"):
-        plan_dataset(inputs["real"], [inputs["synthetic"]], tumor_config(tmp_path))
+        plan_dataset(inputs["real"], [inputs["synthetic"]], tumor_config(tmp_path), allow_ungated=True)
     card = tmp_path / "nosubjects.json"
     card.write_text(json.dumps({"modality": "CT"}))
     with pytest.raises(ProvenanceError, match="lists no train_subjects"):
-        plan_dataset(inputs["real"], [inputs["synthetic"]], tumor_config(tmp_path), generator_cards=[card])
+        plan_dataset(inputs["real"], [inputs["synthetic"]], tumor_config(tmp_path), generator_cards=[card], allow_ungated=True)
 
 
 def test_gate_reject_refuses(tmp_path: Path) -> None:
     inputs = make_tumor_inputs(tmp_path / "inputs", gate_verdict="reject")
-    with pytest.raises(GateRejected, match="gate-0001.*fid"):
+    with pytest.raises(GateRejected, match=f"{gate_id(inputs)[:12]}.*fid"):
         build_dataset(inputs["real"], [inputs["synthetic"]], tmp_path / "ds", tumor_config(tmp_path), gates=[inputs["gate"]], generator_cards=[inputs["card"]])
     assert not (tmp_path / "ds").exists()
 
@@ -371,7 +386,7 @@ def test_mri_ct_translated_inherit_class_and_mask(tmp_path: Path) -> None:
     inputs = make_mri_ct_inputs(tmp_path / "inputs")
     cfg = DatasetConfig(deployment="mri-ct", fractions=SplitFractions(train=0.8, val=0.2, test=0.0), max_synthetic_share=0.9,
                         manifests_dir=tmp_path / "dm")
-    plan = plan_dataset(inputs["real"], [inputs["synthetic"]], cfg, generator_cards=[inputs["card"]])
+    plan = plan_dataset(inputs["real"], [inputs["synthetic"]], cfg, generator_cards=[inputs["card"]], allow_ungated=True)
     syn = [c for c in plan.chosen if c.item.synthetic]
     # MR of p05 (round) and p09 (necrotic) translate; the test subjects' (p00, p08) are left out
     assert sorted((c.item.subject_id, c.item.klass) for c in syn) == [("p09", "necrotic")]  # round is the majority
@@ -397,7 +412,7 @@ def test_cli_build_dataset(tmp_path: Path) -> None:
     base = ["build-dataset", "--real", str(inputs["real"]), "--synthetic", str(inputs["synthetic"]), "--out", str(tmp_path / "ds"),
             "--config", str(REPO / "configs" / "dataset.yaml"), "--manifests-dir", str(tmp_path / "dm"), "--set", "dataset.fractions.test=0.0",
             "--set", "dataset.fractions.val=0.3"]
-    res = CliRunner().invoke(app, [*base, "--generator-card", str(inputs["card"])])
+    res = CliRunner().invoke(app, [*base, "--generator-card", str(inputs["card"]), "--allow-ungated"])
     assert res.exit_code == 2 and "test split" in res.output
     ok = make_tumor_inputs(tmp_path / "ok")
     base[2], base[4] = str(ok["real"]), str(ok["synthetic"])
@@ -415,7 +430,7 @@ from pipeline.dataset.config import DatasetConfig
 from pipeline.dataset.writer import build_dataset
 real, syn, out, card, dm = map(Path, sys.argv[1:6])
 cfg = DatasetConfig(fractions={"train": 0.8, "val": 0.2, "test": 0.0}, manifests_dir=dm, max_synthetic_share=0.95)
-print(build_dataset(real, [syn], out, cfg, generator_cards=[card]).content_hash)
+print(build_dataset(real, [syn], out, cfg, generator_cards=[card], allow_ungated=True).content_hash)
 """
 
 

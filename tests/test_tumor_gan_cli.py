@@ -74,7 +74,8 @@ def test_extract_train_resume_sample_evaluate(ingest: Path, tmp_path: Path) -> N
 
 
 def test_errors_are_one_line(ingest: Path, tmp_path: Path) -> None:
-    result = runner.invoke(app, ["extract-patches", "--data", str(tmp_path), "--out", str(tmp_path / "p")])
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["extract-patches", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "p")])
     assert result.exit_code == 2 and "no manifest.csv" in result.output
     result = runner.invoke(app, ["train", "tumor-gan", "--data", str(ingest), "--out", str(tmp_path / "r"),
                                  "--patch-size", "48", "--steps", "1", "--device", "cpu"])

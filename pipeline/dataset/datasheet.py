@@ -99,6 +99,9 @@ def write_datasheet(folder: Path, report: Mapping[str, Any], config: Mapping[str
     if report["excluded"]:
         lines += ["Left out:", "", *[f"- {k}: {v}" for k, v in report["excluded"].items()], ""]
     lines += ["## Quality gate", ""]
+    if report.get("ungated_synthetic"):
+        lines += [f"**UNGATED: {report['ungated_synthetic']} synthetic training items were not judged by the quality gate** "
+                  "(built with --allow-ungated).", ""]
     if report["gates"]:
         for g in report["gates"]:
             counts = f" ({g['n_accepted']} accepted, {g['n_rejected']} rejected by the per-sample filter)" if "n_accepted" in g else ""

@@ -8,6 +8,7 @@ decides splits or balance (pipeline/dataset/splits.py, balance.py); the writer
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -17,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.dataset.config import Deployment
-from pipeline.errors import ConfigError, GateRejected, ProvenanceError
+from pipeline.errors import ConfigError, GateMismatchError, GateRejected, ProvenanceError
 from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
 GATE_REPORT = "gate_report.json"
-GATE_ACCEPTED = "accepted.csv"
 PROVENANCE_NAME = "provenance.json"  # pipeline/sample_tumors.py: {"checkpoints": {sha256: card}, ...}
 _PASS = {"accept", "accepted", "pass", "passed", "ok"}
 _FAIL = {"reject", "rejected", "fail", "failed"}
@@ -57,14 +57,24 @@ class Item:
 
 @dataclass
 class GateInfo:
-    """A gate report: its id, verdict and the accepted synthetic files (resolved paths and sha256s)."""
+    """A gate report: its id, verdict, and the synthetic files it judged, by the sha256 of their bytes.
+
+    `judged` maps the sha256 of every synthetic item the report decided on to its decision
+    ("accept" or "reject").
+    """
 
     folder: Path
     report_id: str
     verdict: str
-    accepted_paths: set[Path] = field(default_factory=set)
-    accepted_sha256: set[str] = field(default_factory=set)
+    judged: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def accepted_sha256(self) -> set[str]:
+        """sha256s of the items this report accepted (none when the batch verdict is a reject)."""
+        if self.verdict not in _PASS:
+            return set()
+        return {sha for sha, decision in self.judged.items() if decision == "accept"}
 
 
 @dataclass(frozen=True)
@@ -146,59 +156,80 @@ def read_real(manifest: Path) -> list[Item]:
     return items
 
 
-def read_gate(folder: Path) -> GateInfo:
-    """A gate output folder: gate_report.json (report_id, verdict) and accepted.csv.
-
-    Raises GateRejected when the verdict is a reject, ConfigError when files are missing.
-    """
+def _load_report(folder: Path) -> dict[str, Any]:
+    """gate_report.json of a gate folder as a dict; ConfigError when missing or not JSON."""
     report_path = folder / GATE_REPORT
     if not report_path.is_file():
         raise ConfigError(f"gate folder {folder} has no {GATE_REPORT}; run `medaug gate` first")
-    report = json.loads(report_path.read_text(encoding="utf-8"))
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"gate report {report_path} is not readable JSON ({type(exc).__name__}); run `medaug gate` again") from None
+    if not isinstance(report, dict):
+        raise ConfigError(f"gate report {report_path} must hold a JSON object; run `medaug gate` again")
+    return report
+
+
+def _judged(report: Mapping[str, Any], where: Path) -> dict[str, str]:
+    """sha256 -> decision of every synthetic item the report judged (its `samples` list)."""
+    samples = report.get("samples")
+    judged: dict[str, str] = {}
+    for s in samples if isinstance(samples, list) else ():
+        sha = str(s.get("sha256") or "").strip().lower() if isinstance(s, dict) else ""
+        if len(sha) != 64:
+            raise ConfigError(f"gate report {where}: a judged item has no sha256 of its bytes; run `medaug gate` again")
+        decision = str(s.get("decision") or "").strip().lower()
+        # the same bytes judged twice (a file listed twice) count as accepted only if every copy was
+        judged[sha] = decision if judged.get(sha, decision) == decision else "reject"
+    if not judged:
+        raise ConfigError(
+            f"gate report {where} lists no judged items by sha256 (written by an older medaug, or not by `medaug gate`); "
+            "run `medaug gate` on the synthetic folder again"
+        )
+    return judged
+
+
+def read_gate(folder: Path) -> GateInfo:
+    """A gate output folder's gate_report.json: report_id, verdict, and each judged item's sha256 and decision.
+
+    The report is the only source of truth: an item is accepted only if the report judged its
+    exact bytes (sha256) and accepted them, never by its file name. Raises GateRejected when the
+    verdict is a reject, ConfigError when the report is missing, unreadable, lists no judged
+    items, or was edited after the gate wrote it (its report_id no longer matches its content).
+    """
+    report = _load_report(folder)
     report_id = str(report.get("report_id") or "")
     verdict = str(report.get("verdict") or "").strip().lower()
     if not report_id:
-        raise ConfigError(f"gate report {report_path} has no report_id")
+        raise ConfigError(f"gate report {folder / GATE_REPORT} has no report_id")
     if verdict in _FAIL:
         failed = report.get("failed_checks") or report.get("failed") or []
         why = f" (failed: {', '.join(map(str, failed))})" if failed else ""
         raise GateRejected(f"gate report {report_id[:12]} rejected the synthetic data{why}; fix the generator or run the gate again")
     if verdict not in _PASS:
         raise ConfigError(f"gate report {report_id}: unknown verdict {verdict!r}; expected one of {sorted(_PASS | _FAIL)}")
-    info = GateInfo(folder=folder, report_id=report_id, verdict=verdict)
+    judged = _judged(report, folder / GATE_REPORT)
+    if report_id != content_id(report):
+        raise ConfigError(
+            f"gate report {folder / GATE_REPORT} was changed after the gate wrote it (its report_id {report_id[:12]} no "
+            "longer matches its content); run `medaug gate` again"
+        )
+    info = GateInfo(folder=folder, report_id=report_id, verdict=verdict, judged=judged)
     info.summary = {k: report[k] for k in ("report_id", "verdict", "failed_checks", "n_accepted", "n_rejected") if k in report}
     checks = report.get("checks")
     if isinstance(checks, list):  # pipeline/gate/report.py CheckResult dicts; keep what the datasheet shows
         info.summary["checks"] = [
             {k: c.get(k) for k in ("name", "value", "threshold", "op", "passed")} for c in checks if isinstance(c, dict)
         ]
-    accepted = folder / GATE_ACCEPTED
-    if not accepted.is_file():
-        raise ConfigError(f"gate folder {folder} has no {GATE_ACCEPTED}")
-    rows = read_manifest(accepted)
-    for row in rows:
-        if row.get("path"):
-            p = Path(row["path"])
-            info.accepted_paths.add(p.resolve() if p.is_absolute() else p)
-        if row.get("sha256"):
-            info.accepted_sha256.add(row["sha256"].strip().lower())
     return info
 
 
-def gate_accepts(gate: GateInfo, item_path: Path, sha256: str, synthetic_dir: Path) -> bool:
-    """Whether `gate` lists this synthetic file (by sha256, or by its path taken absolute,
-    relative to the gate folder, to the synthetic folder, or to the current folder)."""
-    if sha256 in gate.accepted_sha256:
-        return True
-    for p in gate.accepted_paths:
-        if p.is_absolute():
-            if p == item_path:
-                return True
-            continue
-        for base in (gate.folder, synthetic_dir, Path.cwd()):
-            if (base / p).resolve() == item_path:
-                return True
-    return False
+def content_id(report: Mapping[str, Any]) -> str:
+    """The report id a gate report's content gives: sha256 of its canonical JSON without report_id
+    (the same rule as pipeline/gate/report.py `report_id`)."""
+    content = {k: v for k, v in report.items() if k != "report_id"}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def read_synthetic(
@@ -260,15 +291,29 @@ def read_synthetic(
 
 
 def apply_gates(items: Sequence[Item], gates: Sequence[GateInfo], folder: Path) -> tuple[list[Item], int]:
-    """Items of `folder` that some gate accepts, tagged with that gate's report id; and the
-    number left out. With no gates every item passes untagged."""
+    """Items of `folder` whose exact bytes (sha256) a gate report accepted, tagged with that
+    report's id; and the number the reports rejected.
+
+    Raises GateMismatchError when some item's bytes were judged by none of the reports: the
+    report is for another synthetic set, or files changed after the gate ran. With no gates
+    every item passes untagged (the caller decides whether ungated data may ship).
+    """
     if not gates:
         return list(items), 0
+    unjudged = [it for it in items if not any(it.sha256 in g.judged for g in gates)]
+    if unjudged:
+        ids = ", ".join(g.report_id[:12] for g in gates)
+        raise GateMismatchError(
+            f"synthetic folder {folder.name}: {len(unjudged)} of {len(items)} items (first: {unjudged[0].path.name}, sha256 "
+            f"{unjudged[0].sha256[:12]}) were never judged by gate report {ids}; the report is for another synthetic set or "
+            "the files changed after the gate ran. Run `medaug gate` on this folder and pass that report"
+        )
     kept: list[Item] = []
     for it in items:
-        gate = next((g for g in gates if gate_accepts(g, it.path, it.sha256, folder)), None)
-        if gate is not None:
-            kept.append(replace(it, gate_report_id=gate.report_id))
+        judges = [g for g in gates if it.sha256 in g.judged]
+        # two reports that judged the same bytes must both accept them: a reject anywhere wins
+        if all(it.sha256 in g.accepted_sha256 for g in judges):
+            kept.append(replace(it, gate_report_id=judges[0].report_id))
     return kept, len(items) - len(kept)
 
 
@@ -312,6 +357,25 @@ def _candidate_cards(synthetic_dirs: Iterable[Path], runs_dir: Path | None) -> l
     return found
 
 
+def _cards_from_provenance(synthetic_dirs: Sequence[Path], wanted: set[str]) -> dict[str, GeneratorCard]:
+    """Cards of the `wanted` checkpoints that sample-tumors copied into the synthetic folders'
+    provenance.json ({"checkpoints": {sha256: card}}); unreadable files are skipped."""
+    found: dict[str, GeneratorCard] = {}
+    for d in synthetic_dirs:
+        prov = d / PROVENANCE_NAME
+        if not prov.is_file():
+            continue
+        try:
+            data = json.loads(prov.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        for sha, card in (data.get("checkpoints") or {}).items() if isinstance(data, dict) else ():
+            key = str(sha).lower()
+            if key in wanted and isinstance(card, dict):
+                found.setdefault(key, _card(prov, card, key))
+    return found
+
+
 def find_cards(
     checkpoint_shas: Iterable[str],
     explicit: Sequence[Path],
@@ -341,18 +405,8 @@ def find_cards(
             fallback = (path, data)
     missing = [s for s in wanted if s not in cards]
     if missing and fallback is None:
-        # sample-tumors copies each checkpoint's card into the synthetic folder's provenance.json
-        for d in synthetic_dirs:
-            prov = d / PROVENANCE_NAME
-            if not prov.is_file():
-                continue
-            try:
-                data = json.loads(prov.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                continue
-            for sha, card in (data.get("checkpoints") or {}).items() if isinstance(data, dict) else ():
-                if str(sha).lower() in missing and isinstance(card, dict):
-                    cards.setdefault(str(sha).lower(), _card(prov, card, str(sha).lower()))
+        for sha, card in _cards_from_provenance(synthetic_dirs, set(missing)).items():
+            cards.setdefault(sha, card)
         missing = [s for s in wanted if s not in cards]
     if missing and fallback is None:
         for path in _candidate_cards(synthetic_dirs, runs_dir):

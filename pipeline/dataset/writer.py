@@ -23,7 +23,7 @@ import shutil
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from pipeline.dataset.balance import ClassPlan, choose, plan_balance
 from pipeline.dataset.config import DatasetConfig
 from pipeline.dataset.datasheet import write_datasheet, write_sample_grid
 from pipeline.dataset.inputs import (
+    GateInfo,
     GeneratorCard,
     Item,
     apply_gates,
@@ -43,7 +44,7 @@ from pipeline.dataset.inputs import (
     read_synthetic,
 )
 from pipeline.dataset.splits import SPLITS, Subject, assign_splits, split_counts, subject_class
-from pipeline.errors import ConfigError, DatasetExistsError, InputRejected, ProvenanceError
+from pipeline.errors import ConfigError, DatasetExistsError, InputRejected, ProvenanceError, UngatedError
 from pipeline.ingest.writer import gzip_bytes
 from pipeline.manifest import MANIFEST_NAME, sha256_file, write_manifest
 from pipeline.types import Split
@@ -105,6 +106,8 @@ class BuildResult:
     counts: dict[str, dict[str, dict[str, int]]]
     manifests_copy: Path
     unchanged: bool = False
+    ungated: int = 0
+    """Synthetic items in the dataset that no gate judged (built with allow_ungated)."""
 
 
 def _explicit_split(item: Item) -> str:
@@ -138,18 +141,26 @@ def _check_provenance(cards: dict[str, GeneratorCard], split_of: dict[str, str])
                 )
 
 
-def plan_dataset(
-    real: Path,
-    synthetic: Sequence[Path],
-    cfg: DatasetConfig,
-    gates: Sequence[Path] = (),
-    generator_cards: Sequence[Path] = (),
-    runs_dir: Path | None = None,
-) -> DatasetPlan:
-    """Read inputs, split subjects, check provenance, balance the training split.
+@dataclass
+class _Inputs:
+    """What `plan_dataset` read: real items (all modalities, and of the target modality), the
+    gated synthetic items, the gate reports, and counts of items left out with the reason."""
 
-    Raises GateRejected (a gate said reject), ProvenanceError (a generator without a card,
-    or trained on a validation/test subject), ConfigError (bad inputs).
+    real_all: list[Item]
+    real_target: list[Item]
+    synth: list[Item]
+    gate_infos: list[GateInfo]
+    excluded: Counter[str] = field(default_factory=Counter)
+    ungated: int = 0
+
+
+def _read_inputs(real: Path, synthetic: Sequence[Path], cfg: DatasetConfig, gates: Sequence[Path],
+                 allow_ungated: bool) -> _Inputs:
+    """Read the real manifest and the synthetic folders; keep the target modality and, for
+    synthetic items, only the bytes a gate report accepted.
+
+    Raises UngatedError for synthetic items without a gate unless `allow_ungated`,
+    GateMismatchError for items no report judged (pipeline/dataset/inputs.py `apply_gates`).
     """
     target = cfg.target_modality
 
@@ -161,41 +172,51 @@ def plan_dataset(
     real_target = [it for it in real_all if is_target(it)]
     if not real_target:
         raise ConfigError(f"real manifest has no {target} items; check target_modality (found {sorted({i.modality for i in real_all})})")
-    excluded: Counter[str] = Counter()
-
-    # synthetic items: target modality, accepted by a gate when gates are given
-    gate_infos = [read_gate(g) for g in gates]
+    got = _Inputs(real_all, real_target, [], [read_gate(g) for g in gates])
     real_by_sha = {it.sha256: it for it in real_all}
-    synth: list[Item] = []
     for folder in synthetic:
         items = read_synthetic(folder, cfg.deployment, real_by_sha)
         in_target = [it for it in items if is_target(it)]
-        excluded["synthetic, other modality"] += len(items) - len(in_target)
-        kept, n_out = apply_gates(in_target, gate_infos, folder.resolve())
-        excluded["synthetic, not accepted by the gate"] += n_out
-        synth.extend(kept)
+        got.excluded["synthetic, other modality"] += len(items) - len(in_target)
+        kept, n_out = apply_gates(in_target, got.gate_infos, folder.resolve())
+        got.excluded["synthetic, not accepted by the gate"] += n_out
+        got.synth.extend(kept)
+    if got.synth and not got.gate_infos:
+        if not allow_ungated:
+            raise UngatedError(
+                f"{len(got.synth)} synthetic items and no gate report: synthetic data enters a dataset only after the "
+                "quality gate accepted its bytes. Run `medaug gate` and pass --gate GATE_DIR, or pass --allow-ungated "
+                "to ship them unfiltered (the datasheet will say so)"
+            )
+        got.ungated = len(got.synth)
+        log.warning("%d synthetic items enter the dataset UNGATED (--allow-ungated): no quality gate judged them", got.ungated)
+    return got
 
-    # classes
-    classes = list(cfg.classes) if cfg.classes else sorted({it.klass for it in real_target if it.klass})
+
+def _keep_classes(got: _Inputs, cfg: DatasetConfig) -> list[str]:
+    """The dataset's classes (config, else the real items'); drops items of other classes from `got`."""
+    classes = list(cfg.classes) if cfg.classes else sorted({it.klass for it in got.real_target if it.klass})
     if not classes:
         raise ConfigError("no real item has a class; the dataset balances over classes (class column of the real manifest)")
     known = set(classes)
-    n_before = len(real_target)
-    real_target = [it for it in real_target if it.klass in known]
-    excluded["real, no class or class not in config"] += n_before - len(real_target)
-    n_before = len(synth)
-    synth = [it for it in synth if it.klass in known]
-    excluded["synthetic, no class or class not in config"] += n_before - len(synth)
+    n_real, n_synth = len(got.real_target), len(got.synth)
+    got.real_target = [it for it in got.real_target if it.klass in known]
+    got.synth = [it for it in got.synth if it.klass in known]
+    got.excluded["real, no class or class not in config"] += n_real - len(got.real_target)
+    got.excluded["synthetic, no class or class not in config"] += n_synth - len(got.synth)
+    return classes
 
-    # splits: explicit val/test honoured; generator training (and checkpoint-picking) subjects pinned to train
-    explicit = _explicit_by_subject(real_all)
-    cards = find_cards({it.checkpoint_sha256 for it in synth}, generator_cards, synthetic, runs_dir)
+
+def _split_subjects(got: _Inputs, cfg: DatasetConfig, cards: dict[str, GeneratorCard]) -> tuple[dict[str, Split], list[str]]:
+    """Assign real subjects to splits (explicit val/test honoured; subjects that trained a
+    generator or picked its checkpoint pinned to train), check provenance, and drop synthetic
+    items made from a validation/test subject's volume. Returns the assignment and notes."""
+    explicit = _explicit_by_subject(got.real_all)
     _check_provenance(cards, explicit)
     by_subject: dict[str, list[str]] = defaultdict(list)
-    for it in real_target:
+    for it in got.real_target:
         by_subject[it.subject_id].append(it.klass)
     subjects = [Subject(sid, subject_class(ks), explicit.get(sid, "")) for sid, ks in sorted(by_subject.items())]
-    # the subjects that trained a generator, or picked its checkpoint, stay in train
     pinned = set().union(*(c.train_subjects | c.monitor_subjects for c in cards.values())) & set(by_subject)
     assignment = assign_splits(subjects, cfg.fractions, cfg.seed, pinned_train=pinned)
     split_of: dict[str, str] = {**explicit, **assignment}
@@ -207,25 +228,27 @@ def plan_dataset(
             "checkpoint) and must stay in training; train generators on fewer subjects to keep some for validation"
         )
         log.warning(notes[-1])
-
     # synthetic items made from a validation/test subject's volume would leak it
-    n_before = len(synth)
-    synth = [
+    n_before = len(got.synth)
+    got.synth = [
         it
-        for it in synth
+        for it in got.synth
         if split_of.get(it.subject_id, "") not in ("val", "test") and _explicit_split(it) not in ("val", "test")
     ]
-    excluded["synthetic, source subject outside the training split"] += n_before - len(synth)
+    got.excluded["synthetic, source subject outside the training split"] += n_before - len(got.synth)
+    return assignment, notes
 
-    # balance the training split
+
+def _choose_items(got: _Inputs, classes: list[str], cfg: DatasetConfig, assignment: dict[str, Split]) -> tuple[list[Chosen], dict[str, ClassPlan]]:
+    """Balance the training split and pick its items (seeded); val/test take all their real items."""
     real_by_split: dict[str, list[Item]] = {sp: [] for sp in SPLITS}
-    for it in real_target:
+    for it in got.real_target:
         real_by_split[assignment[it.subject_id]].append(it)
     train_real: dict[str, list[Item]] = defaultdict(list)
     for it in real_by_split["train"]:
         train_real[it.klass].append(it)
     synth_by_class: dict[str, list[Item]] = defaultdict(list)
-    for it in synth:
+    for it in got.synth:
         synth_by_class[it.klass].append(it)
     plans = plan_balance(
         {c: len(train_real[c]) for c in classes},
@@ -261,9 +284,34 @@ def plan_dataset(
             add(it, sp)  # type: ignore[arg-type]
     order = {sp: i for i, sp in enumerate(SPLITS)}
     chosen.sort(key=lambda ch: (order[ch.split], classes.index(ch.item.klass), ch.item.synthetic, ch.id))
+    return chosen, plans
 
-    report = _report(chosen, classes, cfg, plans, assignment, excluded, gate_infos, cards)
+
+def plan_dataset(
+    real: Path,
+    synthetic: Sequence[Path],
+    cfg: DatasetConfig,
+    gates: Sequence[Path] = (),
+    generator_cards: Sequence[Path] = (),
+    runs_dir: Path | None = None,
+    allow_ungated: bool = False,
+) -> DatasetPlan:
+    """Read inputs, split subjects, check provenance, balance the training split.
+
+    A synthetic item enters only if a gate report accepted its exact bytes (sha256); with no
+    gate, synthetic items are refused unless `allow_ungated` (then the report says so).
+    Raises GateRejected (a gate said reject), GateMismatchError (a report for other bytes),
+    UngatedError (synthetic items, no gate, not allowed), ProvenanceError (a generator without
+    a card, or trained on a validation/test subject), ConfigError (bad inputs).
+    """
+    got = _read_inputs(real, synthetic, cfg, gates, allow_ungated)
+    classes = _keep_classes(got, cfg)
+    cards = find_cards({it.checkpoint_sha256 for it in got.synth}, generator_cards, synthetic, runs_dir)
+    assignment, notes = _split_subjects(got, cfg, cards)
+    chosen, plans = _choose_items(got, classes, cfg, assignment)
+    report = _report(chosen, classes, cfg, plans, assignment, got.excluded, got.gate_infos, cards)
     report["notes"] = notes
+    report["ungated_synthetic"] = sum(1 for ch in chosen if ch.item.synthetic) if got.ungated else 0
     return DatasetPlan(chosen=chosen, classes=classes, report=report)
 
 
@@ -536,7 +584,9 @@ def build_dataset(
     generator_cards: Sequence[Path] = (),
     runs_dir: Path | None = None,
     overwrite: bool = False,
+    allow_ungated: bool = False,
 ) -> BuildResult:
     """Plan and write a balanced dataset (`medaug build-dataset`); see `plan_dataset` and `write_dataset`."""
-    plan = plan_dataset(real, synthetic, cfg, gates, generator_cards, runs_dir)
-    return write_dataset(plan, out, cfg, overwrite=overwrite)
+    plan = plan_dataset(real, synthetic, cfg, gates, generator_cards, runs_dir, allow_ungated)
+    result = write_dataset(plan, out, cfg, overwrite=overwrite)
+    return replace(result, ungated=int(plan.report.get("ungated_synthetic", 0)))

@@ -159,11 +159,18 @@ def load_domain_encoder(path: Path, setting: str = "gate.encoder_path") -> tuple
     """A saved DomainEncoder (eval mode) and its sha256; WeightsMissingError naming `setting` when absent."""
     if not path.is_file():
         raise WeightsMissingError(f"domain encoder {path} does not exist; fix {setting} or leave it empty to train one")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    not_ours = f"{path} is not a {ENCODER_VERSION} encoder saved by `medaug gate`"
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types (UnpicklingError, RuntimeError, EOFError) for a foreign file
+        raise WeightsMissingError(f"{not_ours} ({type(exc).__name__}); fix {setting} or leave it empty to train one") from None
     if not isinstance(blob, dict) or blob.get("version") != ENCODER_VERSION:
-        raise WeightsMissingError(f"{path} is not a {ENCODER_VERSION} encoder; leave {setting} empty to train one")
-    model = DomainEncoder(int(blob["width"]), int(blob["proj_dim"]))
-    model.load_state_dict(blob["state_dict"])
+        raise WeightsMissingError(f"{not_ours}; fix {setting} or leave it empty to train one")
+    try:
+        model = DomainEncoder(int(blob["width"]), int(blob["proj_dim"]))
+        model.load_state_dict(blob["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise WeightsMissingError(f"{not_ours} (its weights do not fit: {type(exc).__name__}); fix {setting}") from None
     return model.eval(), state_dict_sha256(blob["state_dict"])
 
 

@@ -244,7 +244,8 @@ def load_gate_set(folder: Path, cfg: GateConfig, role: Role, modalities: set[str
         if not path.is_file():
             raise DatasetError(f"{folder.name}/{MANIFEST_NAME} lists {rel} but the file is missing")
         raw = _read_array(path)
-        item = GateItem(rel, path, (row.get("sha256") or "").strip().lower() or sha256_file(path),
+        # the sha256 of the bytes read here, never a manifest's claim: build-dataset ships exactly these bytes
+        item = GateItem(rel, path, sha256_file(path),
                         (row.get("class") or "").strip(), _modality(row, raw, cfg), "patch" if raw.ndim == 2 else "volume", dict(row))
         items.append(item)
         stack, slices = _scored_slices(raw, item, cfg)

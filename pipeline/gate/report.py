@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipeline.manifest import write_manifest
+from pipeline.outputs import atomic_file
 
 REPORT_JSON = "gate_report.json"
 REPORT_MD = "gate_report.md"
@@ -134,7 +135,8 @@ def report_id(report: GateReport) -> str:
 def write_json(report: GateReport, out: Path) -> Path:
     """Write OUT/gate_report.json (indented, sorted keys) and return its path."""
     path = out / REPORT_JSON
-    path.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with atomic_file(path) as tmp:  # never a truncated report: build-dataset trusts what it lists
+        tmp.write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path
 
 
@@ -207,7 +209,8 @@ def write_markdown(report: GateReport, out: Path, figures: list[str]) -> Path:
     if figures:
         lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures]
     path = out / REPORT_MD
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with atomic_file(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 

@@ -357,6 +357,10 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
     syn_all = load_gate_set(synthetic, cfg, "synthetic", cap=False)
     ref_all = load_gate_set(real, cfg, "real", modalities=set(syn_all.modalities), cap=False)
     if ref_all.images.shape[-1] != syn_all.images.shape[-1]:
+        # a silent resize would compare images of different native resolution (16 px patches against 32 px slices)
+        log.warning("synthetic images are %dx%d and real ones %dx%d: both resized to gate.gate_size %d; the gate then compares "
+                    "different resolutions (blur, scale) - give it real and synthetic items of one size",
+                    *syn_all.images.shape[-2:], *ref_all.images.shape[-2:], cfg.gate_size)
         ref_all.images = resize_images(ref_all.images, cfg.gate_size)
         syn_all.images = resize_images(syn_all.images, cfg.gate_size)
     for name, s in (("real", ref_all), ("synthetic", syn_all)):

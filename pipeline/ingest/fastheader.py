@@ -6,7 +6,7 @@ pixels. `read_fast` handles only the plain case: a Part 10 file (preamble + DICM
 VR little endian, single frame, all wanted strings ASCII, pixel data found within the first
 64 KiB. It returns a small read-only view with the few calls dicom.read_header makes on a
 pydicom Dataset (`get`, `in`, `file_meta`, `get_item(...).value_tell/length`). For anything
-else it returns None and the caller uses pydicom, so this is a speed path, never a second
+else (and for Siemens mosaics, whose CSA header nibabel parses) it returns None and the caller uses pydicom, so this is a speed path, never a second
 source of truth (tests compare both readers on the same files).
 """
 
@@ -30,9 +30,11 @@ WANTED: dict[int, str] = {
     0x00280010: "Rows", 0x00280011: "Columns", 0x00280008: "NumberOfFrames", 0x00280100: "BitsAllocated",
     0x00280101: "BitsStored", 0x00280102: "HighBit", 0x00280103: "PixelRepresentation", 0x00280002: "SamplesPerPixel",
     0x00280004: "PhotometricInterpretation", 0x00281053: "RescaleSlope", 0x00281052: "RescaleIntercept",
-    0x00280301: "BurnedInAnnotation", 0x00181120: "GantryDetectorTilt",
+    0x00280301: "BurnedInAnnotation", 0x00181120: "GantryDetectorTilt", 0x00200013: "InstanceNumber",
+    0x00200100: "TemporalPositionIdentifier", 0x00282110: "LossyImageCompression", 0x00180088: "SpacingBetweenSlices",
+    0x00180050: "SliceThickness", 0x00189087: "DiffusionBValue",
 }
-"""Tags read (all are strings or US values in the files this reader accepts)."""
+"""Tags read (strings, US or FD values in the files this reader accepts)."""
 
 _REFUSE = {0x52009229, 0x52009230, 0x00041220, 0x7FE00008, 0x7FE00009}
 """Shared/per-frame functional groups, DICOMDIR records, float pixel data: pydicom reads those."""
@@ -118,6 +120,12 @@ def _skip_element(buf: bytes, pos: int) -> int | None:
     return start + length
 
 
+def _mosaic(values: dict[str, Any]) -> bool:
+    """A Siemens mosaic: its tiles need the CSA header, which pydicom and nibabel read."""
+    image_type = values.get("ImageType", "")
+    return "MOSAIC" in ([image_type] if isinstance(image_type, str) else image_type)
+
+
 def read_fast(path: Path) -> FastDataset | None:
     """Header of a plain explicit-VR-little-endian Part 10 file, or None to use pydicom."""
     try:
@@ -148,7 +156,7 @@ def read_fast(path: Path) -> FastDataset | None:
         if group != 0x0002 and meta.get("TransferSyntaxUID") != EXPLICIT_LE:
             return None
         if tag == _PIXEL_DATA:
-            if length == _UNDEFINED or vr not in (b"OW", b"OB"):
+            if length == _UNDEFINED or vr not in (b"OW", b"OB") or _mosaic(values):
                 return None
             return FastDataset(values, meta, _Raw(value_tell=start, length=length))
         if tag in _REFUSE:
@@ -176,6 +184,10 @@ def read_fast(path: Path) -> FastDataset | None:
                 count = length // 2
                 nums = struct.unpack_from(f"<{count}H", buf, start)
                 values[name] = nums[0] if count == 1 else list(nums)
+            elif vr == b"FD":
+                if length != 8:
+                    return None
+                values[name] = struct.unpack_from("<d", buf, start)[0]
             elif vr in (b"SQ", b"OB", b"OW", b"UN"):
                 return None
             else:

@@ -20,6 +20,7 @@ positions along the slice normal (mm), modality, transfer syntax and SOP class n
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import struct
@@ -343,8 +344,7 @@ def _with_fast_path(ds: Any, ts: str, frame: Frame, n_pixels: int, tell: int, le
     dtype = f"<{'i' if int(_num(ds, 'PixelRepresentation', 0)) == 1 else 'u'}{bits // 8}"
     if stored < bits:
         dtype += f":{stored}"
-    return (Frame(frame.index, frame.position, frame.orientation, frame.pixel_spacing, frame.slope,
-                  frame.intercept, pixel_offset=tell, pixel_dtype=dtype),)
+    return (dataclasses.replace(frame, pixel_offset=tell, pixel_dtype=dtype),)
 
 
 def _stored_values(data: bytes, raw_dtype: str, count: int, offset: int) -> npt.NDArray[Any]:

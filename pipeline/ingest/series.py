@@ -332,14 +332,18 @@ def resolve_duplicates(
             continue
         skipped += [(h.ref, "damaged copy of an instance whose intact copy is present; skipped")
                     for h in copies if h.problem]
-        digests = [_pixel_digest(h) for h in intact]
-        if len(set(digests)) == 1:
-            kept.append(intact[0])
-            skipped += [(h.ref, "duplicate file (same SOP Instance UID and pixel data as another file); skipped")
-                        for h in intact[1:]]
+        distinct: dict[bytes, DicomHeader] = {}
+        for h in intact:
+            digest = _pixel_digest(h)
+            if digest in distinct:
+                skipped.append((h.ref, "duplicate file (same SOP Instance UID and pixel data as another file); skipped"))
+            else:
+                distinct[digest] = h
+        if len(distinct) == 1:
+            kept.extend(distinct.values())
         else:
-            quarantined.append(([h.ref for h in intact], f"{len(intact)} files share one SOP Instance UID but hold "
-                                                          "different pixel data; which is right is unknown"))
+            quarantined.append(([h.ref for h in distinct.values()], f"{len(distinct)} files share one SOP Instance UID "
+                                                                    "but hold different pixel data; which is right is unknown"))
     return kept, skipped, quarantined
 
 

@@ -368,7 +368,7 @@ def _dicom_extra(plan: ser.SeriesPlan) -> dict[str, str]:
     """Manifest columns of one DICOM volume (no identifier: indices, echo, b-value, part)."""
     return {
         "volume_index": str(plan.volume_index) if plan.volume_index >= 0 else "",
-        "echo": plan.echo,
+        "echo": plan.echo if re.fullmatch(r"[0-9]{1,4}(\.[0-9]{1,4})?", plan.echo) else "",  # a number, nothing else
         "b_value": f"{plan.b_value:g}" if plan.b_value is not None else "",
         "part": f"{plan.part}/{plan.n_parts}" if plan.n_parts > 1 else "",
         "gap_slices": str(plan.gap_slices) if plan.n_parts > 1 else "",

@@ -265,7 +265,9 @@ def main() -> int:
         "Commands: `MEDAUG_DEID_KEY=... medaug ingest SRC --out OUT --gzip-level 1 --workers 2`; the same "
         "through the library, `python -c \"...run_ingest([SRC], OUT, key=..., workers=2, level=1)\"` (what the flow "
         "calls; the difference between the two rows is the CLI's start-up); and `dcm2niix -z y -1 -f %p_%s -o OUT SRC`. "
-        "Inputs written by `python bench/ingest.py` (synthetic CT, explicit VR little endian, one file per slice).",
+        "Inputs written by `python bench/ingest.py` (synthetic CT, explicit VR little endian, one file per slice, "
+        "unless the label says otherwise: JPEG 2000 lossless written by pydicom, JPEG lossless copies of the QA "
+        "corpus mosaic, a 4D MR series; see the module docstring).",
         "",
         "| input | tool | wall s | CPU s | volumes | .nii.gz MB | exit | wall / dcm2niix | CPU / dcm2niix |",
         "|---|---|---|---|---|---|---|---|---|",

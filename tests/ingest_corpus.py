@@ -258,6 +258,11 @@ def build_bad_corpus(root: Path) -> list[Case]:
     case("slice_size_differs", "quarantined", "slice sizes differ")
     write_series(root / "slice_size_differs", series_uid="1.2.3.109", per_slice=size)
 
+    case("one_slice_without_geometry", "quarantined", "ImagePositionPatient",
+         files=("one_slice_without_geometry/IM0005.dcm",), volumes=1)
+    write_series(root / "one_slice_without_geometry", series_uid="1.2.3.119",
+                 per_slice=lambda k, ds: ds.__delattr__("ImagePositionPatient") if k == 5 else None)
+
     case("no_geometry", "quarantined", "ImagePositionPatient")
     write_series(root / "no_geometry", series_uid="1.2.3.110", per_slice=lambda k, ds: ds.__delattr__("ImagePositionPatient"))
 

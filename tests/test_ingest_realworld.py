@@ -303,3 +303,16 @@ def test_nothing_skipped_without_a_reason_and_no_identifier_in_outputs(tmp_path:
             raw = f.read_bytes()
             raw = gzip.decompress(raw) if f.name.endswith(".gz") else raw
             assert phi.encode() not in raw, f.name
+
+
+def test_runs_and_position_groups_known_answers() -> None:
+    from pipeline.ingest.dicom import _tile
+    from pipeline.ingest.geometry import contiguous_runs, position_groups
+
+    assert contiguous_runs([0.0, 2.0, 4.0, 10.0, 12.0, 14.0]) == [([0, 1, 2], 0), ([3, 4, 5], 2)]
+    assert contiguous_runs([6.0, 0.0, 2.0]) == [([1, 2], 0), ([0], 1)]
+    assert contiguous_runs([0.0, 2.0, 4.0]) is None  # even: nothing to split
+    assert contiguous_runs([0.0, 2.0, 5.0]) is None  # uneven, no gap explains it: stack_geometry refuses
+    assert position_groups([2.0, 0.0, 2.001, 0.0]) == [[1, 3], [0, 2]]
+    mosaic = np.arange(36).reshape(6, 6)  # 2 x 2 tiles of 3 x 3
+    assert _tile(mosaic, 1, 2, 3, 3).tolist() == [[3, 4, 5], [9, 10, 11], [15, 16, 17]]

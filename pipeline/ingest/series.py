@@ -148,6 +148,8 @@ def _drop_stray_orientations(groups: dict[tuple[Any, ...], list[Unit]], excluded
     if len(groups) < 2:
         return
     for key in sorted(groups, key=str):
+        if key[-1] == ():  # no geometry at all: quarantined with that reason, not taken for a scout
+            continue
         sub = groups[key]
         files = {h.ref for h, _ in sub}
         bigger = any(k[:-1] == key[:-1] and k[-1] != key[-1] and len(v) > len(sub) for k, v in groups.items())

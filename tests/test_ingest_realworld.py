@@ -316,3 +316,27 @@ def test_runs_and_position_groups_known_answers() -> None:
     assert position_groups([2.0, 0.0, 2.001, 0.0]) == [[1, 3], [0, 2]]
     mosaic = np.arange(36).reshape(6, 6)  # 2 x 2 tiles of 3 x 3
     assert _tile(mosaic, 1, 2, 3, 3).tolist() == [[3, 4, 5], [9, 10, 11], [15, 16, 17]]
+
+
+def test_4d_volume_with_a_missing_slice_keeps_the_others_when_volumes_are_labelled(tmp_path: Path) -> None:
+    """TemporalPositionIdentifier names the volumes: the one lacking a slice is written in two
+    parts, the complete ones whole; nothing is mixed across time points."""
+    for v in range(3):
+        def per(k: int, ds: Any, v: int = v) -> None:
+            ds.SOPInstanceUID = f"1.2.3.908.{v}.{k}"
+            ds.InstanceNumber = v * 7 + k + 1
+            ds.TemporalPositionIdentifier = v + 1
+            ds.PixelData = (np.full((8, 10), 100 * v + k, "<i2")).tobytes()
+
+        paths = write_series(tmp_path / "in", n=7, series_uid="1.2.3.908", modality="MR", intercept=0.0,
+                             name=lambda k, v=v: f"{v}_{k}.dcm", per_slice=per)
+        if v == 1:
+            paths[3].unlink()
+    rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    rows = sorted(read_manifest(tmp_path / "out"), key=lambda r: (r["volume_index"], r["part"]))
+    assert rep.volumes_written == 4 and rep.quarantined == 0, rep.quarantined_reasons
+    assert [(r["volume_index"], r["part"]) for r in rows] == [("0", ""), ("1", "1/2"), ("1", "2/2"), ("2", "")]
+    for r in rows:
+        data = _volume(tmp_path / "out", r)
+        v = int(r["volume_index"])
+        assert {int(x) // 100 for x in np.unique(data)} == {v}  # every voxel from its own time point

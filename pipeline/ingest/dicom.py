@@ -56,7 +56,7 @@ HEADER_TAGS: list[Any] = [
     "GantryDetectorTilt", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
     "DirectoryRecordSequence", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
     "InstanceNumber", "TemporalPositionIdentifier", "DiffusionBValue", "SpacingBetweenSlices", "SliceThickness",
-    "LossyImageCompression", "Manufacturer", 0x00290010, 0x00290011, 0x00291010,
+    "LossyImageCompression", "Manufacturer", "EchoTime", 0x00290010, 0x00290011, 0x00291010,
 ]
 """Header elements read before any pixel; (0029,xx10) is the Siemens CSA image header (mosaics)."""
 
@@ -126,6 +126,10 @@ class DicomHeader:
     """InstanceNumber (orders the volumes of a 4D series)."""
     temporal: int = 0
     """TemporalPositionIdentifier, 0 when absent."""
+    acquisition: int = 0
+    """AcquisitionNumber, 0 when absent (Siemens numbers the volumes of a classic 4D series with it)."""
+    echo_time: str = ""
+    """EchoTime (ms) as a short number text: series are split by it, as by EchoNumbers."""
     lossy: bool = False
     """Pixel data went through lossy compression (lossy transfer syntax or LossyImageCompression 01)."""
 
@@ -601,6 +605,8 @@ def _classify(ref: FileRef, ds: Any, size: int) -> DicomHeader | Disposition:
         image_type="\\".join(image_type),
         instance=int(_num(ds, "InstanceNumber", 0)),
         temporal=int(_num(ds, "TemporalPositionIdentifier", 0)),
+        acquisition=int(_num(ds, "AcquisitionNumber", 0)),
+        echo_time=f"{_num(ds, 'EchoTime', 0.0):.2f}" if "EchoTime" in ds else "",
         lossy=_is_lossy(ds, ts),
     )
 

@@ -32,7 +32,7 @@ WANTED: dict[int, str] = {
     0x00280004: "PhotometricInterpretation", 0x00281053: "RescaleSlope", 0x00281052: "RescaleIntercept",
     0x00280301: "BurnedInAnnotation", 0x00181120: "GantryDetectorTilt", 0x00200013: "InstanceNumber",
     0x00200100: "TemporalPositionIdentifier", 0x00282110: "LossyImageCompression", 0x00180088: "SpacingBetweenSlices",
-    0x00180050: "SliceThickness", 0x00189087: "DiffusionBValue",
+    0x00180050: "SliceThickness", 0x00189087: "DiffusionBValue", 0x00180081: "EchoTime",
 }
 """Tags read (strings, US or FD values in the files this reader accepts)."""
 

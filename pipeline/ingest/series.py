@@ -133,12 +133,12 @@ def _drop_localizers(group: list[DicomHeader]) -> tuple[list[tuple[FileRef, str]
 
 
 def _split_series(units: list[Unit]) -> dict[tuple[Any, ...], list[Unit]]:
-    """Frames of one SeriesInstanceUID split by SeriesNumber, ImageType/FrameType, echo and
-    orientation (the last element of the key)."""
+    """Frames of one SeriesInstanceUID split by SeriesNumber, ImageType/FrameType, echo number,
+    echo time and orientation (the last element of the key)."""
     groups: dict[tuple[Any, ...], list[Unit]] = defaultdict(list)
     for h, f in units:
         o = orientation_key(f.orientation) if len(f.orientation) == 6 else ()
-        groups[(h.series_number, h.image_type, f.frame_type, h.echo or f.echo, o)].append((h, f))
+        groups[(h.series_number, h.image_type, f.frame_type, h.echo or f.echo, h.echo_time, o)].append((h, f))
     return groups
 
 
@@ -220,12 +220,16 @@ def _consistency(units: list[Unit]) -> str:
 
 def split_volumes(units: list[Unit], normal: npt.NDArray[np.float64]) -> tuple[list[list[Unit]], str]:
     """The 3D volumes of a series: ([units], '') for a 3D series, one list per volume for a
-    4D series (every position repeated the same number of times), or ([], reason).
+    4D series (repeated positions), or ([], reason).
 
-    Frames at one position are ranked by temporal position, InstanceNumber, file and frame
-    index; volume v takes the v-th frame of every position (dcm2niix orders volumes the
-    same way). A series whose positions mostly occur once is 3D with stray duplicates:
-    returned whole, so that stack_geometry names the duplicates.
+    When every position repeats the same number of times, frames at one position are ranked
+    by temporal position, AcquisitionNumber, InstanceNumber, file and frame index, and volume
+    v takes the v-th frame of every position (dcm2niix orders volumes the same way). When
+    counts differ, ranks would mix time points, so volumes are formed only from an explicit
+    label (TemporalPositionIdentifier/Index or AcquisitionNumber) that gives each position at
+    most one frame per volume; a volume that lacks slices is then handled like any gapped
+    stack. Without such a label the series is refused. A series whose positions mostly occur
+    once is 3D with stray duplicates: returned whole, so that stack_geometry names them.
     """
     dist = [float(np.dot(f.position, normal)) if len(f.position) == 3 else float("nan") for _, f in units]
     if not np.all(np.isfinite(dist)):
@@ -236,19 +240,34 @@ def split_volumes(units: list[Unit], normal: npt.NDArray[np.float64]) -> tuple[l
     if most == 1 or counts.most_common(1)[0][0] == 1:
         return [units], ""
     if any(len(g) != most for g in groups):
+        labelled = _volumes_by_label(units, groups, most)
+        if labelled:
+            return labelled, ""
         sizes = [sum(1 for g in groups if len(g) > v) for v in range(most)]
-        return [], (f"4D series of {most} volumes with unequal slice counts ({min(sizes)} to {max(sizes)} slices); "
-                    "a volume lacks slices")
+        return [], (f"4D series of {most} volumes with unequal slice counts ({min(sizes)} to {max(sizes)} slices) "
+                    "and no temporal position or acquisition number to tell the volumes apart")
 
     def rank(i: int) -> tuple[Any, ...]:
         h, f = units[i]
-        return (f.temporal or h.temporal, h.instance, h.ref, f.index)
+        return (f.temporal or h.temporal, h.acquisition, h.instance, h.ref, f.index)
 
     volumes: list[list[Unit]] = [[] for _ in range(most)]
     for g in groups:
         for v, i in enumerate(sorted(g, key=rank)):
             volumes[v].append(units[i])
     return volumes, ""
+
+
+def _volumes_by_label(units: list[Unit], groups: list[list[int]], most: int) -> list[list[Unit]]:
+    """Volumes keyed by an explicit per-frame label, or [] when no label separates them."""
+    for label in (lambda h, f: f.temporal or h.temporal, lambda h, f: h.acquisition):
+        keys = [label(h, f) for h, f in units]
+        if 0 in keys or len(set(keys)) != most:
+            continue
+        if any(len({keys[i] for i in g}) != len(g) for g in groups):
+            continue  # two frames of one position share a label: it does not name volumes
+        return [[units[i] for i in range(len(units)) if keys[i] == k] for k in sorted(set(keys))]
+    return []
 
 
 def _plan_volume(base: SeriesPlan, vi: int, nv: int, units: list[Unit], strict: bool) -> list[SeriesPlan]:

@@ -274,6 +274,20 @@ def test_strict_keeps_the_whole_series_quarantine(tmp_path: Path) -> None:
     assert "1 slice missing between positions" in rows[0]["reason"]
 
 
+def test_cli_strict_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from medaug.cli import app
+
+    paths = write_series(tmp_path / "in", n=8, series_uid="1.2.3.909")
+    paths[4].unlink()
+    monkeypatch.setenv("MEDAUG_DEID_KEY", "k1")
+    res = CliRunner().invoke(app, ["ingest", str(tmp_path / "in"), "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0 and "2 volumes written" in res.output, res.output
+    res = CliRunner().invoke(app, ["ingest", str(tmp_path / "in"), "--out", str(tmp_path / "b"), "--strict"])
+    assert res.exit_code == 0 and "0 volumes written" in res.output and "7 quarantined" in res.output, res.output
+
+
 def test_nothing_skipped_without_a_reason_and_no_identifier_in_outputs(tmp_path: Path) -> None:
     """Duplicates, damaged copies, conflicting copies, 4D and gaps in one folder: every file is
     counted once with a reason, and the planted identifiers reach no output."""

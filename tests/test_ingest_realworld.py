@@ -356,3 +356,16 @@ def test_4d_volume_with_a_missing_slice_keeps_the_others_when_volumes_are_labell
         data = _volume(tmp_path / "out", r)
         v = int(r["volume_index"])
         assert {int(x) // 100 for x in np.unique(data)} == {v}  # every voxel from its own time point
+
+
+def test_missing_end_slices_give_a_shorter_volume_in_the_right_place(tmp_path: Path) -> None:
+    """Slices missing at either end leave no gap to see: the rest is one volume whose first
+    voxel sits at the first remaining slice."""
+    paths = write_series(tmp_path / "in", n=8, series_uid="1.2.3.910", origin=(0.0, 0.0, 10.0), step=2.0)
+    for k in (0, 7):
+        paths[k].unlink()
+    rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    (row,) = read_manifest(tmp_path / "out")
+    assert rep.volumes_written == 1 and row["part"] == "" and row["shape"] == "10x8x6"
+    img = nib.load(tmp_path / "out" / row["path"])
+    assert abs(float(img.affine[2, 3]) - 12.0) < 1e-6  # slice 1 of the original 0..7 at z = 10 + 2

@@ -332,23 +332,28 @@ def _frames(ds: Any) -> tuple[tuple[Frame, ...], str, tuple[int, int] | None]:
                   b_value=float(b) if isinstance(b, int | float) else None),), "", None
 
 
-def _with_fast_path(ds: Any, ts: str, frame: Frame, n_pixels: int, tell: int, length: int) -> tuple[Frame, ...]:
-    """The frame with its raw pixel offset when numpy can read the stored values directly.
+def _with_fast_path(
+    ds: Any, ts: str, frames: tuple[Frame, ...], n_pixels: int, tell: int, length: int
+) -> tuple[Frame, ...]:
+    """The frames with their raw pixel offsets when numpy can read the stored values directly.
 
     Only for native little-endian syntaxes with the usual bit layout (HighBit = BitsStored
     - 1); the reader then masks unused high bits and sign-extends as pydicom does (12-bit
-    CT). Everything else goes through pydicom's decoders.
+    CT). Frame i of a multi-frame image starts i frames into the pixel data, so each volume
+    of an enhanced 4D file reads only its own frames. Everything else (and mosaics, whose
+    tiles are cut from one image) goes through pydicom's decoders.
     """
     bits = int(_num(ds, "BitsAllocated", 0))
     stored = int(_num(ds, "BitsStored", bits))
+    frame_bytes = n_pixels * bits // 8
     if ts not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") or bits not in (8, 16, 32) \
             or not 0 < stored <= bits or int(_num(ds, "HighBit", stored - 1)) != stored - 1 \
-            or length != n_pixels * bits // 8:
-        return (frame,)
+            or length != frame_bytes * len(frames) or any(f.tiles for f in frames):
+        return frames
     dtype = f"<{'i' if int(_num(ds, 'PixelRepresentation', 0)) == 1 else 'u'}{bits // 8}"
     if stored < bits:
         dtype += f":{stored}"
-    return (dataclasses.replace(frame, pixel_offset=tell, pixel_dtype=dtype),)
+    return tuple(dataclasses.replace(f, pixel_offset=tell + f.index * frame_bytes, pixel_dtype=dtype) for f in frames)
 
 
 def _stored_values(data: bytes, raw_dtype: str, count: int, offset: int) -> npt.NDArray[Any]:
@@ -577,8 +582,8 @@ def _classify(ref: FileRef, ds: Any, size: int) -> DicomHeader | Disposition:
     problem = _image_problem(ds, modality, rows, cols, geom_problem) or _decoder_problem(ts)
     if not problem and "PixelData" in ds and ts != DEFLATED:
         problem, length, tell = _pixel_problem(ds, ts, rows, cols, size)
-        if not problem and len(frames) == 1 and isinstance(tell, int) and isinstance(length, int) and size == ref.size:
-            frames = _with_fast_path(ds, ts, frames[0], rows * cols, tell, length)
+        if not problem and frames and isinstance(tell, int) and isinstance(length, int) and size == ref.size:
+            frames = _with_fast_path(ds, ts, frames, rows * cols, tell, length)
     if tile is not None:
         rows, cols = tile  # a mosaic's frames are its tiles
 
@@ -646,7 +651,7 @@ def iter_planes(
 
     Raises InputRejected naming the slice when a file cannot be decoded.
     """
-    cache: dict[Path, npt.NDArray[np.generic]] = {}
+    cache: dict[Path, bytes | npt.NDArray[np.generic]] = {}
     n = len(frames)
     # File digests run in a thread (hashlib releases the GIL) while this one decodes.
     hashing = ThreadPoolExecutor(1) if digests is not None else None
@@ -672,31 +677,27 @@ def file_digest(data: bytes) -> bytes:
 
 
 def _planes(
-    frames: Sequence[FrameSpec], rows: int, cols: int, dtype: np.dtype[Any], cache: dict[Path, npt.NDArray[np.generic]],
-    n: int, hashing: ThreadPoolExecutor | None, pending: dict[Path, Future[bytes]],
+    frames: Sequence[FrameSpec], rows: int, cols: int, dtype: np.dtype[Any],
+    cache: dict[Path, bytes | npt.NDArray[np.generic]], n: int, hashing: ThreadPoolExecutor | None,
+    pending: dict[Path, Future[bytes]],
 ) -> Iterator[npt.NDArray[np.generic]]:
     for k, (path, index, slope, intercept, offset, raw_dtype, tiles) in enumerate(frames):
-        if path not in cache:
-            cache.clear()
-            try:
+        try:
+            if path not in cache:  # one file held at a time: its bytes (raw frames) or its decoded array
+                cache.clear()
                 data = path.read_bytes()
                 if hashing is not None:
                     pending[path] = hashing.submit(file_digest, data)
-                data = gunzip_dicom(data)
-                if offset >= 0:
-                    arr = _stored_values(data, raw_dtype, rows * cols, offset).reshape(rows, cols)
-                else:
-                    import pydicom  # only here: importing it costs ~0.3 s per process
-
-                    with _no_value_warnings():
-                        arr = pydicom.dcmread(io.BytesIO(data), force=True).pixel_array
-            except Exception as exc:  # any decoder failure quarantines the series
-                text = str(exc).lower()
-                why = "truncated" if "truncat" in text or "short" in text or "buffer" in text else type(exc).__name__
-                raise InputRejected(f"slice {k + 1} of {n}: pixel data cannot be decoded ({why})") from None
-            cache[path] = arr
-        arr = cache[path]
-        plane = _tile(arr, index, tiles, rows, cols) if tiles else (arr[index] if arr.ndim == 3 else arr)
+                cache[path] = gunzip_dicom(data) if offset >= 0 else _decode(gunzip_dicom(data))
+            held = cache[path]
+            if isinstance(held, bytes):  # raw little-endian frame at a known offset (multi-frame too)
+                plane = _stored_values(held, raw_dtype, rows * cols, offset).reshape(rows, cols)
+            else:
+                plane = _tile(held, index, tiles, rows, cols) if tiles else (held[index] if held.ndim == 3 else held)
+        except Exception as exc:  # any decoder failure quarantines the series
+            text = str(exc).lower()
+            why = "truncated" if "truncat" in text or "short" in text or "buffer" in text else type(exc).__name__
+            raise InputRejected(f"slice {k + 1} of {n}: pixel data cannot be decoded ({why})") from None
         if plane.shape != (rows, cols):
             raise InputRejected(f"slice {k + 1} of {n}: pixel array is {plane.shape}, header says {rows}x{cols}")
         if dtype == np.int16:
@@ -704,6 +705,16 @@ def _planes(
         else:
             yield (plane.astype(np.float32) * np.float32(slope) + np.float32(intercept)) if plane.itemsize <= 2 \
                 else (plane.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def _decode(data: bytes) -> npt.NDArray[np.generic]:
+    """Stored pixel values of a whole file through pydicom's pixel handlers (pylibjpeg, pyjpegls
+    for the compressed syntaxes): (rows, columns) or (frames, rows, columns)."""
+    import pydicom  # only here: importing it costs ~0.3 s per process
+
+    with _no_value_warnings():
+        arr: npt.NDArray[np.generic] = pydicom.dcmread(io.BytesIO(data), force=True).pixel_array
+    return arr
 
 
 def _tile(mosaic: npt.NDArray[Any], index: int, tiles: int, rows: int, cols: int) -> npt.NDArray[Any]:

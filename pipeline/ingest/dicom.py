@@ -99,6 +99,8 @@ class Frame:
     """Echo of an enhanced multi-frame frame (EffectiveEchoTime, ms, as text), '' when not given per frame."""
     b_value: float | None = None
     """Diffusion b-value (s/mm2) of the frame when the header gives it."""
+    dim_index: tuple[int, ...] = ()
+    """DimensionIndexValues of an enhanced multi-frame frame (orders the volumes of a 4D file)."""
 
 
 @dataclass(frozen=True)
@@ -237,9 +239,12 @@ def _frame_labels(item: Any, shared: Any) -> dict[str, Any]:
     echo = pick("MREchoSequence", "EffectiveEchoTime")
     b = pick("MRDiffusionSequence", "DiffusionBValue")
     temporal = pick("FrameContentSequence", "TemporalPositionIndex")
+    dims = _first(item, "FrameContentSequence", "DimensionIndexValues")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
     return {"temporal": int(_num({"v": temporal}, "v", 0)), "frame_type": _code(ftype[2]) if len(ftype) > 2 else "",
             "echo": f"{float(echo):g}" if isinstance(echo, int | float) else "",
-            "b_value": float(b) if isinstance(b, int | float) else None}
+            "b_value": float(b) if isinstance(b, int | float) else None,
+            "dim_index": tuple(int(v) for v in dims if isinstance(v, int))}
 
 
 def _multiframe(ds: Any, n_frames: int, slope: float, intercept: float) -> tuple[tuple[Frame, ...], str]:

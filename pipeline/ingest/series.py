@@ -223,7 +223,8 @@ def split_volumes(units: list[Unit], normal: npt.NDArray[np.float64]) -> tuple[l
     4D series (repeated positions), or ([], reason).
 
     When every position repeats the same number of times, frames at one position are ranked
-    by temporal position, AcquisitionNumber, InstanceNumber, file and frame index, and volume
+    by temporal position, AcquisitionNumber, InstanceNumber, file, dimension index (enhanced
+    images) and frame index, and volume
     v takes the v-th frame of every position (dcm2niix orders volumes the same way). When
     counts differ, ranks would mix time points, so volumes are formed only from an explicit
     label (TemporalPositionIdentifier/Index or AcquisitionNumber) that gives each position at
@@ -249,7 +250,7 @@ def split_volumes(units: list[Unit], normal: npt.NDArray[np.float64]) -> tuple[l
 
     def rank(i: int) -> tuple[Any, ...]:
         h, f = units[i]
-        return (f.temporal or h.temporal, h.acquisition, h.instance, h.ref, f.index)
+        return (f.temporal or h.temporal, h.acquisition, h.instance, h.ref, f.dim_index, f.index)
 
     volumes: list[list[Unit]] = [[] for _ in range(most)]
     for g in groups:

@@ -70,7 +70,9 @@ def _match(data: npt.NDArray[Any], affine: npt.NDArray[np.float64],
             continue
         if np.abs(_corners(affine, data.shape) - _corners(raff, ref.shape)).max() > 0.01:
             continue
-        if np.allclose(data, ref, rtol=1e-5, atol=1e-4 * max(1.0, float(np.abs(ref).max()))):
+        atol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+        sample = (slice(None, None, 7),) * 3  # most candidates differ everywhere: cheap test first
+        if np.allclose(data[sample], ref[sample], rtol=1e-5, atol=atol) and np.allclose(data, ref, rtol=1e-5, atol=atol):
             hits.add(name)
     return hits
 
@@ -89,7 +91,12 @@ def qa_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             subprocess.run(["dcm2niix", "-p", "n", "-z", "n", "-f", "%s_%e_%p_%t", "-o", str(fresh), str(QA / corpus / "In")],
                            capture_output=True, check=False, timeout=120)
             refdirs.append(fresh)
-        runs[corpus] = {"out": out, "report": report, "refs": _reference_volumes(refdirs)}
+        refs = _reference_volumes(refdirs)
+        hits = {}
+        for row in read_manifest(out):
+            img = nib.load(out / row["path"])
+            hits[row["path"]] = _match(np.asarray(img.get_fdata(dtype=np.float64)), img.affine, refs)
+        runs[corpus] = {"out": out, "report": report, "refs": {n for n, _, _ in refs}, "hits": hits}
     return runs
 
 
@@ -99,22 +106,16 @@ def test_every_written_volume_matches_a_dcm2niix_volume(qa_run: dict[str, Any]) 
         rows = read_manifest(run["out"])
         assert rows, corpus
         for row in rows:
-            img = nib.load(run["out"] / row["path"])
-            hits = _match(np.asarray(img.get_fdata(dtype=np.float64)), img.affine, run["refs"])
-            assert hits, f"{corpus}: {row['path']} ({row['shape']}) matches no dcm2niix volume"
+            assert run["hits"][row["path"]], f"{corpus}: {row['path']} ({row['shape']}) matches no dcm2niix volume"
 
 
 @needs_qa
 def test_dcm2niix_volumes_are_recovered(qa_run: dict[str, Any]) -> None:
     total, found = 0, 0
     for run in qa_run.values():
-        got: set[str] = set()
-        for row in read_manifest(run["out"]):
-            img = nib.load(run["out"] / row["path"])
-            got |= _match(np.asarray(img.get_fdata(dtype=np.float64)), img.affine, run["refs"])
-        names = {n for n, _, _ in run["refs"]}
-        total += len(names)
-        found += len(names & got)
+        got = set().union(*run["hits"].values())
+        total += len(run["refs"])
+        found += len(run["refs"] & got)
     # 129 of 130 at the time of writing: the one missed is the stored Philips magnitude reference,
     # which dcm2niix wrote with Philips' private "precise" scaling (ingest applies DICOM's
     # RescaleSlope/Intercept; the fresh `-p n` run is matched). Debian's dcm2niix 1.0.20220720
@@ -369,3 +370,56 @@ def test_missing_end_slices_give_a_shorter_volume_in_the_right_place(tmp_path: P
     assert rep.volumes_written == 1 and row["part"] == "" and row["shape"] == "10x8x6"
     img = nib.load(tmp_path / "out" / row["path"])
     assert abs(float(img.affine[2, 3]) - 12.0) < 1e-6  # slice 1 of the original 0..7 at z = 10 + 2
+
+
+def test_single_file_enhanced_4d_with_two_frame_types(tmp_path: Path) -> None:
+    """One enhanced MR file: 3 time points x 4 slices of magnitude (M) plus 4 slices of phase (P),
+    frames stored slice-major and out of order. Ingest writes 3 magnitude volumes (volume_index
+    from TemporalPositionIndex) and one phase volume, each frame with its own rescale."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as Seq
+    from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian
+
+    rows, cols = 6, 7
+    specs = [("M", t, z) for z in (2, 0, 3, 1) for t in (3, 1, 2)] + [("P", 1, z) for z in (1, 3, 0, 2)]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = EnhancedMRImageStorage, "1.2.9.51.1"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedMRImageStorage, "1.2.9.51.1"
+    ds.Modality, ds.PatientID, ds.SeriesInstanceUID, ds.SeriesNumber = "MR", "PAT-4D", "1.2.9.51", 1
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, len(specs)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    shared, ori, meas = Dataset(), Dataset(), Dataset()
+    ori.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    meas.PixelSpacing = [1.0, 1.0]
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Seq([ori]), Seq([meas])
+    ds.SharedFunctionalGroupsSequence = Seq([shared])
+    per = []
+    for kind, t, z in specs:
+        item, pos, content, ftype, trans = Dataset(), Dataset(), Dataset(), Dataset(), Dataset()
+        pos.ImagePositionPatient = [0, 0, 3.0 * z]
+        content.TemporalPositionIndex = t
+        content.DimensionIndexValues = [1, z + 1, t]
+        ftype.FrameType = ["ORIGINAL", "PRIMARY", kind, "NONE"]
+        trans.RescaleSlope, trans.RescaleIntercept, trans.RescaleType = (1, 0, "US") if kind == "M" else (2, -100, "US")
+        item.PlanePositionSequence, item.FrameContentSequence = Seq([pos]), Seq([content])
+        item.MRImageFrameTypeSequence, item.PixelValueTransformationSequence = Seq([ftype]), Seq([trans])
+        per.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Seq(per)
+    ds.PixelData = np.stack([np.full((rows, cols), 100 * t + z, np.uint16) for _, t, z in specs]).tobytes()
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "enh4d.dcm", enforce_file_format=True)
+    rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    assert rep.volumes_written == 4 and rep.files_used == 1, rep.quarantined_reasons
+    rows_m = read_manifest(tmp_path / "out")
+    magnitude = sorted((r for r in rows_m if r["volume_index"]), key=lambda r: int(r["volume_index"]))
+    (phase,) = [r for r in rows_m if not r["volume_index"]]
+    for v, r in enumerate(magnitude):
+        data = _volume(tmp_path / "out", r)
+        assert [int(data[0, 0, z]) for z in range(4)] == [100 * (v + 1) + z for z in range(4)]
+    data = _volume(tmp_path / "out", phase)
+    assert [int(data[0, 0, z]) for z in range(4)] == [2 * (100 + z) - 100 for z in range(4)]

@@ -255,7 +255,8 @@ def build_bad_corpus(root: Path) -> list[Case]:
             ds.Rows = 4
             ds.PixelData = np.zeros((4, 10), "<i2").tobytes()
 
-    case("slice_size_differs", "quarantined", "slice sizes differ")
+    # A slice of another size is another image (split off, as dcm2niix does): alone, it is no volume.
+    case("slice_size_differs", "quarantined", "1 slice only", files=("slice_size_differs/IM0005.dcm",), volumes=1)
     write_series(root / "slice_size_differs", series_uid="1.2.3.109", per_slice=size)
 
     case("one_slice_without_geometry", "quarantined", "ImagePositionPatient",

@@ -6,7 +6,7 @@ processes. `plan_series` turns the headers of one run into `SeriesPlan`s, one pe
 volume or per refused series:
 
 1. Files are grouped by SeriesInstanceUID, then split by SeriesNumber, ImageType (and the
-   per-frame FrameType of enhanced images), echo and orientation, as dcm2niix splits them:
+   per-frame FrameType of enhanced images), echo, image size and orientation, as dcm2niix splits them:
    one UID reused for several acquisitions is several series.
 2. Files sharing a SOPInstanceUID: same pixel bytes is a duplicate (skipped, counted); an
    intact copy beside a damaged one wins; intact copies that differ are both quarantined.
@@ -134,11 +134,12 @@ def _drop_localizers(group: list[DicomHeader]) -> tuple[list[tuple[FileRef, str]
 
 def _split_series(units: list[Unit]) -> dict[tuple[Any, ...], list[Unit]]:
     """Frames of one SeriesInstanceUID split by SeriesNumber, ImageType/FrameType, echo number,
-    echo time and orientation (the last element of the key)."""
+    echo time, image size and orientation (the last element of the key), as dcm2niix splits."""
     groups: dict[tuple[Any, ...], list[Unit]] = defaultdict(list)
     for h, f in units:
         o = orientation_key(f.orientation) if len(f.orientation) == 6 else ()
-        groups[(h.series_number, h.image_type, f.frame_type, h.echo or f.echo, h.echo_time, o)].append((h, f))
+        groups[(h.series_number, h.image_type, f.frame_type, h.echo or f.echo, h.echo_time, h.rows, h.columns, o)].append(
+            (h, f))
     return groups
 
 

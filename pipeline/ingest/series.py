@@ -225,8 +225,8 @@ def split_volumes(units: list[Unit], normal: npt.NDArray[np.float64]) -> tuple[l
 
     When every position repeats the same number of times, frames at one position are ranked
     by temporal position, AcquisitionNumber, InstanceNumber, file, dimension index (enhanced
-    images) and frame index, and volume
-    v takes the v-th frame of every position (dcm2niix orders volumes the same way). When
+    images) and frame index, and volume v takes the v-th frame of every position (dcm2niix
+    orders volumes the same way). When
     counts differ, ranks would mix time points, so volumes are formed only from an explicit
     label (TemporalPositionIdentifier/Index or AcquisitionNumber) that gives each position at
     most one frame per volume; a volume that lacks slices is then handled like any gapped

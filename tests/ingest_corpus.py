@@ -203,6 +203,10 @@ def build_bad_corpus(root: Path) -> list[Case]:
     d.mkdir(parents=True)
     (d / "a.dcm.gz").write_bytes(gzip.compress(paths[0].read_bytes())[:300])
 
+    d = case("gzip_not_dicom", "skipped", "not a DICOM, NIfTI or JSON file (.gz)")
+    d.mkdir(parents=True)
+    (d / "scanner_log.gz").write_bytes(gzip.compress(b"log line, not an image\n" * 500))
+
     d = case("four_d_unequal", "quarantined", "4D series of 3 volumes with unequal slice counts")
     for v in range(3):
         write_series(d, n=5 if v != 1 else 4, series_uid="1.2.3.117", name=lambda k, v=v: f"v{v}_{k}.dcm",

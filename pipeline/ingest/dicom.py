@@ -439,24 +439,42 @@ def read_header(ref: FileRef, use_fast: bool = True) -> DicomHeader | Dispositio
     ds = read_fast(ref.path) if use_fast else None
     if ds is not None:
         return _classify(ref, ds, ref.size)
-    size = ref.size
-    source: Path | io.BytesIO = ref.path
-    with open(ref.path, "rb") as f:
-        gz = f.read(2) == GZIP_MAGIC
-    if gz:
-        try:
-            data = gunzip_dicom(ref.path.read_bytes())
-        except (OSError, EOFError, ValueError, zlib.error):
-            return Disposition("quarantined", "gzip-compressed file is truncated or corrupt")
-        source, size = io.BytesIO(data), len(data)
+    source: Path | io.BytesIO | Disposition = _gunzipped(ref, named_dcm)
+    if isinstance(source, Disposition):
+        return source
+    size = ref.size if isinstance(source, Path) else len(source.getbuffer())
     with _no_value_warnings():  # pydicom converts values when _classify reads them
         from pydicom.errors import BytesLengthException
 
         try:
-            return _classify(ref, _read_pydicom(source, named_dcm or gz, ref.rel), size)
+            return _classify(ref, _read_pydicom(source, named_dcm, ref.rel), size)
         except (NotImplementedError, struct.error, BytesLengthException) as exc:  # a corrupted VR code or length
             # met only when _classify reads the element (pydicom converts raw elements lazily)
             return Disposition("quarantined", f"DICOM header cannot be parsed ({type(exc).__name__})")
+
+
+def _gunzipped(ref: FileRef, named_dcm: bool) -> Path | io.BytesIO | Disposition:
+    """The file itself, or its inflated bytes when it is a gzip-compressed DICOM file.
+
+    The first bytes are inflated first: a gzip file that is no DICOM (a .tar.gz, a log) is
+    skipped without inflating the rest.
+    """
+    with open(ref.path, "rb") as f:
+        head = f.read(4096)
+    if head[:2] != GZIP_MAGIC:
+        return ref.path
+    try:
+        start = zlib.decompressobj(wbits=31).decompress(head, 132)
+    except zlib.error:
+        start = b""
+    if start[128:132] != b"DICM" and not _looks_like_raw_dicom(start):
+        if named_dcm:
+            return Disposition("quarantined", "gzip-compressed file is truncated or corrupt, or holds no DICOM")
+        return Disposition("skipped", f"not a DICOM, NIfTI or JSON file{_suffix(ref.rel)}")
+    try:
+        return io.BytesIO(gunzip_dicom(ref.path.read_bytes()))
+    except (OSError, EOFError, ValueError, zlib.error):
+        return Disposition("quarantined", "gzip-compressed file is truncated or corrupt")
 
 
 def read_fast_header(ref: FileRef) -> DicomHeader | Disposition | None:

@@ -14,6 +14,10 @@ Three steps, so that bad inputs are refused before any pixel is decoded:
    the fast raw path or pydicom's pixel handlers (pylibjpeg, pyjpegls for the compressed
    transfer syntaxes), cuts mosaic tiles and applies RescaleSlope/Intercept (HU for CT).
 
+Voxel values are DICOM's RescaleSlope/Intercept applied to the stored values (per frame for
+enhanced images). Philips' private "precise" scaling (2005,100E), which dcm2niix applies by
+default, is not: compare with `dcm2niix -p n`.
+
 No message built here holds a tag value that could identify anyone: only counts, sizes,
 positions along the slice normal (mm), modality, transfer syntax and SOP class names.
 """

@@ -290,13 +290,20 @@ def _mosaic(ds: Any, p: tuple[float, ...], o: tuple[float, ...], s: tuple[float,
         from nibabel.nicom import csareader
         from nibabel.nicom.dicomwrappers import MosaicWrapper, WrapperError
 
+        wrapper, first, normal, b_value = None, None, None, None
         try:
-            n = int(csareader.get_n_mosaic(csareader.get_csa_header(ds)) or 0)
+            csa = csareader.get_csa_header(ds)
+            n = int(csareader.get_n_mosaic(csa) or 0)
             wrapper = MosaicWrapper(ds, n_mosaic=n) if n > 0 else None
             first = wrapper.image_position if wrapper is not None else None
             normal = np.asarray(wrapper.slice_normal, dtype=float) if wrapper is not None else None
         except (csareader.CSAReadError, WrapperError, KeyError, ValueError, TypeError, IndexError):
             wrapper = None
+        try:  # diffusion b-value of a DWI mosaic (CSA B_value), when there is one
+            b = csareader.get_b_value(csa) if wrapper is not None else None
+            b_value = float(b) if b is not None else None
+        except (KeyError, ValueError, TypeError, IndexError):
+            b_value = None
     rows, cols = int(_num(ds, "Rows", 0)), int(_num(ds, "Columns", 0))
     if wrapper is None or first is None or normal is None:
         return (), "Siemens mosaic without a readable CSA header (number of tiles unknown)", (0, 0)
@@ -308,7 +315,7 @@ def _mosaic(ds: Any, p: tuple[float, ...], o: tuple[float, ...], s: tuple[float,
         return (), "Siemens mosaic without SpacingBetweenSlices or SliceThickness (slice step unknown)", (0, 0)
     frames = tuple(
         Frame(k, tuple(float(v) for v in np.asarray(first, float) + k * step * normal), o, (s[0], s[1]),  # type: ignore[arg-type]
-              slope, intercept, tiles=tiles)
+              slope, intercept, tiles=tiles, b_value=b_value)
         for k in range(n)
     )
     return frames, "", (rows // tiles, cols // tiles)

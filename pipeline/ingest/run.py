@@ -135,6 +135,10 @@ class Job:
     tmp_label: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
     """Manifest columns of a DICOM volume (volume_index, echo, b_value, part, gap_slices, lossy)."""
+    dropped: list[tuple[list[FileRef], str]] = field(default_factory=list)
+    """Files of its series quarantined on their own (damaged, conflicting, cut off by a gap)."""
+    series_desc: str = ""
+    """"CT series 3 of 7" (without volume or part), for the quarantine rows of dropped files."""
 
 
 @dataclass
@@ -398,7 +402,6 @@ def _plan_dicom(
         for files, why in plan.dropped:
             for ref in files:
                 ledger.mark(ref, "quarantined", _generic(why))
-            rows_q.append(_qrow(deid, files[0], "file", subject, mod, len(files), f"{mod} series file: {why}"))
         if not plan.files:
             continue
         job = Job(kind="dicom", subject=subject, modality=mod,
@@ -406,7 +409,7 @@ def _plan_dicom(
                             plan.volume_index, plan.part),
                   files=plan.files, state_key=deid.digest("state", plan.uid_key), problem=plan.problem,
                   frames=[dcm.frame_spec(ref, fr) for ref, fr in plan.frames],
-                  shape=plan.shape, affine=plan.affine, extra=_dicom_extra(plan))
+                  shape=plan.shape, affine=plan.affine, extra=_dicom_extra(plan), dropped=plan.dropped)
         jobs.append(job)
     return jobs
 
@@ -530,7 +533,8 @@ def _describe(jobs: list[Job]) -> None:
         if kind == "dicom":  # the volumes and parts of one series share its number
             series = list(dict.fromkeys(j.sort_key[:3] for j in group))
             for j in group:
-                j.desc = f"{j.modality} series {series.index(j.sort_key[:3]) + 1} of {len(series)}" + _volume_words(j)
+                j.series_desc = f"{j.modality} series {series.index(j.sort_key[:3]) + 1} of {len(series)}"
+                j.desc = j.series_desc + _volume_words(j)
             continue
         for i, j in enumerate(group):
             j.desc = f"{j.modality + ' ' if j.modality else ''}{what} {i + 1} of {len(group)}"
@@ -574,6 +578,9 @@ def _account(
     for j, _ in written:
         for f in j.files:
             ledger.mark(f, "used")
+    for j in jobs:  # files dropped from a series that goes on: one row per reason
+        for files, why in j.dropped:
+            rows_q.append(_qrow(deid, files[0], "file", j.subject, j.modality or "", len(files), f"{j.series_desc}: {why}"))
     for j, reason in failed:
         text = f"{j.desc}: {reason}" + ("" if reason.endswith("quarantined") else "; quarantined")
         for f in j.files:

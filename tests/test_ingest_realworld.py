@@ -423,3 +423,14 @@ def test_single_file_enhanced_4d_with_two_frame_types(tmp_path: Path) -> None:
         assert [int(data[0, 0, z]) for z in range(4)] == [100 * (v + 1) + z for z in range(4)]
     data = _volume(tmp_path / "out", phase)
     assert [int(data[0, 0, z]) for z in range(4)] == [2 * (100 + z) - 100 for z in range(4)]
+
+
+def test_two_conflicting_copies_alone_are_both_quarantined_with_a_row(tmp_path: Path) -> None:
+    paths = write_series(tmp_path / "in", n=1, series_uid="1.2.3.911")
+    write_series(tmp_path / "in", n=1, series_uid="1.2.3.911", name=lambda k: "other.dcm",
+                 per_slice=lambda k, ds: setattr(ds, "PixelData", bytes(len(ds.PixelData))))
+    assert paths[0].exists()
+    rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    assert rep.quarantined == 2 and rep.files_seen == 2
+    (row,) = read_manifest(tmp_path / "out" / "quarantine.csv")
+    assert row["files"] == "2" and "share one SOP Instance UID" in row["reason"]

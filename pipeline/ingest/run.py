@@ -402,7 +402,9 @@ def _plan_dicom(
         for files, why in plan.dropped:
             for ref in files:
                 ledger.mark(ref, "quarantined", _generic(why))
-        if not plan.files:
+        if not plan.files:  # no volume left: the dropped files' rows cannot wait for a job
+            rows_q += [_qrow(deid, files[0], "file", subject, mod, len(files), f"{mod} series: {why}")
+                       for files, why in plan.dropped]
             continue
         job = Job(kind="dicom", subject=subject, modality=mod,
                   sort_key=(plan.series_number, plan.first_position, deid.digest("series", plan.series_key),

@@ -182,6 +182,8 @@ def _plan_group(series_key: str, units: list[Unit], strict: bool) -> list[Series
     good = {id(h) for h in kept if not h.problem}
     units = [(h, f) for h, f in units if id(h) in good]
     base.files = sorted({h.ref for h, _ in units})
+    if not units:  # every file was a duplicate or a conflicting copy: nothing left to stack
+        return [base]
     base.problem = _consistency(units)
     volumes: list[list[Unit]] = []
     if not base.problem:

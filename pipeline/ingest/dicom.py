@@ -288,7 +288,7 @@ def _mosaic(ds: Any, p: tuple[float, ...], o: tuple[float, ...], s: tuple[float,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nibabel warns that its DICOM readers are experimental
         from nibabel.nicom import csareader
-        from nibabel.nicom.dicomwrappers import MosaicWrapper, WrapperError
+        from nibabel.nicom.dicomwrappers import MosaicWrapper
 
         wrapper, first, normal, b_value = None, None, None, None
         try:
@@ -297,12 +297,13 @@ def _mosaic(ds: Any, p: tuple[float, ...], o: tuple[float, ...], s: tuple[float,
             wrapper = MosaicWrapper(ds, n_mosaic=n) if n > 0 else None
             first = wrapper.image_position if wrapper is not None else None
             normal = np.asarray(wrapper.slice_normal, dtype=float) if wrapper is not None else None
-        except (csareader.CSAReadError, WrapperError, KeyError, ValueError, TypeError, IndexError):
+        except Exception:  # noqa: BLE001 - nibabel's CSA parser fails on damaged bytes with many
+            # types (CSAReadError, WrapperError, AssertionError, struct.error, ...): all mean "unreadable"
             wrapper = None
         try:  # diffusion b-value of a DWI mosaic (CSA B_value), when there is one
             b = csareader.get_b_value(csa) if wrapper is not None else None
             b_value = float(b) if b is not None else None
-        except (KeyError, ValueError, TypeError, IndexError):
+        except Exception:  # noqa: BLE001 - a b-value that cannot be read is simply not reported
             b_value = None
     rows, cols = int(_num(ds, "Rows", 0)), int(_num(ds, "Columns", 0))
     if wrapper is None or first is None or normal is None:
@@ -461,6 +462,10 @@ def read_header(ref: FileRef, use_fast: bool = True) -> DicomHeader | Dispositio
             return _classify(ref, _read_pydicom(source, named_dcm, ref.rel), size)
         except (NotImplementedError, struct.error, BytesLengthException) as exc:  # a corrupted VR code or length
             # met only when _classify reads the element (pydicom converts raw elements lazily)
+            return Disposition("quarantined", f"DICOM header cannot be parsed ({type(exc).__name__})")
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+            # damaged values inside sequences (functional groups, CSA) surface here; one bad file
+            # must never stop the run
             return Disposition("quarantined", f"DICOM header cannot be parsed ({type(exc).__name__})")
 
 
@@ -728,7 +733,10 @@ def _planes(
                 plane = _stored_values(held, raw_dtype, rows * cols, offset).reshape(rows, cols)
             else:
                 plane = _tile(held, index, tiles, rows, cols) if tiles else (held[index] if held.ndim == 3 else held)
-        except Exception as exc:  # any decoder failure quarantines the series
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - any decoder failure quarantines the series; Rust
+            # decoders (pylibjpeg-rle) panic on damaged streams with a BaseException (pyo3 PanicException)
             text = str(exc).lower()
             why = "truncated" if "truncat" in text or "short" in text or "buffer" in text else type(exc).__name__
             raise InputRejected(f"slice {k + 1} of {n}: pixel data cannot be decoded ({why})") from None

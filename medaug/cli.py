@@ -136,6 +136,10 @@ def ingest_cmd(
     locate: Annotated[
         str | None, typer.Option(help="Print the input path(s) of a quarantine.csv `source` reference and exit.")
     ] = None,
+    strict: Annotated[
+        bool, typer.Option("--strict", help="Quarantine a whole DICOM series for one damaged file or missing slices "
+                                            "(default: quarantine those files, write the intact runs as parts).")
+    ] = False,
 ) -> None:
     """Convert DICOM/NIfTI inputs to de-identified canonical NIfTI (key from MEDAUG_DEID_KEY).
 
@@ -184,7 +188,8 @@ def ingest_cmd(
     elif not sources:
         raise ConfigError("name at least one input folder or file, or a PACS with --dicomweb URL")
     else:
-        report = run_ingest(sources, out, modality=mod, key=key, workers=max(1, workers), level=gzip_level)  # type: ignore[arg-type]
+        report = run_ingest(sources, out, modality=mod, key=key, workers=max(1, workers), level=gzip_level,  # type: ignore[arg-type]
+                            strict=strict)
     typer.echo(
         f"{report.volumes_written} volumes written to {out} ({report.volumes_reused} unchanged); "
         f"{report.files_seen} files seen: {report.files_used} used, {report.skipped} skipped, "

@@ -157,22 +157,61 @@ def build_bad_corpus(root: Path) -> list[Case]:
         return root / folder
 
     # --- DICOM ----------------------------------------------------------------------
-    d = case("truncated_slice", "quarantined", "truncated")
-    paths = write_series(d, series_uid="1.2.3.100")
-    data = paths[2].read_bytes()
-    paths[2].write_bytes(data[: len(data) - 60])
+    # A damaged or missing slice costs only itself: the intact runs around it are written as parts.
+    d = case("truncated_slice", "quarantined", "truncated", files=("truncated_slice/IM0004.dcm",), volumes=2)
+    paths = write_series(d, n=8, series_uid="1.2.3.100")
+    data = paths[4].read_bytes()
+    paths[4].write_bytes(data[: len(data) - 60])
 
-    d = case("missing_pixel_data", "quarantined", "without pixel data")
-    write_series(d, series_uid="1.2.3.101", per_slice=lambda k, ds: ds.__delattr__("PixelData") if k == 1 else None)
+    d = case("missing_pixel_data", "quarantined", "without pixel data", files=("missing_pixel_data/IM0004.dcm",),
+             volumes=2)
+    write_series(d, n=8, series_uid="1.2.3.101", per_slice=lambda k, ds: ds.__delattr__("PixelData") if k == 4 else None)
 
     d = case("not_dicom_named_dcm", "quarantined", "is not DICOM")
     d.mkdir(parents=True)
     (d / "scan.dcm").write_bytes(b"this is a text file, not an image\n" * 20)
 
-    d = case("missing_slices", "quarantined", "2 slices missing between positions 34.0 and 40.0")
+    d = case("missing_slices", "used", "", volumes=2)
     write_series(d, n=8, series_uid="1.2.3.102", origin=(0, 0, 30.0), per_slice=None)
     (d / "IM0003.dcm").unlink()
     (d / "IM0004.dcm").unlink()
+
+    d = case("gap_leaves_one_slice", "quarantined", "1 slice cut off from the series by missing slices",
+             files=("gap_leaves_one_slice/IM0000.dcm",), volumes=1)
+    write_series(d, n=7, series_uid="1.2.3.113")
+    (d / "IM0001.dcm").unlink()
+
+    d = case("same_uid_different_pixels", "quarantined", "share one SOP Instance UID but hold different pixel data",
+             files=("same_uid_different_pixels/IM0004.dcm", "same_uid_different_pixels/IM0004_other.dcm"), volumes=2)
+    paths = write_series(d, n=8, series_uid="1.2.3.114")
+    write_series(d, n=8, series_uid="1.2.3.114", name=lambda k: "IM0004_other.dcm" if k == 4 else f"tmp{k}.dcm",
+                 per_slice=lambda k, ds: setattr(ds, "PixelData", bytes(len(ds.PixelData))) if k == 4 else None)
+    for p in d.glob("tmp*.dcm"):
+        p.unlink()
+
+    d = case("truncated_duplicate", "skipped", "damaged copy of an instance whose intact copy is present",
+             files=("truncated_duplicate/IM0002_copy.dcm",), volumes=1)
+    paths = write_series(d, series_uid="1.2.3.115")
+    (d / "IM0002_copy.dcm").write_bytes(paths[2].read_bytes()[:-100])
+
+    d = case("gzip_compressed", "used", "", volumes=1)
+    for p in write_series(d, series_uid="1.2.3.116"):
+        p.with_name(p.name + ".gz").write_bytes(gzip.compress(p.read_bytes()))
+        p.unlink()
+
+    d = case("gzip_truncated", "quarantined", "gzip-compressed file is truncated or corrupt")
+    d.mkdir(parents=True)
+    (d / "a.dcm.gz").write_bytes(gzip.compress(paths[0].read_bytes())[:300])
+
+    d = case("gzip_not_dicom", "skipped", "not a DICOM, NIfTI or JSON file (.gz)")
+    d.mkdir(parents=True)
+    (d / "scanner_log.gz").write_bytes(gzip.compress(b"log line, not an image\n" * 500))
+
+    d = case("four_d_unequal", "quarantined", "4D series of 3 volumes with unequal slice counts")
+    for v in range(3):
+        write_series(d, n=5 if v != 1 else 4, series_uid="1.2.3.117", name=lambda k, v=v: f"v{v}_{k}.dcm",
+                     per_slice=lambda k, ds, v=v: (setattr(ds, "SOPInstanceUID", f"1.2.3.117.{v}.{k}"),
+                                                   setattr(ds, "InstanceNumber", v * 10 + k + 1)))
 
     def dup_pos(k: int, ds: Any) -> None:
         if k == 4:
@@ -220,8 +259,14 @@ def build_bad_corpus(root: Path) -> list[Case]:
             ds.Rows = 4
             ds.PixelData = np.zeros((4, 10), "<i2").tobytes()
 
-    case("slice_size_differs", "quarantined", "slice sizes differ")
+    # A slice of another size is another image (split off, as dcm2niix does): alone, it is no volume.
+    case("slice_size_differs", "quarantined", "1 slice only", files=("slice_size_differs/IM0005.dcm",), volumes=1)
     write_series(root / "slice_size_differs", series_uid="1.2.3.109", per_slice=size)
+
+    case("one_slice_without_geometry", "quarantined", "ImagePositionPatient",
+         files=("one_slice_without_geometry/IM0005.dcm",), volumes=1)
+    write_series(root / "one_slice_without_geometry", series_uid="1.2.3.119",
+                 per_slice=lambda k, ds: ds.__delattr__("ImagePositionPatient") if k == 5 else None)
 
     case("no_geometry", "quarantined", "ImagePositionPatient")
     write_series(root / "no_geometry", series_uid="1.2.3.110", per_slice=lambda k, ds: ds.__delattr__("ImagePositionPatient"))
@@ -237,9 +282,15 @@ def build_bad_corpus(root: Path) -> list[Case]:
     d.mkdir(parents=True)
     (d / "empty.dcm").write_bytes(b"")
 
-    d = case("no_decoder", "quarantined", "needs")
-    d.mkdir(parents=True)
-    shutil.copy(testdata("MR_small_jpeg_ls_lossless.dcm"), d / "jls.dcm")
+    def mpeg2(ds: Any) -> None:  # a video transfer syntax: no pixel handler decodes it
+        from pydicom.encaps import encapsulate
+
+        ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"
+        ds.PixelData = encapsulate([bytes(ds.PixelData)])
+        ds["PixelData"].VR = "OB"
+
+    d = case("no_decoder", "quarantined", "has no decoder")
+    write_series(d, series_uid="1.2.3.118", extra=mpeg2)
 
     d = case("truncated_header", "quarantined", "truncated")
     paths = write_series(d, n=1, series_uid="1.2.3.112")

@@ -6,11 +6,17 @@ Three steps, so that bad inputs are refused before any pixel is decoded:
    pixel element deferred) and returns a `DicomHeader`, or a `Disposition` saying why the
    file is skipped (not DICOM, DICOMDIR, SR / RTSTRUCT / presentation state, a modality
    other than CT or MR) or quarantined (empty, truncated, no pixel data, undecodable).
-2. `plan_series` groups the image frames by series, orientation and echo, drops exact
-   duplicates and localizers with a reason, checks that every frame shares rows, columns,
-   pixel spacing and patient, and validates the stack with `geometry.stack_geometry`.
-3. `convert_series` (run in worker processes) reads the pixels in the planned order,
-   applies RescaleSlope/Intercept (HU for CT) and writes a canonical NIfTI.
+   Siemens mosaics become one frame per tile, enhanced multi-frame images one frame per
+   functional-groups item; gzip-compressed files (.dcm.gz) are inflated in memory.
+2. `series.plan_series` groups the frames into series, splits 4D series into volumes and
+   gapped stacks into contiguous parts (pipeline/ingest/series.py).
+3. `iter_planes` (run in worker processes) reads the pixels in the planned order through
+   the fast raw path or pydicom's pixel handlers (pylibjpeg, pyjpegls for the compressed
+   transfer syntaxes), cuts mosaic tiles and applies RescaleSlope/Intercept (HU for CT).
+
+Voxel values are DICOM's RescaleSlope/Intercept applied to the stored values (per frame for
+enhanced images). Philips' private "precise" scaling (2005,100E), which dcm2niix applies by
+default, is not: compare with `dcm2niix -p n`.
 
 No message built here holds a tag value that could identify anyone: only counts, sizes,
 positions along the slice normal (mm), modality, transfer syntax and SOP class names.
@@ -18,25 +24,24 @@ positions along the slice normal (mm), modality, transfer syntax and SOP class n
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import struct
 import zlib
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from pipeline.errors import GeometryError, InputRejected
+from pipeline.errors import InputRejected
 from pipeline.ingest.discover import FileRef
 from pipeline.ingest.fastheader import read_fast
-from pipeline.ingest.geometry import orientation_key, slice_normal, stack_geometry
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,7 @@ NATIVE_SYNTAXES = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.
 """Implicit VR LE, explicit VR LE, explicit VR BE: pixel data stored uncompressed."""
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
-HEADER_TAGS = [
+HEADER_TAGS: list[Any] = [
     "SOPClassUID", "SOPInstanceUID", "Modality", "PatientID", "PatientName", "StudyInstanceUID",
     "SeriesInstanceUID", "SeriesNumber", "AcquisitionNumber", "EchoNumbers", "ImageType",
     "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
@@ -54,7 +59,10 @@ HEADER_TAGS = [
     "PhotometricInterpretation", "RescaleSlope", "RescaleIntercept", "BurnedInAnnotation",
     "GantryDetectorTilt", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
     "DirectoryRecordSequence", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
+    "InstanceNumber", "TemporalPositionIdentifier", "DiffusionBValue", "SpacingBetweenSlices", "SliceThickness",
+    "LossyImageCompression", "Manufacturer", "EchoTime", 0x00290010, 0x00290011, 0x00291010,
 ]
+"""Header elements read before any pixel; (0029,xx10) is the Siemens CSA image header (mosaics)."""
 
 NON_IMAGE_HINT = {
     "1.2.840.10008.5.1.4.1.1.481.3": "RT structure set",
@@ -84,6 +92,19 @@ class Frame:
     """Byte offset of uncompressed little-endian pixel data in the file, -1 to decode with pydicom."""
     pixel_dtype: str = ""
     """numpy dtype of those stored pixels, e.g. '<i2'."""
+    tiles: int = 0
+    """Siemens mosaic: tiles per row and column of the stored image (frame `index` is the tile); 0 otherwise."""
+    temporal: int = 0
+    """Temporal position of an enhanced multi-frame frame (FrameContent TemporalPositionIndex), 0 unknown."""
+    frame_type: str = ""
+    """Enhanced multi-frame FrameType value 3 (e.g. M, P, FIELD_MAP): frames of different types are
+    different series (as dcm2niix splits them)."""
+    echo: str = ""
+    """Echo of an enhanced multi-frame frame (EffectiveEchoTime, ms, as text), '' when not given per frame."""
+    b_value: float | None = None
+    """Diffusion b-value (s/mm2) of the frame when the header gives it."""
+    dim_index: tuple[int, ...] = ()
+    """DimensionIndexValues of an enhanced multi-frame frame (orders the volumes of a 4D file)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +124,20 @@ class DicomHeader:
     transfer_syntax: str
     frames: tuple[Frame, ...]
     problem: str = ""
-    """A reason that quarantines the whole series this file belongs to (e.g. truncated)."""
+    """A reason this file cannot be used (truncated, undecodable, ...): in --strict mode it
+    quarantines the whole series, else only this file (its slice becomes a gap)."""
+    image_type: str = ""
+    """ImageType values joined (grouping only: ORIGINAL vs DERIVED, M vs P are different series)."""
+    instance: int = 0
+    """InstanceNumber (orders the volumes of a 4D series)."""
+    temporal: int = 0
+    """TemporalPositionIdentifier, 0 when absent."""
+    acquisition: int = 0
+    """AcquisitionNumber, 0 when absent (Siemens numbers the volumes of a classic 4D series with it)."""
+    echo_time: str = ""
+    """EchoTime (ms) as a short number text: series are split by it, as by EchoNumbers."""
+    lossy: bool = False
+    """Pixel data went through lossy compression (lossy transfer syntax or LossyImageCompression 01)."""
 
 
 def _num(ds: Any, name: str, default: float) -> float:
@@ -180,70 +214,163 @@ def _decoder_problem(ts_uid: str) -> str:
     return f"pixel data compressed as {uid.name}; needs {needs} to decode"
 
 
+def _first(item: Any, seq_name: str, tag: str) -> Any:
+    """`tag` of the first item of sequence `seq_name` in a functional-groups item, or None."""
+    seq = item.get(seq_name) if item is not None else None
+    return seq[0].get(tag) if seq else None
+
+
 def _plane(item: Any) -> tuple[Any, Any, Any, Any]:
     """(position, orientation, pixel spacing, value transform) of a functional-groups item."""
-    def first(seq_name: str, tag: str) -> Any:
-        seq = item.get(seq_name) if item is not None else None
-        return seq[0].get(tag) if seq else None
-
     transform = item.get("PixelValueTransformationSequence") if item is not None else None
     return (
-        first("PlanePositionSequence", "ImagePositionPatient"),
-        first("PlaneOrientationSequence", "ImageOrientationPatient"),
-        first("PixelMeasuresSequence", "PixelSpacing"),
+        _first(item, "PlanePositionSequence", "ImagePositionPatient"),
+        _first(item, "PlaneOrientationSequence", "ImageOrientationPatient"),
+        _first(item, "PixelMeasuresSequence", "PixelSpacing"),
         transform[0] if transform else None,
     )
 
 
-def _frames(ds: Any) -> tuple[tuple[Frame, ...], str]:
-    """Frames of an image dataset with geometry, or () and the reason they have none."""
+def _frame_labels(item: Any, shared: Any) -> dict[str, Any]:
+    """Per-frame volume labels of an enhanced image (PS3.3 C.7.6.16): temporal position,
+    frame type (value 3), effective echo time and diffusion b-value."""
+    def pick(seq: str, tag: str) -> Any:
+        v = _first(item, seq, tag)
+        return v if v is not None else _first(shared, seq, tag)
+
+    ftype = pick("MRImageFrameTypeSequence", "FrameType") or pick("CTImageFrameTypeSequence", "FrameType")
+    ftype = [ftype] if isinstance(ftype, str) else list(ftype or [])
+    echo = pick("MREchoSequence", "EffectiveEchoTime")
+    b = pick("MRDiffusionSequence", "DiffusionBValue")
+    temporal = pick("FrameContentSequence", "TemporalPositionIndex")
+    dims = _first(item, "FrameContentSequence", "DimensionIndexValues")
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    return {"temporal": int(_num({"v": temporal}, "v", 0)), "frame_type": _code(ftype[2]) if len(ftype) > 2 else "",
+            "echo": f"{float(echo):g}" if isinstance(echo, int | float) else "",
+            "b_value": float(b) if isinstance(b, int | float) else None,
+            "dim_index": tuple(int(v) for v in dims if isinstance(v, int))}
+
+
+def _multiframe(ds: Any, n_frames: int, slope: float, intercept: float) -> tuple[tuple[Frame, ...], str]:
+    """Frames of an enhanced multi-frame image from its functional groups.
+
+    Read here rather than through nibabel.nicom's MultiframeWrapper: the wrapper returns one
+    array sorted by the dimension index, while ingest needs each frame's own position,
+    orientation, rescale and frame type to validate, group and stream them like classic slices.
+    """
+    shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
+    s_pos, s_ori, s_sp, s_tr = _plane(shared)
+    per = ds.PerFrameFunctionalGroupsSequence
+    if len(per) != n_frames:
+        return (), f"multi-frame image lists {len(per)} frame geometries for {n_frames} frames"
+    frames = []
+    for i, item in enumerate(per):
+        pos, ori, sp, tr = _plane(item)
+        pos, ori, sp, tr = pos or s_pos, ori or s_ori, sp or s_sp, tr or s_tr
+        p, o, s = _floats(pos, 3), _floats(ori, 6), _floats(sp, 2)
+        if p is None or o is None or s is None:
+            return (), "multi-frame image without per-frame position, orientation or pixel spacing"
+        fs, fi = (_num(tr, "RescaleSlope", 1.0), _num(tr, "RescaleIntercept", 0.0)) if tr else (slope, intercept)
+        frames.append(Frame(i, (p[0], p[1], p[2]), o, (s[0], s[1]), fs, fi, **_frame_labels(item, shared)))
+    return tuple(frames), ""
+
+
+def _mosaic(ds: Any, p: tuple[float, ...], o: tuple[float, ...], s: tuple[float, ...],
+            slope: float, intercept: float) -> tuple[tuple[Frame, ...], str, tuple[int, int]]:
+    """Tiles of a Siemens mosaic as frames: (frames, problem, (tile rows, tile columns)).
+
+    nibabel.nicom reads the CSA header (number of tiles, slice normal) and corrects the
+    mosaic's ImagePositionPatient to the first tile; tile k then sits k slice steps along
+    the slice normal (step: SpacingBetweenSlices, else SliceThickness, as nibabel's affine).
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nibabel warns that its DICOM readers are experimental
+        from nibabel.nicom import csareader
+        from nibabel.nicom.dicomwrappers import MosaicWrapper
+
+        wrapper, first, normal, b_value = None, None, None, None
+        try:
+            csa = csareader.get_csa_header(ds)
+            n = int(csareader.get_n_mosaic(csa) or 0)
+            wrapper = MosaicWrapper(ds, n_mosaic=n) if n > 0 else None
+            first = wrapper.image_position if wrapper is not None else None
+            normal = np.asarray(wrapper.slice_normal, dtype=float) if wrapper is not None else None
+        except Exception:  # noqa: BLE001 - nibabel's CSA parser fails on damaged bytes with many
+            # types (CSAReadError, WrapperError, AssertionError, struct.error, ...): all mean "unreadable"
+            wrapper = None
+        try:  # diffusion b-value of a DWI mosaic (CSA B_value), when there is one
+            b = csareader.get_b_value(csa) if wrapper is not None else None
+            b_value = float(b) if b is not None else None
+        except Exception:  # noqa: BLE001 - a b-value that cannot be read is simply not reported
+            b_value = None
+    rows, cols = int(_num(ds, "Rows", 0)), int(_num(ds, "Columns", 0))
+    if wrapper is None or first is None or normal is None:
+        return (), "Siemens mosaic without a readable CSA header (number of tiles unknown)", (0, 0)
+    tiles = wrapper.mosaic_size
+    if rows % tiles or cols % tiles:
+        return (), f"Siemens mosaic of {cols} x {rows} pixels cannot hold {tiles} x {tiles} tiles", (0, 0)
+    step = _num(ds, "SpacingBetweenSlices", 0.0) or _num(ds, "SliceThickness", 0.0)
+    if step <= 0:
+        return (), "Siemens mosaic without SpacingBetweenSlices or SliceThickness (slice step unknown)", (0, 0)
+    frames = tuple(
+        Frame(k, tuple(float(v) for v in np.asarray(first, float) + k * step * normal), o, (s[0], s[1]),  # type: ignore[arg-type]
+              slope, intercept, tiles=tiles, b_value=b_value)
+        for k in range(n)
+    )
+    return frames, "", (rows // tiles, cols // tiles)
+
+
+def _is_mosaic(ds: Any) -> bool:
+    value = ds.get("ImageType") or []
+    return "MOSAIC" in [str(v).upper() for v in ([value] if isinstance(value, str) else value)]
+
+
+def _frames(ds: Any) -> tuple[tuple[Frame, ...], str, tuple[int, int] | None]:
+    """Frames of an image dataset with geometry, or () and the reason they have none; the
+    third value is the tile size (rows, columns) of a mosaic, else None."""
     n_frames = int(_num(ds, "NumberOfFrames", 1))
     slope, intercept = _num(ds, "RescaleSlope", 1.0), _num(ds, "RescaleIntercept", 0.0)
     if "PerFrameFunctionalGroupsSequence" in ds:
-        shared = ds.SharedFunctionalGroupsSequence[0] if ds.get("SharedFunctionalGroupsSequence") else None
-        s_pos, s_ori, s_sp, s_tr = _plane(shared)
-        per = ds.PerFrameFunctionalGroupsSequence
-        if len(per) != n_frames:
-            return (), f"multi-frame image lists {len(per)} frame geometries for {n_frames} frames"
-        frames = []
-        for i, item in enumerate(per):
-            pos, ori, sp, tr = _plane(item)
-            pos, ori, sp, tr = pos or s_pos, ori or s_ori, sp or s_sp, tr or s_tr
-            p, o, s = _floats(pos, 3), _floats(ori, 6), _floats(sp, 2)
-            if p is None or o is None or s is None:
-                return (), "multi-frame image without per-frame position, orientation or pixel spacing"
-            fs, fi = (_num(tr, "RescaleSlope", 1.0), _num(tr, "RescaleIntercept", 0.0)) if tr else (slope, intercept)
-            frames.append(Frame(i, (p[0], p[1], p[2]), o, (s[0], s[1]), fs, fi))
-        return tuple(frames), ""
+        return (*_multiframe(ds, n_frames, slope, intercept), None)
     p, o, s = _floats(ds.get("ImagePositionPatient"), 3), _floats(ds.get("ImageOrientationPatient"), 6), \
         _floats(ds.get("PixelSpacing"), 2)
     if p is None or o is None:
-        return (), "no ImagePositionPatient/ImageOrientationPatient (slice geometry unknown)"
+        return (), "no ImagePositionPatient/ImageOrientationPatient (slice geometry unknown)", None
     if s is None:
-        return (), "no PixelSpacing (pixel size unknown)"
+        return (), "no PixelSpacing (pixel size unknown)", None
     if n_frames != 1:
-        return (), f"multi-frame image ({n_frames} frames) without per-frame positions"
-    return (Frame(0, (p[0], p[1], p[2]), o, (s[0], s[1]), slope, intercept),), ""
+        return (), f"multi-frame image ({n_frames} frames) without per-frame positions", None
+    if _is_mosaic(ds):
+        return _mosaic(ds, p, o, s, slope, intercept)
+    b = ds.get("DiffusionBValue")
+    return (Frame(0, (p[0], p[1], p[2]), o, (s[0], s[1]), slope, intercept,
+                  b_value=float(b) if isinstance(b, int | float) else None),), "", None
 
 
-def _with_fast_path(ds: Any, ts: str, frame: Frame, n_pixels: int, tell: int, length: int) -> tuple[Frame, ...]:
-    """The frame with its raw pixel offset when numpy can read the stored values directly.
+def _with_fast_path(
+    ds: Any, ts: str, frames: tuple[Frame, ...], n_pixels: int, tell: int, length: int
+) -> tuple[Frame, ...]:
+    """The frames with their raw pixel offsets when numpy can read the stored values directly.
 
     Only for native little-endian syntaxes with the usual bit layout (HighBit = BitsStored
     - 1); the reader then masks unused high bits and sign-extends as pydicom does (12-bit
-    CT). Everything else goes through pydicom's decoders.
+    CT). Frame i of a multi-frame image starts i frames into the pixel data, so each volume
+    of an enhanced 4D file reads only its own frames. Everything else (and mosaics, whose
+    tiles are cut from one image) goes through pydicom's decoders.
     """
     bits = int(_num(ds, "BitsAllocated", 0))
     stored = int(_num(ds, "BitsStored", bits))
+    frame_bytes = n_pixels * bits // 8
     if ts not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") or bits not in (8, 16, 32) \
             or not 0 < stored <= bits or int(_num(ds, "HighBit", stored - 1)) != stored - 1 \
-            or length != n_pixels * bits // 8:
-        return (frame,)
+            or length != frame_bytes * len(frames) or any(f.tiles for f in frames):
+        return frames
     dtype = f"<{'i' if int(_num(ds, 'PixelRepresentation', 0)) == 1 else 'u'}{bits // 8}"
     if stored < bits:
         dtype += f":{stored}"
-    return (Frame(frame.index, frame.position, frame.orientation, frame.pixel_spacing, frame.slope,
-                  frame.intercept, pixel_offset=tell, pixel_dtype=dtype),)
+    return tuple(dataclasses.replace(f, pixel_offset=tell + f.index * frame_bytes, pixel_dtype=dtype) for f in frames)
 
 
 def _stored_values(data: bytes, raw_dtype: str, count: int, offset: int) -> npt.NDArray[Any]:
@@ -283,28 +410,87 @@ def _suffix(rel: str) -> str:
     return f" (.{ext})" if ext.isalnum() and len(ext) <= 5 else ""
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+MAX_GUNZIP = 4 << 30
+"""Largest decompressed .dcm.gz accepted (bytes): a gzip bomb must not fill memory."""
+
+
+def gunzip_dicom(data: bytes) -> bytes:
+    """`data` itself, or inflated when it is a gzip member (.dcm.gz in public archives).
+
+    Raises EOFError/zlib.error on a truncated or corrupt gzip file, ValueError when it
+    inflates beyond MAX_GUNZIP.
+
+    >>> import gzip
+    >>> gunzip_dicom(gzip.compress(b"DICM")), gunzip_dicom(b"DICM")
+    (b'DICM', b'DICM')
+    """
+    if data[:2] != GZIP_MAGIC:
+        return data
+    d = zlib.decompressobj(wbits=31)
+    out = d.decompress(data, MAX_GUNZIP)
+    if d.unconsumed_tail:
+        raise ValueError("gzip file inflates beyond the size limit")
+    if not d.eof:
+        raise EOFError("gzip file is truncated")
+    return out
+
+
 def read_header(ref: FileRef, use_fast: bool = True) -> DicomHeader | Disposition:
     """Read one file's header (no pixels) and classify it.
 
     Returns a DicomHeader for a CT or MR image (its `problem` set when the file is truncated,
     lacks pixel data or cannot be decoded here) or a Disposition for everything else.
     Plain explicit-VR files go through `fastheader.read_fast`, the rest through pydicom
-    (`use_fast=False` forces pydicom; the tests compare both).
+    (`use_fast=False` forces pydicom; the tests compare both). A gzip-compressed file
+    (.dcm.gz) is inflated in memory first and then read like any other.
     """
-    named_dcm = ref.rel.lower().endswith((".dcm", ".dicom", ".ima"))
+    named_dcm = ref.rel.lower().endswith((".dcm", ".dicom", ".ima", ".dcm.gz"))
     if ref.size == 0:
         return Disposition("quarantined", "empty file (0 bytes)")
     ds = read_fast(ref.path) if use_fast else None
     if ds is not None:
-        return _classify(ref, ds)
+        return _classify(ref, ds, ref.size)
+    source: Path | io.BytesIO | Disposition = _gunzipped(ref, named_dcm)
+    if isinstance(source, Disposition):
+        return source
+    size = ref.size if isinstance(source, Path) else len(source.getbuffer())
     with _no_value_warnings():  # pydicom converts values when _classify reads them
         from pydicom.errors import BytesLengthException
 
         try:
-            return _classify(ref, _read_pydicom(ref, named_dcm))
+            return _classify(ref, _read_pydicom(source, named_dcm, ref.rel), size)
         except (NotImplementedError, struct.error, BytesLengthException) as exc:  # a corrupted VR code or length
             # met only when _classify reads the element (pydicom converts raw elements lazily)
             return Disposition("quarantined", f"DICOM header cannot be parsed ({type(exc).__name__})")
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+            # damaged values inside sequences (functional groups, CSA) surface here; one bad file
+            # must never stop the run
+            return Disposition("quarantined", f"DICOM header cannot be parsed ({type(exc).__name__})")
+
+
+def _gunzipped(ref: FileRef, named_dcm: bool) -> Path | io.BytesIO | Disposition:
+    """The file itself, or its inflated bytes when it is a gzip-compressed DICOM file.
+
+    The first bytes are inflated first: a gzip file that is no DICOM (a .tar.gz, a log) is
+    skipped without inflating the rest.
+    """
+    with open(ref.path, "rb") as f:
+        head = f.read(4096)
+    if head[:2] != GZIP_MAGIC:
+        return ref.path
+    try:
+        start = zlib.decompressobj(wbits=31).decompress(head, 132)
+    except zlib.error:
+        start = b""
+    if start[128:132] != b"DICM" and not _looks_like_raw_dicom(start):
+        if named_dcm:
+            return Disposition("quarantined", "gzip-compressed file is truncated or corrupt, or holds no DICOM")
+        return Disposition("skipped", f"not a DICOM, NIfTI or JSON file{_suffix(ref.rel)}")
+    try:
+        return io.BytesIO(gunzip_dicom(ref.path.read_bytes()))
+    except (OSError, EOFError, ValueError, zlib.error):
+        return Disposition("quarantined", "gzip-compressed file is truncated or corrupt")
 
 
 def read_fast_header(ref: FileRef) -> DicomHeader | Disposition | None:
@@ -312,7 +498,7 @@ def read_fast_header(ref: FileRef) -> DicomHeader | Disposition | None:
     if ref.size == 0:
         return Disposition("quarantined", "empty file (0 bytes)")
     ds = read_fast(ref.path)
-    return None if ds is None else _classify(ref, ds)
+    return None if ds is None else _classify(ref, ds, ref.size)
 
 
 @contextmanager
@@ -328,12 +514,12 @@ def _no_value_warnings() -> Iterator[None]:
         config.settings.reading_validation_mode = old
 
 
-def _read_pydicom(ref: FileRef, named_dcm: bool) -> Any:
+def _read_pydicom(source: Path | io.BytesIO, named_dcm: bool, rel: str) -> Any:
     """A pydicom Dataset of the header (pixel data deferred) or a Disposition."""
     import pydicom
 
     try:
-        with open(ref.path, "rb") as f:
+        with open(source, "rb") if isinstance(source, Path) else source as f:
             head = f.read(132)
             f.seek(0)
             force = False
@@ -341,9 +527,11 @@ def _read_pydicom(ref: FileRef, named_dcm: bool) -> Any:
                 if not _looks_like_raw_dicom(head):
                     if named_dcm:
                         return Disposition("quarantined", "named like a DICOM file but is not DICOM (no DICM prefix)")
-                    return Disposition("skipped", f"not a DICOM, NIfTI or JSON file{_suffix(ref.rel)}")
+                    return Disposition("skipped", f"not a DICOM, NIfTI or JSON file{_suffix(rel)}")
                 force = True
             ds = pydicom.dcmread(f, defer_size=1024, specific_tags=HEADER_TAGS, force=force)
+            if isinstance(source, io.BytesIO):
+                ds.get_item("PixelData", keep_deferred=True)  # read while the buffer is open
     except Exception as exc:  # noqa: BLE001 - on corrupted bytes pydicom raises many types (struct.error,
         # NotImplementedError for a bad VR code, BytesLengthException, ...): all mean "cannot be parsed"
         if isinstance(exc, EOFError) or "truncat" in str(exc).lower() or "end of file" in str(exc).lower():
@@ -352,10 +540,8 @@ def _read_pydicom(ref: FileRef, named_dcm: bool) -> Any:
     return ds
 
 
-def _classify(ref: FileRef, ds: Any) -> DicomHeader | Disposition:
-    """Turn a header (pydicom Dataset or FastDataset) into a DicomHeader or a Disposition."""
-    if isinstance(ds, Disposition):
-        return ds
+def _non_image(ds: Any) -> Disposition | None:
+    """The Disposition of a file that is no CT/MR image (DICOMDIR, SR, other modality), else None."""
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
     if sop_class == "1.2.840.10008.1.3.10" or "DirectoryRecordSequence" in ds:
@@ -371,36 +557,74 @@ def _classify(ref: FileRef, ds: Any) -> DicomHeader | Disposition:
     if modality not in IMAGE_MODALITIES:
         return Disposition("skipped", f"image of modality {_code(modality) or 'unknown'} ({_sop_name(sop_class)}); "
                                       "only CT and MR are ingested")
+    return None
 
+
+def _image_problem(ds: Any, modality: str, rows: int, cols: int, geom_problem: str) -> str:
+    """Why this image's pixels cannot be used ('' when they can), before looking at its bytes."""
+    if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        return f"{modality} image without pixel data"
+    if rows <= 0 or cols <= 0:
+        return f"image of {rows} x {cols} pixels"
+    if int(_num(ds, "SamplesPerPixel", 1)) != 1 or not str(ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith("MONOCHROME"):
+        return f"colour image ({_code(ds.get('PhotometricInterpretation', '')) or 'unknown'}); CT and MR must be greyscale"
+    if str(ds.get("BurnedInAnnotation", "NO")).upper() == "YES":
+        return "pixel data has burned-in annotation (may show identifiers)"
+    return geom_problem
+
+
+def _pixel_problem(ds: Any, ts: str, rows: int, cols: int, size: int) -> tuple[str, Any, Any]:
+    """(truncation problem or '', PixelData length, its offset) from the deferred pixel element."""
+    raw = ds.get_item("PixelData", keep_deferred=True)
+    length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
+    if ts in NATIVE_SYNTAXES:
+        n_frames = max(1, int(_num(ds, "NumberOfFrames", 1)))
+        expected = rows * cols * n_frames * max(1, int(_num(ds, "BitsAllocated", 16))) // 8
+        if size < expected or (isinstance(length, int) and length < expected):
+            return f"file is truncated: pixel data shorter than the image ({expected} bytes needed)", length, tell
+    if isinstance(length, int) and isinstance(tell, int) and length != 0xFFFFFFFF and tell + length > size:
+        return f"file is truncated ({tell + length - size} bytes of pixel data missing)", length, tell
+    return "", length, tell
+
+
+LOSSY_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",
+    "1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.112",
+})
+"""JPEG baseline/extended, JPEG-LS near-lossless, JPEG 2000 (lossy allowed), HTJ2K, JPEG XL
+(PS3.5 Table A-1): pixels may differ from what the scanner stored. .91/.81 can hold lossless
+data too; without LossyImageCompression = 00 they are flagged to be safe."""
+
+
+def _is_lossy(ds: Any, ts: str) -> bool:
+    """Lossy transfer syntax, or LossyImageCompression 01 (the pixels were lossy-compressed once)."""
+    flag = str(ds.get("LossyImageCompression", "") or "").strip()
+    return flag == "01" or (ts in LOSSY_SYNTAXES and flag != "00")
+
+
+def _classify(ref: FileRef, ds: Any, size: int) -> DicomHeader | Disposition:
+    """Turn a header (pydicom Dataset or FastDataset) into a DicomHeader or a Disposition.
+
+    `size` is the file's size in bytes (after gunzip for a .dcm.gz).
+    """
+    if isinstance(ds, Disposition):
+        return ds
+    other = _non_image(ds)
+    if other is not None:
+        return other
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    meta = getattr(ds, "file_meta", None)
     ts = str(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")) if meta is not None else "1.2.840.10008.1.2"
-    frames, geom_problem = _frames(ds)
-    problem = ""
+    frames, geom_problem, tile = _frames(ds)
     rows, cols = int(_num(ds, "Rows", 0)), int(_num(ds, "Columns", 0))
-    if not has_pixels:
-        problem = f"{modality} image without pixel data"
-    elif rows <= 0 or cols <= 0:
-        problem = f"image of {rows} x {cols} pixels"
-    elif int(_num(ds, "SamplesPerPixel", 1)) != 1 or not str(ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith("MONOCHROME"):
-        problem = f"colour image ({_code(ds.get('PhotometricInterpretation', '')) or 'unknown'}); CT and MR must be greyscale"
-    elif str(ds.get("BurnedInAnnotation", "NO")).upper() == "YES":
-        problem = "pixel data has burned-in annotation (may show identifiers)"
-    elif geom_problem:
-        problem = geom_problem
-    else:
-        problem = _decoder_problem(ts)
-        if not problem and "PixelData" in ds and str(ts) != DEFLATED:
-            raw = ds.get_item("PixelData", keep_deferred=True)
-            length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
-            if str(ts) in NATIVE_SYNTAXES:
-                n_frames = max(1, int(_num(ds, "NumberOfFrames", 1)))
-                expected = rows * cols * n_frames * max(1, int(_num(ds, "BitsAllocated", 16))) // 8
-                if ref.size < expected or (isinstance(length, int) and length < expected):
-                    problem = f"file is truncated: pixel data shorter than the image ({expected} bytes needed)"
-            if not problem and isinstance(length, int) and isinstance(tell, int) and length != 0xFFFFFFFF \
-                    and tell + length > ref.size:
-                problem = f"file is truncated ({tell + length - ref.size} bytes of pixel data missing)"
-            if not problem and len(frames) == 1 and isinstance(tell, int) and isinstance(length, int):
-                frames = _with_fast_path(ds, ts, frames[0], rows * cols, tell, length)
+    problem = _image_problem(ds, modality, rows, cols, geom_problem) or _decoder_problem(ts)
+    if not problem and "PixelData" in ds and ts != DEFLATED:
+        problem, length, tell = _pixel_problem(ds, ts, rows, cols, size)
+        if not problem and frames and isinstance(tell, int) and isinstance(length, int) and size == ref.size:
+            frames = _with_fast_path(ds, ts, frames, rows * cols, tell, length)
+    if tile is not None:
+        rows, cols = tile  # a mosaic's frames are its tiles
 
     ident = str(ds.get("PatientID", "") or "").strip()
     if not ident:
@@ -408,7 +632,6 @@ def _classify(ref: FileRef, ds: Any) -> DicomHeader | Disposition:
         ident = f"name:{name}" if name else f"study:{ds.get('StudyInstanceUID', '')}"
     image_type_value = ds.get("ImageType") or []
     image_type = [str(v).upper() for v in ([image_type_value] if isinstance(image_type_value, str) else image_type_value)]
-    echo = ds.get("EchoNumbers", "")
     return DicomHeader(
         ref=ref,
         modality=modality,
@@ -416,147 +639,27 @@ def _classify(ref: FileRef, ds: Any) -> DicomHeader | Disposition:
         series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
         sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
         series_number=int(_num(ds, "SeriesNumber", 0)),
-        echo=_first_text(echo),
+        echo=_first_text(ds.get("EchoNumbers", "")),
         rows=rows,
         columns=cols,
         localizer="LOCALIZER" in image_type or "SCOUT" in image_type,
-        transfer_syntax=str(ts),
+        transfer_syntax=ts,
         frames=frames,
         problem=problem,
+        image_type="\\".join(image_type),
+        instance=int(_num(ds, "InstanceNumber", 0)),
+        temporal=int(_num(ds, "TemporalPositionIdentifier", 0)),
+        acquisition=int(_num(ds, "AcquisitionNumber", 0)),
+        echo_time=f"{_num(ds, 'EchoTime', 0.0):.2f}" if "EchoTime" in ds else "",
+        lossy=_is_lossy(ds, ts),
     )
-
-
-# --- planning -------------------------------------------------------------------------
-
-
-@dataclass
-class SeriesPlan:
-    """A validated (or refused) series: the frames in slice order and the stack geometry."""
-
-    modality: str
-    patient: str
-    uid_key: str
-    """SeriesInstanceUID + orientation + echo: identifies the series; hashed before use."""
-    series_number: int
-    first_position: float
-    files: list[FileRef]
-    """Every file of the series (sorted by FileRef), the unit of accounting."""
-    frames: list[tuple[FileRef, Frame]] = field(default_factory=list)
-    """Frames in slice order (empty when refused)."""
-    affine: npt.NDArray[np.float64] | None = None
-    shape: tuple[int, int, int] = (0, 0, 0)
-    problem: str = ""
-    excluded: list[tuple[FileRef, str]] = field(default_factory=list)
-    """Files left out of the series (localizers, exact duplicates) with the reason."""
-
-    def sort_key(self) -> tuple[Any, ...]:
-        return (self.series_number, self.first_position, self.uid_key)
-
-
-def plan_series(headers: list[DicomHeader]) -> list[SeriesPlan]:
-    """Group image headers into series and validate each; refused series carry `problem`."""
-    by_uid: dict[str, list[DicomHeader]] = defaultdict(list)
-    for h in headers:
-        by_uid[h.series_uid or f"no-series-uid:{h.patient}:{h.modality}"].append(h)
-
-    plans: list[SeriesPlan] = []
-    for uid in sorted(by_uid):
-        group = sorted(by_uid[uid], key=lambda h: h.ref)
-        excluded: list[tuple[FileRef, str]] = []
-        # Exact duplicates: the same SOP instance stored twice.
-        seen: dict[str, DicomHeader] = {}
-        unique: list[DicomHeader] = []
-        for h in group:
-            if h.sop_uid and h.sop_uid in seen:
-                excluded.append((h.ref, "duplicate file (same SOP Instance UID as another file); skipped"))
-            else:
-                seen[h.sop_uid] = h
-                unique.append(h)
-        # Split by orientation and echo; small off-orientation groups and LOCALIZER images
-        # are scouts mixed into the series.
-        subgroups: dict[tuple[Any, ...], list[DicomHeader]] = defaultdict(list)
-        all_scouts = all(x.localizer for x in unique)
-        for h in unique:
-            if all_scouts:
-                excluded.append((h.ref, "localizer series (scout images), not a volume; skipped"))
-                continue
-            if h.localizer:
-                excluded.append((h.ref, "localizer image mixed into a series; excluded, series kept"))
-                continue
-            o = orientation_key(h.frames[0].orientation) if h.frames else ()
-            subgroups[(o, h.echo)].append(h)
-        if len(subgroups) > 1:
-            biggest = max(len(v) for v in subgroups.values())
-            for key in sorted(subgroups, key=str):
-                sub = subgroups[key]
-                same_echo_main = any(len(v) == biggest and k[1] == key[1] for k, v in subgroups.items())
-                if len(sub) < 3 and len(sub) < biggest and same_echo_main:
-                    excluded.extend((h.ref, "localizer (orientation differs from the rest of the series); excluded, series kept") for h in sub)
-                    del subgroups[key]
-        for i, (key, sub) in enumerate(sorted(subgroups.items(), key=lambda kv: str(kv[0]))):
-            plan = _plan_one(uid, key, sub)
-            if i == 0:
-                plan.excluded = excluded
-            plans.append(plan)
-        if not subgroups and excluded:
-            # Nothing but localizers or duplicates: the files stay accounted for as excluded.
-            first = group[0]
-            plans.append(SeriesPlan(first.modality, first.patient, uid, first.series_number, 0.0, [],
-                                    problem="", excluded=excluded))
-    return plans
-
-
-def _plan_one(uid: str, key: tuple[Any, ...], sub: list[DicomHeader]) -> SeriesPlan:
-    first = sub[0]
-    files = sorted(h.ref for h in sub)
-    try:
-        normal = slice_normal(first.frames[0].orientation) if first.frames else np.array([0.0, 0.0, 1.0])
-    except GeometryError:  # a degenerate orientation: stack_geometry below quarantines the series
-        normal = np.array([0.0, 0.0, 1.0])
-    first_pos = min((float(np.dot(f.position, normal)) for h in sub for f in h.frames), default=0.0)
-    plan = SeriesPlan(
-        modality=first.modality, patient=first.patient, uid_key=f"{uid}|{key}", series_number=first.series_number,
-        first_position=round(first_pos, 3), files=files,
-    )
-    problems = sorted({h.problem for h in sub if h.problem})
-    if problems:
-        n_bad = sum(1 for h in sub if h.problem)
-        plan.problem = f"{problems[0]} (in {n_bad} of {len(sub)} files)" if len(sub) > 1 else problems[0]
-        return plan
-    if len({h.patient for h in sub}) > 1:
-        plan.problem = "files of one series name different patients"
-        return plan
-    if len({h.modality for h in sub}) > 1:
-        plan.problem = "files of one series have different modalities"
-        return plan
-    if len({(h.rows, h.columns) for h in sub}) > 1:
-        sizes = sorted({f"{h.columns}x{h.rows}" for h in sub})
-        plan.problem = f"slice sizes differ ({', '.join(sizes[:3])})"
-        return plan
-    frames = [(h.ref, f) for h in sub for f in h.frames]
-    spacings = sorted({(round(f.pixel_spacing[0], 4), round(f.pixel_spacing[1], 4)) for _, f in frames})
-    if len(spacings) > 1:
-        shown = ", ".join(f"{a:g}x{b:g}" for a, b in spacings[:3])
-        plan.problem = f"pixel spacing differs between slices ({shown} mm)"
-        return plan
-    if len({h.transfer_syntax for h in sub}) > 1:
-        log.debug("series mixes transfer syntaxes; decoding each file on its own")
-    try:
-        geom = stack_geometry([f.position for _, f in frames], frames[0][1].orientation, frames[0][1].pixel_spacing)
-    except GeometryError as exc:
-        plan.problem = str(exc)
-        return plan
-    plan.frames = [frames[i] for i in geom.order]
-    plan.affine = geom.affine
-    plan.shape = (first.columns, first.rows, len(frames))
-    return plan
 
 
 # --- conversion (worker process) --------------------------------------------------------
 
 
-FrameSpec = tuple[Path, int, float, float, int, str]
-"""(file, frame index, RescaleSlope, RescaleIntercept, raw pixel offset or -1, raw dtype)."""
+FrameSpec = tuple[Path, int, float, float, int, str, int]
+"""(file, frame index, RescaleSlope, RescaleIntercept, raw pixel offset or -1, raw dtype, mosaic tiles or 0)."""
 
 
 class OutOfRange(Exception):
@@ -565,7 +668,7 @@ class OutOfRange(Exception):
 
 def frame_spec(ref: FileRef, frame: Frame) -> FrameSpec:
     """What a worker needs to read one frame (picklable, no identifiers)."""
-    return (ref.path, frame.index, frame.slope, frame.intercept, frame.pixel_offset, frame.pixel_dtype)
+    return (ref.path, frame.index, frame.slope, frame.intercept, frame.pixel_offset, frame.pixel_dtype, frame.tiles)
 
 
 def output_dtype(frames: Sequence[FrameSpec]) -> np.dtype[Any]:
@@ -587,7 +690,7 @@ def iter_planes(
 
     Raises InputRejected naming the slice when a file cannot be decoded.
     """
-    cache: dict[Path, npt.NDArray[np.generic]] = {}
+    cache: dict[Path, bytes | npt.NDArray[np.generic]] = {}
     n = len(frames)
     # File digests run in a thread (hashlib releases the GIL) while this one decodes.
     hashing = ThreadPoolExecutor(1) if digests is not None else None
@@ -613,30 +716,30 @@ def file_digest(data: bytes) -> bytes:
 
 
 def _planes(
-    frames: Sequence[FrameSpec], rows: int, cols: int, dtype: np.dtype[Any], cache: dict[Path, npt.NDArray[np.generic]],
-    n: int, hashing: ThreadPoolExecutor | None, pending: dict[Path, Future[bytes]],
+    frames: Sequence[FrameSpec], rows: int, cols: int, dtype: np.dtype[Any],
+    cache: dict[Path, bytes | npt.NDArray[np.generic]], n: int, hashing: ThreadPoolExecutor | None,
+    pending: dict[Path, Future[bytes]],
 ) -> Iterator[npt.NDArray[np.generic]]:
-    for k, (path, index, slope, intercept, offset, raw_dtype) in enumerate(frames):
-        if path not in cache:
-            cache.clear()
-            try:
+    for k, (path, index, slope, intercept, offset, raw_dtype, tiles) in enumerate(frames):
+        try:
+            if path not in cache:  # one file held at a time: its bytes (raw frames) or its decoded array
+                cache.clear()
                 data = path.read_bytes()
                 if hashing is not None:
                     pending[path] = hashing.submit(file_digest, data)
-                if offset >= 0:
-                    arr = _stored_values(data, raw_dtype, rows * cols, offset).reshape(rows, cols)
-                else:
-                    import pydicom  # only here: importing it costs ~0.3 s per process
-
-                    with _no_value_warnings():
-                        arr = pydicom.dcmread(io.BytesIO(data), force=True).pixel_array
-            except Exception as exc:  # any decoder failure quarantines the series
-                text = str(exc).lower()
-                why = "truncated" if "truncat" in text or "short" in text or "buffer" in text else type(exc).__name__
-                raise InputRejected(f"slice {k + 1} of {n}: pixel data cannot be decoded ({why})") from None
-            cache[path] = arr
-        arr = cache[path]
-        plane = arr[index] if arr.ndim == 3 else arr
+                cache[path] = gunzip_dicom(data) if offset >= 0 else _decode(gunzip_dicom(data))
+            held = cache[path]
+            if isinstance(held, bytes):  # raw little-endian frame at a known offset (multi-frame too)
+                plane = _stored_values(held, raw_dtype, rows * cols, offset).reshape(rows, cols)
+            else:
+                plane = _tile(held, index, tiles, rows, cols) if tiles else (held[index] if held.ndim == 3 else held)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - any decoder failure quarantines the series; Rust
+            # decoders (pylibjpeg-rle) panic on damaged streams with a BaseException (pyo3 PanicException)
+            text = str(exc).lower()
+            why = "truncated" if "truncat" in text or "short" in text or "buffer" in text else type(exc).__name__
+            raise InputRejected(f"slice {k + 1} of {n}: pixel data cannot be decoded ({why})") from None
         if plane.shape != (rows, cols):
             raise InputRejected(f"slice {k + 1} of {n}: pixel array is {plane.shape}, header says {rows}x{cols}")
         if dtype == np.int16:
@@ -644,6 +747,26 @@ def _planes(
         else:
             yield (plane.astype(np.float32) * np.float32(slope) + np.float32(intercept)) if plane.itemsize <= 2 \
                 else (plane.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def _decode(data: bytes) -> npt.NDArray[np.generic]:
+    """Stored pixel values of a whole file through pydicom's pixel handlers (pylibjpeg, pyjpegls
+    for the compressed syntaxes): (rows, columns) or (frames, rows, columns)."""
+    import pydicom  # only here: importing it costs ~0.3 s per process
+
+    with _no_value_warnings():
+        arr: npt.NDArray[np.generic] = pydicom.dcmread(io.BytesIO(data), force=True).pixel_array
+    return arr
+
+
+def _tile(mosaic: npt.NDArray[Any], index: int, tiles: int, rows: int, cols: int) -> npt.NDArray[Any]:
+    """Tile `index` (row-major in a `tiles` x `tiles` grid) of a mosaic image, (rows, cols).
+
+    >>> _tile(np.arange(16).reshape(4, 4), 3, 2, 2, 2).tolist()
+    [[10, 11], [14, 15]]
+    """
+    r, c = divmod(index, tiles)
+    return mosaic[r * rows : (r + 1) * rows, c * cols : (c + 1) * cols]
 
 
 def _rescale_int16(plane: npt.NDArray[Any], slope: int, intercept: int) -> npt.NDArray[np.int16]:

@@ -6,7 +6,7 @@ pixels. `read_fast` handles only the plain case: a Part 10 file (preamble + DICM
 VR little endian, single frame, all wanted strings ASCII, pixel data found within the first
 64 KiB. It returns a small read-only view with the few calls dicom.read_header makes on a
 pydicom Dataset (`get`, `in`, `file_meta`, `get_item(...).value_tell/length`). For anything
-else it returns None and the caller uses pydicom, so this is a speed path, never a second
+else (and for Siemens mosaics, whose CSA header nibabel parses) it returns None and the caller uses pydicom, so this is a speed path, never a second
 source of truth (tests compare both readers on the same files).
 """
 
@@ -30,9 +30,11 @@ WANTED: dict[int, str] = {
     0x00280010: "Rows", 0x00280011: "Columns", 0x00280008: "NumberOfFrames", 0x00280100: "BitsAllocated",
     0x00280101: "BitsStored", 0x00280102: "HighBit", 0x00280103: "PixelRepresentation", 0x00280002: "SamplesPerPixel",
     0x00280004: "PhotometricInterpretation", 0x00281053: "RescaleSlope", 0x00281052: "RescaleIntercept",
-    0x00280301: "BurnedInAnnotation", 0x00181120: "GantryDetectorTilt",
+    0x00280301: "BurnedInAnnotation", 0x00181120: "GantryDetectorTilt", 0x00200013: "InstanceNumber",
+    0x00200100: "TemporalPositionIdentifier", 0x00282110: "LossyImageCompression", 0x00180088: "SpacingBetweenSlices",
+    0x00180050: "SliceThickness", 0x00189087: "DiffusionBValue", 0x00180081: "EchoTime",
 }
-"""Tags read (all are strings or US values in the files this reader accepts)."""
+"""Tags read (strings, US or FD values in the files this reader accepts)."""
 
 _REFUSE = {0x52009229, 0x52009230, 0x00041220, 0x7FE00008, 0x7FE00009}
 """Shared/per-frame functional groups, DICOMDIR records, float pixel data: pydicom reads those."""
@@ -118,6 +120,56 @@ def _skip_element(buf: bytes, pos: int) -> int | None:
     return start + length
 
 
+def _mosaic(values: dict[str, Any]) -> bool:
+    """A Siemens mosaic: its tiles need the CSA header, which pydicom and nibabel read."""
+    image_type = values.get("ImageType", "")
+    return "MOSAIC" in ([image_type] if isinstance(image_type, str) else image_type)
+
+
+def _element(buf: bytes, pos: int) -> tuple[int, bytes, int, int] | None:
+    """(tag, VR, value length, value start) of the explicit-VR element at `pos`, or None."""
+    n = len(buf)
+    group, elem = struct.unpack_from("<HH", buf, pos)
+    vr = buf[pos + 4 : pos + 6]
+    if not (vr[:1].isalpha() and vr[1:].isalpha() and vr.isupper()):
+        return None
+    if vr in _LONG_VRS:
+        if pos + 12 > n:
+            return None
+        return (group << 16) | elem, vr, struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
+    return (group << 16) | elem, vr, struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
+
+
+def _value(vr: bytes, raw: bytes) -> Any:
+    """A wanted element's value: int or list of ints (US), float (FD), text; None to refuse the file."""
+    if vr == b"US":
+        nums = struct.unpack(f"<{len(raw) // 2}H", raw[: len(raw) // 2 * 2])
+        return nums[0] if len(nums) == 1 else list(nums)
+    if vr == b"FD":
+        return struct.unpack("<d", raw)[0] if len(raw) == 8 else None
+    if vr in (b"SQ", b"OB", b"OW", b"UN"):
+        return None
+    return _text(raw)
+
+
+def _store(tag: int, vr: bytes, raw: bytes, meta: dict[str, Any], values: dict[str, Any]) -> bool:
+    """Keep a file-meta or wanted element's value; False when the file needs pydicom."""
+    if tag >> 16 == 0x0002:
+        if tag in (0x00020002, 0x00020010):
+            v = _text(raw)
+            if not isinstance(v, str):
+                return False
+            meta["MediaStorageSOPClassUID" if tag == 0x00020002 else "TransferSyntaxUID"] = v
+        return True
+    if tag in WANTED:
+        v = _value(vr, raw)
+        if v is None:
+            return False
+        if v != "":
+            values[WANTED[tag]] = v
+    return True
+
+
 def read_fast(path: Path) -> FastDataset | None:
     """Header of a plain explicit-VR-little-endian Part 10 file, or None to use pydicom."""
     try:
@@ -130,59 +182,27 @@ def read_fast(path: Path) -> FastDataset | None:
     meta: dict[str, Any] = {}
     values: dict[str, Any] = {}
     pos = 132
-    n = len(buf)
-    while pos + 8 <= n:
-        group, elem = struct.unpack_from("<HH", buf, pos)
-        tag = (group << 16) | elem
-        vr = buf[pos + 4 : pos + 6]
-        if not (vr[:1].isalpha() and vr[1:].isalpha() and vr.isupper()):
+    while pos + 8 <= len(buf):
+        el = _element(buf, pos)
+        if el is None:
             return None
-        if vr in _LONG_VRS:
-            if pos + 12 > n:
-                return None
-            (length,) = struct.unpack_from("<I", buf, pos + 8)
-            start = pos + 12
-        else:
-            (length,) = struct.unpack_from("<H", buf, pos + 6)
-            start = pos + 8
-        if group != 0x0002 and meta.get("TransferSyntaxUID") != EXPLICIT_LE:
+        tag, vr, length, start = el
+        if tag >> 16 != 0x0002 and meta.get("TransferSyntaxUID") != EXPLICIT_LE:
             return None
         if tag == _PIXEL_DATA:
-            if length == _UNDEFINED or vr not in (b"OW", b"OB"):
+            if length == _UNDEFINED or vr not in (b"OW", b"OB") or _mosaic(values):
                 return None
             return FastDataset(values, meta, _Raw(value_tell=start, length=length))
-        if tag in _REFUSE:
+        if tag in _REFUSE or (length == _UNDEFINED and vr != b"SQ"):
             return None
         if length == _UNDEFINED:
-            if vr != b"SQ":
-                return None
             nxt = _skip_items(buf, start)
             if nxt is None:
                 return None
             pos = nxt
             continue
         end = start + length
-        if end > n:
+        if end > len(buf) or not _store(tag, vr, buf[start:end], meta, values):
             return None
-        if group == 0x0002:
-            if tag in (0x00020002, 0x00020010):
-                v = _text(buf[start:end])
-                if not isinstance(v, str):
-                    return None
-                meta["MediaStorageSOPClassUID" if elem == 0x0002 else "TransferSyntaxUID"] = v
-        elif tag in WANTED:
-            name = WANTED[tag]
-            if vr == b"US":
-                count = length // 2
-                nums = struct.unpack_from(f"<{count}H", buf, start)
-                values[name] = nums[0] if count == 1 else list(nums)
-            elif vr in (b"SQ", b"OB", b"OW", b"UN"):
-                return None
-            else:
-                v = _text(buf[start:end])
-                if v is None:
-                    return None
-                if v != "":
-                    values[name] = v
         pos = end
     return None

@@ -104,6 +104,58 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}" if abs(x * 10 - round(x * 10)) < 1e-6 else f"{x:.2f}"
 
 
+def position_groups(dist: npt.ArrayLike) -> list[list[int]]:
+    """Indices of slices grouped by position along the normal (closer than DUPLICATE_TOL_MM),
+    groups in ascending position.
+
+    >>> position_groups([2.0, 0.0, 2.001, 0.0])
+    [[1, 3], [0, 2]]
+    """
+    d = np.asarray(dist, dtype=np.float64)
+    order = np.argsort(d, kind="stable")
+    groups: list[list[int]] = []
+    for i in order.tolist():
+        if groups and d[i] - d[groups[-1][0]] < DUPLICATE_TOL_MM:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def contiguous_runs(dist: npt.ArrayLike) -> list[tuple[list[int], int]] | None:
+    """Split a stack with missing slices into its contiguous runs.
+
+    `dist` is each slice's position along the normal (mm). When every step is a whole
+    multiple of the smallest one (within `spacing_tolerance`) and some step is more than
+    one, returns [(indices of the run in ascending order, slices missing before it), ...];
+    otherwise None (an even stack, or uneven steps that no gap explains: stack_geometry
+    then accepts or refuses the whole stack).
+
+    >>> contiguous_runs([0.0, 2.0, 4.0, 10.0, 12.0, 14.0])
+    [([0, 1, 2], 0), ([3, 4, 5], 2)]
+    >>> contiguous_runs([0.0, 2.0, 4.0]) is None, contiguous_runs([0.0, 2.0, 5.0]) is None
+    (True, True)
+    """
+    d = np.asarray(dist, dtype=np.float64)
+    if d.size < 2 or not np.all(np.isfinite(d)):
+        return None
+    order = np.argsort(d, kind="stable")
+    steps = np.diff(d[order])
+    lo = float(steps.min())
+    if lo < DUPLICATE_TOL_MM:
+        return None
+    ratios = steps / lo
+    whole = np.round(ratios)
+    if np.any(np.abs(ratios - whole) > spacing_tolerance(lo) / lo) or np.all(whole == 1):
+        return None
+    runs: list[tuple[list[int], int]] = [([int(order[0])], 0)]
+    for i, w in enumerate(whole.tolist()):
+        if w > 1:
+            runs.append(([], int(w) - 1))
+        runs[-1][0].append(int(order[i + 1]))
+    return runs
+
+
 def stack_geometry(
     positions: npt.ArrayLike, iop: npt.ArrayLike, pixel_spacing: tuple[float, float]
 ) -> SeriesGeometry:

@@ -86,6 +86,18 @@ def check_header(path: Path) -> tuple[Any, tuple[int, int, int], npt.NDArray[np.
         have = path.stat().st_size
         if have < need:
             raise InputRejected(f"NIfTI file is truncated (data needs {need} bytes, file has {have})")
+    affine = _checked_affine(hdr)
+    slope, inter = hdr.get_slope_inter()
+    for v in (slope, inter):
+        if v is not None and not np.isfinite(v):
+            raise InputRejected("scl_slope/scl_inter are not finite")
+    if slope == 0:
+        raise InputRejected("scl_slope is 0 (all voxels would be equal)")
+    return img, (sizes[0], sizes[1], sizes[2]), affine
+
+
+def _checked_affine(hdr: Any) -> npt.NDArray[np.float64]:
+    """The sform (else qform) affine of a NIfTI header; GeometryError when there is none usable."""
     zooms = np.asarray(hdr["pixdim"][1:4], dtype=np.float64)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise GeometryError(f"voxel sizes {zooms.tolist()} mm are not positive")
@@ -98,13 +110,7 @@ def check_header(path: Path) -> tuple[Any, tuple[int, int, int], npt.NDArray[np.
         raise GeometryError("no orientation: qform_code and sform_code are both 0; set one (e.g. with nibabel)")
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise GeometryError("orientation matrix is singular or not finite")
-    slope, inter = hdr.get_slope_inter()
-    for v in (slope, inter):
-        if v is not None and not np.isfinite(v):
-            raise InputRejected("scl_slope/scl_inter are not finite")
-    if slope == 0:
-        raise InputRejected("scl_slope is 0 (all voxels would be equal)")
-    return img, (sizes[0], sizes[1], sizes[2]), affine
+    return affine
 
 
 def _read_data(img: Any) -> npt.NDArray[np.floating[Any]] | npt.NDArray[np.integer[Any]]:

@@ -40,6 +40,7 @@ import numpy as np
 from pipeline.errors import FatalIngestError, InputRejected
 from pipeline.ingest import dicom as dcm
 from pipeline.ingest import nifti as nii
+from pipeline.ingest import series as ser
 from pipeline.ingest.deid import Deid
 from pipeline.ingest.discover import Discovery, FileRef, Ledger, discover, nifti_stem
 from pipeline.ingest.writer import (
@@ -56,7 +57,11 @@ from pipeline.types import Modality
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("path", "label_path", "subject_id", "modality", "shape", "spacing", "sha256", "class",
-                    "split", "source_kind")
+                    "split", "source_kind", "volume_index", "echo", "b_value", "part", "gap_slices", "lossy")
+"""volume_index: k of a 4D DICOM series (0-based; empty for 3D); echo: echo number (or effective echo
+time of enhanced images) where the series is split by echo; b_value: diffusion b (s/mm2) where the
+header gives it; part: "k/n" when missing slices split a series into n contiguous parts, with
+gap_slices missing before part k; lossy: "1" when the pixels went through lossy compression."""
 QUARANTINE_COLUMNS = ("source", "kind", "subject_id", "modality", "files", "reason")
 STATE_NAME = ".ingest_state.json"
 REPORT_NAME = "ingest_report.json"
@@ -128,6 +133,12 @@ class Job:
     prev: dict[str, Any] | None = None
     tmp_volume: Path | None = None
     tmp_label: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+    """Manifest columns of a DICOM volume (volume_index, echo, b_value, part, gap_slices, lossy)."""
+    dropped: list[tuple[list[FileRef], str]] = field(default_factory=list)
+    """Files of its series quarantined on their own (damaged, conflicting, cut off by a gap)."""
+    series_desc: str = ""
+    """"CT series 3 of 7" (without volume or part), for the quarantine rows of dropped files."""
 
 
 @dataclass
@@ -342,12 +353,11 @@ def _chunks(items: list[FileRef], n: int) -> Iterator[list[FileRef]]:
         yield items[i : i + n]
 
 
-def _plan_dicom(
-    disc: Discovery, ledger: Ledger, deid: Deid, pool: ProcessPoolExecutor | None, rows_q: list[dict[str, Any]]
-) -> list[Job]:
-    refs = disc.other
-    # The fast reader takes ~0.1 ms a file; files it cannot read go to pydicom (~3 ms a
-    # file), in the worker processes when there are many.
+def _read_all_headers(
+    refs: list[FileRef], pool: ProcessPoolExecutor | None
+) -> list[dcm.DicomHeader | dcm.Disposition]:
+    """Headers of `refs` in order. The fast reader takes ~0.1 ms a file; files it cannot read
+    go to pydicom (~3 ms a file), in the worker processes when there are many."""
     fast = [dcm.read_fast_header(r) for r in refs]
     slow = [r for r, res in zip(refs, fast, strict=True) if res is None]
     if pool is not None and len(slow) > 64:
@@ -355,9 +365,28 @@ def _plan_dicom(
     else:
         slow_res = _read_headers(slow)
     done = dict(zip(slow, slow_res, strict=True))
-    results = [res if res is not None else done[r] for r, res in zip(refs, fast, strict=True)]
+    return [res if res is not None else done[r] for r, res in zip(refs, fast, strict=True)]
+
+
+def _dicom_extra(plan: ser.SeriesPlan) -> dict[str, str]:
+    """Manifest columns of one DICOM volume (no identifier: indices, echo, b-value, part)."""
+    return {
+        "volume_index": str(plan.volume_index) if plan.volume_index >= 0 else "",
+        "echo": plan.echo if re.fullmatch(r"[0-9]{1,4}(\.[0-9]{1,4})?", plan.echo) else "",  # a number, nothing else
+        "b_value": f"{plan.b_value:g}" if plan.b_value is not None else "",
+        "part": f"{plan.part}/{plan.n_parts}" if plan.n_parts > 1 else "",
+        "gap_slices": str(plan.gap_slices) if plan.n_parts > 1 else "",
+        "lossy": "1" if plan.lossy else "",
+    }
+
+
+def _plan_dicom(
+    disc: Discovery, ledger: Ledger, deid: Deid, pool: ProcessPoolExecutor | None, rows_q: list[dict[str, Any]],
+    strict: bool = False,
+) -> list[Job]:
+    refs = disc.other
     headers: list[dcm.DicomHeader] = []
-    for ref, res in zip(refs, results, strict=True):
+    for ref, res in zip(refs, _read_all_headers(refs, pool), strict=True):
         if isinstance(res, dcm.Disposition):
             ledger.mark(ref, "skipped" if res.status == "skipped" else "quarantined", res.reason)
             if res.status == "quarantined":
@@ -365,17 +394,24 @@ def _plan_dicom(
         else:
             headers.append(res)
     jobs: list[Job] = []
-    for plan in dcm.plan_series(headers):
+    for plan in ser.plan_series(headers, strict=strict):
+        subject = deid.pseudonym(plan.patient)
+        mod: Modality = "CT" if plan.modality == "CT" else "MR"
         for ref, why in plan.excluded:
             ledger.mark(ref, "skipped", why)
-        if not plan.files:
+        for files, why in plan.dropped:
+            for ref in files:
+                ledger.mark(ref, "quarantined", _generic(why))
+        if not plan.files:  # no volume left: the dropped files' rows cannot wait for a job
+            rows_q += [_qrow(deid, files[0], "file", subject, mod, len(files), f"{mod} series: {why}")
+                       for files, why in plan.dropped]
             continue
-        mod: Modality = "CT" if plan.modality == "CT" else "MR"
-        job = Job(kind="dicom", subject=deid.pseudonym(plan.patient), modality=mod,
-                  sort_key=(plan.series_number, plan.first_position, deid.digest("series", plan.uid_key)),
+        job = Job(kind="dicom", subject=subject, modality=mod,
+                  sort_key=(plan.series_number, plan.first_position, deid.digest("series", plan.series_key),
+                            plan.volume_index, plan.part),
                   files=plan.files, state_key=deid.digest("state", plan.uid_key), problem=plan.problem,
                   frames=[dcm.frame_spec(ref, fr) for ref, fr in plan.frames],
-                  shape=plan.shape, affine=plan.affine)
+                  shape=plan.shape, affine=plan.affine, extra=_dicom_extra(plan), dropped=plan.dropped)
         jobs.append(job)
     return jobs
 
@@ -427,6 +463,7 @@ def run_ingest(
     key: bytes | None = None,
     workers: int = 2,
     level: int = GZIP_LEVEL,
+    strict: bool = False,
 ) -> IngestReport:
     """Ingest DICOM folders, NIfTI files and Decathlon datasets into de-identified NIfTI.
 
@@ -438,6 +475,8 @@ def run_ingest(
         key: de-identification secret (HMAC key); None -> random per-run key, with a warning.
         workers: processes converting series in parallel (at most `workers` volumes in memory).
         level: gzip level of the written .nii.gz (1 = fast).
+        strict: quarantine a whole DICOM series for one damaged file or missing slices
+            (default: quarantine only the damaged files and write the contiguous parts).
 
     Returns the IngestReport (also written to out/ingest_report.json).
     Raises FatalIngestError for an unreadable input root or an unwritable output folder.
@@ -457,49 +496,15 @@ def run_ingest(
     pool = _process_pool(workers) if workers > 1 else None  # processes start on first use
     try:
         jobs = _plan_decathlon(disc, ledger, deid, rows_q, modality) + _plan_nifti(disc, ledger, deid, modality)
-        jobs += _plan_dicom(disc, ledger, deid, pool, rows_q)
-
-        # Stable order and human-readable descriptions ("CT series 3 of 7").
-        jobs.sort(key=lambda j: (j.kind, j.modality or "", j.subject, j.sort_key))
-        by_kind: dict[str, list[Job]] = defaultdict(list)
-        for j in jobs:
-            by_kind[j.kind].append(j)
-        for kind, group in by_kind.items():
-            for i, j in enumerate(group):
-                what = {"dicom": "series", "nifti": "NIfTI file", "decathlon": "Decathlon case"}[kind]
-                j.desc = f"{j.modality + ' ' if j.modality else ''}{what} {i + 1} of {len(group)}"
-
-        todo: list[Job] = []
-        for n, j in enumerate(jobs):
-            if j.problem:
-                continue
-            j.tmp_volume = out / "volumes" / f".job-{n}.nii.gz"
-            j.tmp_label = out / "labels" / f".job-{n}.nii.gz" if j.label else None
-            prev = prev_entries.get(j.state_key)
-            if prev and _prev_intact(out, prev):
-                j.prev = prev
-            todo.append(j)
-        results = _execute(todo, deid, level, pool, workers)
+        jobs += _plan_dicom(disc, ledger, deid, pool, rows_q, strict)
+        _describe(jobs)
+        results = _execute(_stage(jobs, out, prev_entries), deid, level, pool, workers)
     finally:
         if pool is not None:
             pool.shutdown()
 
-    # Name outputs: k counts each subject's volumes of one modality in job order.
-    written: list[tuple[Job, Result]] = []
-    for j in jobs:
-        res = results.get(id(j))
-        if j.problem or res is None or not res.ok:
-            reason = j.problem or (res.reason if res else "not converted")
-            text = f"{j.desc}: {reason}" + ("" if reason.endswith("quarantined") else "; quarantined")
-            for f in j.files:
-                ledger.mark(f, "quarantined", _generic(reason))
-            rows_q.append(_qrow(deid, j.files[0], j.kind, j.subject, j.modality or "", len(j.files), text))
-        else:
-            for f in j.files:
-                ledger.mark(f, "used")
-            written.append((j, res))
+    written = _account(jobs, results, ledger, deid, rows_q)
     manifest_rows, state_entries, reused = _place_outputs(out, written)
-
     for f in ledger.unmarked():  # every file must be accounted for; nothing should land here
         log.error("a file was not classified by ingest; counted as skipped")
         ledger.mark(f, "skipped", "not classified")
@@ -513,6 +518,84 @@ def run_ingest(
         stable_pseudonyms=deid.stable, gzip_level=level,
         files={deid.path_ref(f.rel): st for f in disc.files if (st := ledger.status(f)) is not None},
     )
+    _write_records(out, report, manifest_rows, rows_q, deid, state_entries)
+    log.info("ingest: %d files seen, %d volumes written (%d unchanged), %d files skipped, %d quarantined (%d rows)",
+             report.files_seen, report.volumes_written, reused, report.skipped, report.quarantined, len(rows_q))
+    return report
+
+
+def _describe(jobs: list[Job]) -> None:
+    """Sort jobs stably and give each a human-readable description ("CT series 3 of 7")."""
+    jobs.sort(key=lambda j: (j.kind, j.modality or "", j.subject, j.sort_key))
+    by_kind: dict[str, list[Job]] = defaultdict(list)
+    for j in jobs:
+        by_kind[j.kind].append(j)
+    for kind, group in by_kind.items():
+        what = {"dicom": "series", "nifti": "NIfTI file", "decathlon": "Decathlon case"}[kind]
+        if kind == "dicom":  # the volumes and parts of one series share its number
+            series = list(dict.fromkeys(j.sort_key[:3] for j in group))
+            for j in group:
+                j.series_desc = f"{j.modality} series {series.index(j.sort_key[:3]) + 1} of {len(series)}"
+                j.desc = j.series_desc + _volume_words(j)
+            continue
+        for i, j in enumerate(group):
+            j.desc = f"{j.modality + ' ' if j.modality else ''}{what} {i + 1} of {len(group)}"
+
+
+def _volume_words(j: Job) -> str:
+    """' (volume 3, part 2/3)' for the volumes and parts of a DICOM series, else ''."""
+    bits = [f"volume {int(j.extra['volume_index']) + 1}"] if j.extra.get("volume_index") else []
+    bits += [f"part {j.extra['part']}"] if j.extra.get("part") else []
+    return f" ({', '.join(bits)})" if bits else ""
+
+
+def _stage(jobs: list[Job], out: Path, prev_entries: dict[str, Any]) -> list[Job]:
+    """The jobs to run, each with its temporary output names and its previous state entry."""
+    todo: list[Job] = []
+    for n, j in enumerate(jobs):
+        if j.problem:
+            continue
+        j.tmp_volume = out / "volumes" / f".job-{n}.nii.gz"
+        j.tmp_label = out / "labels" / f".job-{n}.nii.gz" if j.label else None
+        prev = prev_entries.get(j.state_key)
+        if prev and _prev_intact(out, prev):
+            j.prev = prev
+        todo.append(j)
+    return todo
+
+
+def _account(
+    jobs: list[Job], results: dict[int, Result], ledger: Ledger, deid: Deid, rows_q: list[dict[str, Any]]
+) -> list[tuple[Job, Result]]:
+    """Mark every job's files used or quarantined (a file used by any written volume counts as
+    used: enhanced multi-frame files can feed several) and return the written jobs."""
+    written: list[tuple[Job, Result]] = []
+    failed: list[tuple[Job, str]] = []
+    for j in jobs:
+        res = results.get(id(j))
+        if j.problem or res is None or not res.ok:
+            failed.append((j, j.problem or (res.reason if res else "not converted")))
+        else:
+            written.append((j, res))
+    for j, _ in written:
+        for f in j.files:
+            ledger.mark(f, "used")
+    for j in jobs:  # files dropped from a series that goes on: one row per reason
+        for files, why in j.dropped:
+            rows_q.append(_qrow(deid, files[0], "file", j.subject, j.modality or "", len(files), f"{j.series_desc}: {why}"))
+    for j, reason in failed:
+        text = f"{j.desc}: {reason}" + ("" if reason.endswith("quarantined") else "; quarantined")
+        for f in j.files:
+            ledger.mark(f, "quarantined", _generic(reason))
+        rows_q.append(_qrow(deid, j.files[0], j.kind, j.subject, j.modality or "", len(j.files), text))
+    return written
+
+
+def _write_records(
+    out: Path, report: IngestReport, manifest_rows: list[dict[str, Any]], rows_q: list[dict[str, Any]], deid: Deid,
+    state_entries: dict[str, Any],
+) -> None:
+    """manifest.csv, quarantine.csv, ingest_report.json and the incremental state, in a stable order."""
     manifest_rows.sort(key=lambda r: str(r["path"]))
     rows_q.sort(key=lambda r: (*(str(r[c]) for c in ("kind", "subject_id", "modality")), _natural(str(r["reason"])),
                                str(r["source"])))
@@ -524,9 +607,6 @@ def run_ingest(
         write_atomic(out / STATE_NAME, (json.dumps(state, indent=1, sort_keys=True) + "\n").encode())
     else:
         (out / STATE_NAME).unlink(missing_ok=True)
-    log.info("ingest: %d files seen, %d volumes written (%d unchanged), %d files skipped, %d quarantined (%d rows)",
-             report.files_seen, report.volumes_written, reused, report.skipped, report.quarantined, len(rows_q))
-    return report
 
 
 def _natural(text: str) -> tuple[tuple[int, str], ...]:
@@ -626,7 +706,8 @@ def _place_outputs(out: Path, written: list[tuple[Job, Result]]) -> tuple[list[d
             label_rel, label_sha = f"labels/{name}", sha256_file(out / "labels" / name)
         rows.append({"path": f"volumes/{name}", "label_path": label_rel, "subject_id": j.subject,
                      "modality": j.modality, "shape": "x".join(map(str, res.shape)), "spacing": _fmt_spacing(res.spacing),
-                     "sha256": vol_sha, "class": j.klass, "split": j.split, "source_kind": j.kind})
+                     "sha256": vol_sha, "class": j.klass, "split": j.split, "source_kind": j.kind,
+                     **{c: j.extra.get(c, "") for c in MANIFEST_COLUMNS[10:]}})
         state[j.state_key] = {"content": res.content, "volume": f"volumes/{name}", "volume_sha256": vol_sha,
                               "label": label_rel, "label_sha256": label_sha, "shape": list(res.shape),
                               "spacing": list(res.spacing)}

@@ -67,11 +67,12 @@ def test_cli_and_flow_read_every_config_alike(path: Path, tmp_path: Path, monkey
     monkeypatch.setattr(pipeline.gate.run, "run_gate", capture(seen, "gate", 3))
     monkeypatch.setattr(pipeline.dataset.writer, "build_dataset", capture(seen, "dataset", 3))
 
-    out, cfg = str(tmp_path / "out"), ["--config", str(path)]
-    run_cli(["train", "cyclegan", "--data", str(tmp_path), "--out", out, *cfg])
-    run_cli(["train", "tumor-gan", "--data", str(tmp_path), "--out", out, *cfg])
-    run_cli(["gate", "--real", str(tmp_path), "--synthetic", str(tmp_path), "--out", out, *cfg])
-    run_cli(["build-dataset", "--real", str(tmp_path), "--out", out, *cfg])
+    # inputs and output apart: commands refuse an --out inside an input (pipeline/outputs.py)
+    data_dir, out, cfg = str(tmp_path / "data"), str(tmp_path / "out"), ["--config", str(path)]
+    run_cli(["train", "cyclegan", "--data", data_dir, "--out", out, *cfg])
+    run_cli(["train", "tumor-gan", "--data", data_dir, "--out", out, *cfg])
+    run_cli(["gate", "--real", data_dir, "--synthetic", data_dir, "--out", out, *cfg])
+    run_cli(["build-dataset", "--real", data_dir, "--out", out, *cfg])
     for section in ("cyclegan", "cyclegan_data", "tumor_gan", "gate", "dataset"):
         assert seen[section] == getattr(flow, section), f"{path.name} [{section}]: the CLI and the flow differ"
         assert seen[section] == load_section(type(seen[section]), path, section)

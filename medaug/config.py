@@ -251,12 +251,21 @@ def resolve_config_path(config: str | Path) -> Path:
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """`top` merged over `base`: mappings merge key by key, anything else is replaced.
 
+    An empty value over a mapping (a section header whose keys are all commented out,
+    `gate:` alone, which YAML reads as None) changes nothing: it must not wipe the
+    included section back to the defaults.
+
     >>> deep_merge({"a": {"x": 1, "y": 2}, "b": [1]}, {"a": {"y": 3}, "b": [2]})
     {'a': {'x': 1, 'y': 3}, 'b': [2]}
+    >>> deep_merge({"gate": {"gate_size": 48}}, {"gate": None})
+    {'gate': {'gate_size': 48}}
     """
     out = dict(base)
     for key, value in top.items():
-        out[key] = deep_merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+        below = out.get(key)
+        if isinstance(below, dict) and value is None:
+            continue
+        out[key] = deep_merge(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
     return out
 
 

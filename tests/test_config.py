@@ -151,3 +151,11 @@ def test_load_section_checks_the_model() -> None:
 
     with pytest.raises(TypeError, match="cyclegan"):
         load_section(GateConfig, None, "cyclegan")
+
+
+def test_an_empty_section_keeps_what_the_include_set(tmp_path: Path) -> None:
+    """`gate:` with every key commented out reads as None in YAML: it must not reset the
+    included file's gate section to the defaults."""
+    (tmp_path / "base.yaml").write_text("gate:\n  gate_size: 48\n", encoding="utf-8")
+    (tmp_path / "top.yaml").write_text("include: [base.yaml]\ngate:\n  # gate_size: 32\n", encoding="utf-8")
+    assert load_config(tmp_path / "top.yaml").gate.gate_size == 48

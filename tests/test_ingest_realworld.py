@@ -223,6 +223,41 @@ def test_4d_series_splits_into_volumes_with_b_values(tmp_path: Path) -> None:
         assert [int(data[0, 0, k]) for k in range(5)] == [100 * v + k for k in range(5)]
 
 
+def _4d_restarting_instances(folder: Path, times: bool) -> None:
+    """Two volumes of six slices whose InstanceNumber restarts per volume, with no temporal
+    position or acquisition number; file names random (as a PACS export names them), so that
+    path order would mix the volumes. `times`: AcquisitionTime tells the volumes apart."""
+    names = [f"{n:06d}.dcm" for n in np.random.default_rng(1).permutation(10**6)[:12]]
+    for v in range(2):
+        def per(k: int, ds: Any, v: int = v) -> None:
+            ds.SOPInstanceUID = f"1.2.3.905.{v}.{k}"
+            ds.InstanceNumber = k + 1
+            if times:
+                ds.AcquisitionTime = f"1015{10 * v + 5:02d}.5"
+            ds.PixelData = np.full((8, 10), 100 * (v + 1) + k, "<i2").tobytes()
+
+        write_series(folder, n=6, series_uid="1.2.3.905", modality="MR", intercept=0.0,
+                     name=lambda k, v=v: names[6 * v + k], per_slice=per)
+
+
+def test_4d_series_without_labels_is_refused_not_split_by_file_name(tmp_path: Path) -> None:
+    """Volumes that no scanner label tells apart are quarantined, never assigned by path order."""
+    _4d_restarting_instances(tmp_path / "in", times=False)
+    rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    assert rep.volumes_written == 0 and rep.quarantined == 12
+    text = (tmp_path / "out" / "quarantine.csv").read_text()
+    assert "2 volumes at each position cannot be told apart" in text
+
+
+def test_4d_series_ordered_by_acquisition_time(tmp_path: Path) -> None:
+    _4d_restarting_instances(tmp_path / "in", times=True)
+    rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    assert rep.volumes_written == 2 and rep.quarantined == 0, rep.quarantined_reasons
+    for v, r in enumerate(sorted(read_manifest(tmp_path / "out"), key=lambda r: int(r["volume_index"]))):
+        data = _volume(tmp_path / "out", r)
+        assert [int(data[0, 0, k]) for k in range(6)] == [100 * (v + 1) + k for k in range(6)]
+
+
 def test_one_uid_two_series_numbers_are_two_series(tmp_path: Path) -> None:
     """Same SeriesInstanceUID, same positions, different SeriesNumber: two 3D series, not 4D."""
     write_series(tmp_path / "in" / "a", n=5, series_uid="1.2.3.903", series_number=7)

@@ -60,7 +60,8 @@ HEADER_TAGS: list[Any] = [
     "GantryDetectorTilt", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
     "DirectoryRecordSequence", "PixelData", "FloatPixelData", "DoubleFloatPixelData",
     "InstanceNumber", "TemporalPositionIdentifier", "DiffusionBValue", "SpacingBetweenSlices", "SliceThickness",
-    "LossyImageCompression", "Manufacturer", "EchoTime", 0x00290010, 0x00290011, 0x00291010,
+    "LossyImageCompression", "Manufacturer", "EchoTime", "TriggerTime", "AcquisitionTime", "ContentTime",
+    0x00290010, 0x00290011, 0x00291010,
 ]
 """Header elements read before any pixel; (0029,xx10) is the Siemens CSA image header (mosaics)."""
 
@@ -138,6 +139,9 @@ class DicomHeader:
     """EchoTime (ms) as a short number text: series are split by it, as by EchoNumbers."""
     lossy: bool = False
     """Pixel data went through lossy compression (lossy transfer syntax or LossyImageCompression 01)."""
+    times: tuple[float, float, float] = (-1.0, -1.0, -1.0)
+    """(TriggerTime ms, AcquisitionTime s, ContentTime s), -1 when absent: order the volumes of a
+    4D series that has no temporal position or acquisition number."""
 
 
 def _num(ds: Any, name: str, default: float) -> float:
@@ -170,6 +174,21 @@ def _code(value: Any) -> str:
         return ""
     return text if len(text) <= 16 and all(c.isupper() or c.isdigit() or c in " _" for c in text) \
         else "a non-standard value"
+
+
+def _tm_seconds(value: Any) -> float:
+    """A DICOM TM value (HHMMSS.FFFFFF, or the old HH:MM:SS) in seconds since midnight, -1 when
+    absent or malformed.
+
+    >>> _tm_seconds("101502.5"), _tm_seconds("10:15:02"), _tm_seconds(""), _tm_seconds("ab")
+    (36902.5, 36902.0, -1.0, -1.0)
+    """
+    text = str(value or "").strip().replace(":", "")
+    whole, _, frac = text.partition(".")
+    if not whole.isdigit() or len(whole) > 6 or len(whole) % 2 or (frac and not frac.isdigit()):
+        return -1.0
+    hh, mm, ss = int(whole[0:2]), int(whole[2:4] or 0), int(whole[4:6] or 0)
+    return hh * 3600 + mm * 60 + ss + (float(f"0.{frac}") if frac else 0.0)
 
 
 def _first_text(value: Any) -> str:
@@ -652,6 +671,7 @@ def _classify(ref: FileRef, ds: Any, size: int) -> DicomHeader | Disposition:
         acquisition=int(_num(ds, "AcquisitionNumber", 0)),
         echo_time=f"{_num(ds, 'EchoTime', 0.0):.2f}" if "EchoTime" in ds else "",
         lossy=_is_lossy(ds, ts),
+        times=(_num(ds, "TriggerTime", -1.0), _tm_seconds(ds.get("AcquisitionTime")), _tm_seconds(ds.get("ContentTime"))),
     )
 
 

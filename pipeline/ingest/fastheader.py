@@ -32,7 +32,8 @@ WANTED: dict[int, str] = {
     0x00280004: "PhotometricInterpretation", 0x00281053: "RescaleSlope", 0x00281052: "RescaleIntercept",
     0x00280301: "BurnedInAnnotation", 0x00181120: "GantryDetectorTilt", 0x00200013: "InstanceNumber",
     0x00200100: "TemporalPositionIdentifier", 0x00282110: "LossyImageCompression", 0x00180088: "SpacingBetweenSlices",
-    0x00180050: "SliceThickness", 0x00189087: "DiffusionBValue", 0x00180081: "EchoTime",
+    0x00180050: "SliceThickness", 0x00189087: "DiffusionBValue", 0x00180081: "EchoTime", 0x00181060: "TriggerTime",
+    0x00080032: "AcquisitionTime", 0x00080033: "ContentTime",
 }
 """Tags read (strings, US or FD values in the files this reader accepts)."""
 

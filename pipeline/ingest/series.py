@@ -13,7 +13,8 @@ volume or per refused series:
 3. A file that cannot be used (truncated, undecodable) is quarantined alone; its slice
    becomes a gap (`strict=True`: the whole series is quarantined, as before).
 4. Repeated slice positions with equal counts are a 4D series (fMRI, DWI, multi-phase):
-   it is split into 3D volumes, ordered by temporal position and InstanceNumber.
+   it is split into 3D volumes, ordered by temporal position, acquisition number, time and
+   InstanceNumber; volumes that no such label tells apart refuse the series (never path order).
 5. Missing slices split a stack into contiguous runs, each written as "part k of n" with
    the number of slices missing before it; nothing is interpolated, so every voxel written
    is a voxel the scanner stored (runs shorter than geometry.MIN_SLICES are quarantined).
@@ -28,6 +29,7 @@ import hashlib
 import io
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -226,9 +228,10 @@ def split_volumes(units: list[Unit], normal: npt.NDArray[np.float64]) -> tuple[l
     4D series (repeated positions), or ([], reason).
 
     When every position repeats the same number of times, frames at one position are ranked
-    by temporal position, AcquisitionNumber, InstanceNumber, file, dimension index (enhanced
-    images) and frame index, and volume v takes the v-th frame of every position (dcm2niix
-    orders volumes the same way). When
+    by `_rank` (temporal position, AcquisitionNumber, times, InstanceNumber, dimension index;
+    then frame index within one file) and volume v takes the v-th frame of every position
+    (dcm2niix orders volumes the same way). Two files at one position that tie on every label
+    refuse the series: which volume each belongs to is unknown. When
     counts differ, ranks would mix time points, so volumes are formed only from an explicit
     label (TemporalPositionIdentifier/Index or AcquisitionNumber) that gives each position at
     most one frame per volume; a volume that lacks slices is then handled like any gapped
@@ -251,15 +254,26 @@ def split_volumes(units: list[Unit], normal: npt.NDArray[np.float64]) -> tuple[l
         return [], (f"4D series of {most} volumes with unequal slice counts ({min(sizes)} to {max(sizes)} slices) "
                     "and no temporal position or acquisition number to tell the volumes apart")
 
-    def rank(i: int) -> tuple[Any, ...]:
-        h, f = units[i]
-        return (f.temporal or h.temporal, h.acquisition, h.instance, h.ref, f.dim_index, f.index)
-
     volumes: list[list[Unit]] = [[] for _ in range(most)]
     for g in groups:
-        for v, i in enumerate(sorted(g, key=rank)):
+        ranked = sorted(g, key=lambda i: (_rank(units[i]), units[i][1].index))
+        if any(_rank(units[a]) == _rank(units[b]) and units[a][0] is not units[b][0] for a, b in pairwise(ranked)):
+            return [], (f"4D series: {most} volumes at each position cannot be told apart (no temporal position, "
+                        "acquisition number, time or distinct instance number)")
+        for v, i in enumerate(ranked):
             volumes[v].append(units[i])
     return volumes, ""
+
+
+def _rank(unit: Unit) -> tuple[Any, ...]:
+    """Where a frame falls among the frames at its position in a 4D series: temporal position,
+    AcquisitionNumber, trigger/acquisition/content time, InstanceNumber, dimension index.
+
+    Only labels the scanner wrote: never the file name, which a PACS export makes random.
+    Frames of one enhanced file that tie on all of these keep their order in the file.
+    """
+    h, f = unit
+    return (f.temporal or h.temporal, h.acquisition, h.times, h.instance, f.dim_index)
 
 
 def _volumes_by_label(units: list[Unit], groups: list[list[int]], most: int) -> list[list[Unit]]:

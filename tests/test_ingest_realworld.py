@@ -492,3 +492,67 @@ def test_damaged_scanner_files_never_stop_the_run(tmp_path: Path) -> None:
         (tmp_path / "in" / f"f{n:02d}.dcm").write_bytes(bytes(data))
     rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
     assert rep.files_seen == 24 and rep.files_used + rep.skipped + rep.quarantined == 24
+
+
+def _enhanced(path: Path, specs: list[tuple[str, int, int]], rows: int = 6, cols: int = 7) -> None:
+    """One enhanced MR file with a frame per (frame type, time point, slice) of `specs`; stored
+    value of a frame = 100 * time point + slice."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as Seq
+    from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = EnhancedMRImageStorage, "1.2.9.52.1"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedMRImageStorage, "1.2.9.52.1"
+    ds.Modality, ds.PatientID, ds.SeriesInstanceUID, ds.SeriesNumber = "MR", "PAT-4D", "1.2.9.52", 1
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, len(specs)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    shared, ori, meas = Dataset(), Dataset(), Dataset()
+    ori.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    meas.PixelSpacing = [1.0, 1.0]
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Seq([ori]), Seq([meas])
+    ds.SharedFunctionalGroupsSequence = Seq([shared])
+    per = []
+    for kind, t, z in specs:
+        item, pos, content, ftype = Dataset(), Dataset(), Dataset(), Dataset()
+        pos.ImagePositionPatient = [0, 0, 3.0 * z]
+        content.TemporalPositionIndex = t
+        ftype.FrameType = ["ORIGINAL", "PRIMARY", kind, "NONE"]
+        item.PlanePositionSequence, item.FrameContentSequence = Seq([pos]), Seq([content])
+        item.MRImageFrameTypeSequence = Seq([ftype])
+        per.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Seq(per)
+    ds.PixelData = np.stack([np.full((rows, cols), 100 * t + z, np.uint16) for _, t, z in specs]).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_enhanced_file_with_dropped_frames_counts_once_as_used_and_partial_volume_is_marked(tmp_path: Path) -> None:
+    """Time point 2 lacks slices 2 and 5 of 10: its short runs are dropped, the rest written.
+    The file counts once, as used; one quarantine row for the dropped frames; the volume that
+    lost slices is marked as a part in the manifest, never as whole."""
+    specs = [("M", 1, z) for z in range(10)] + [("M", 2, z) for z in range(10) if z not in (2, 5)]
+    _enhanced(tmp_path / "in" / "enh.dcm", specs)
+    rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    assert (rep.files_seen, rep.files_used, rep.quarantined, rep.volumes_written) == (1, 1, 0, 2)
+    rows = sorted(read_manifest(tmp_path / "out"), key=lambda r: int(r["volume_index"]))
+    assert (rows[0]["part"], rows[0]["shape"]) == ("", "7x6x10")
+    assert (rows[1]["part"], rows[1]["gap_slices"], rows[1]["shape"]) == ("1/1", "6", "7x6x4")
+    assert [int(v) for v in _volume(tmp_path / "out", rows[1])[0, 0, :]] == [206, 207, 208, 209]
+    q = (tmp_path / "out" / "quarantine.csv").read_text().splitlines()[1:]
+    assert len(q) == 1 and "cut off from the series by missing slices" in q[0]
+
+
+def test_truncated_enhanced_file_of_two_series_is_one_quarantine_row(tmp_path: Path) -> None:
+    _enhanced(tmp_path / "in" / "enh.dcm", [("M", 1, z) for z in range(5)] + [("P", 1, z) for z in range(5)])
+    p = tmp_path / "in" / "enh.dcm"
+    p.write_bytes(p.read_bytes()[:-40])
+    rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    assert (rep.files_seen, rep.files_used, rep.quarantined, rep.volumes_written) == (1, 0, 1, 0)
+    q = (tmp_path / "out" / "quarantine.csv").read_text().splitlines()[1:]
+    assert len(q) == 1 and "file is truncated" in q[0]

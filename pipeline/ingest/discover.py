@@ -72,6 +72,9 @@ class Discovery:
     """Each file inside a Decathlon dataset -> that dataset's dataset.json."""
 
 
+_RANK: dict[Status, int] = {"skipped": 0, "quarantined": 1, "used": 2}
+
+
 class Ledger:
     """One disposition per input file: used, skipped or quarantined, with a reason."""
 
@@ -88,6 +91,17 @@ class Ledger:
                 log.debug("file already counted as %s; second disposition %s ignored", old[0], status)
             return
         self._status[ref] = (status, reason)
+
+    def settle(self, ref: FileRef, status: Status, reason: str = "") -> None:
+        """Record a disposition that outranks the one held: used > quarantined > skipped.
+
+        A DICOM file can feed several volumes (enhanced multi-frame: frames of two series,
+        of two time points); its status is the best one over all of them, so a file some of
+        whose frames were written counts as used, once.
+        """
+        old = self._status.get(ref)
+        if old is None or _RANK[status] > _RANK[old[0]]:
+            self._status[ref] = (status, reason)
 
     def status(self, ref: FileRef) -> tuple[Status, str] | None:
         return self._status.get(ref)

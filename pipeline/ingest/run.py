@@ -374,8 +374,9 @@ def _dicom_extra(plan: ser.SeriesPlan) -> dict[str, str]:
         "volume_index": str(plan.volume_index) if plan.volume_index >= 0 else "",
         "echo": plan.echo if re.fullmatch(r"[0-9]{1,4}(\.[0-9]{1,4})?", plan.echo) else "",  # a number, nothing else
         "b_value": f"{plan.b_value:g}" if plan.b_value is not None else "",
-        "part": f"{plan.part}/{plan.n_parts}" if plan.n_parts > 1 else "",
-        "gap_slices": str(plan.gap_slices) if plan.n_parts > 1 else "",
+        # a volume that lost slices (gap, short run dropped) shows k/n even as 1/1: never looks whole
+        "part": f"{plan.part}/{plan.n_parts}" if plan.n_parts > 1 or plan.lost_slices else "",
+        "gap_slices": str(plan.gap_slices) if plan.n_parts > 1 or plan.lost_slices else "",
         "lossy": "1" if plan.lossy else "",
     }
 
@@ -397,11 +398,11 @@ def _plan_dicom(
     for plan in ser.plan_series(headers, strict=strict):
         subject = deid.pseudonym(plan.patient)
         mod: Modality = "CT" if plan.modality == "CT" else "MR"
-        for ref, why in plan.excluded:
-            ledger.mark(ref, "skipped", why)
+        for ref, why in plan.excluded:  # settled: a file's status is its best over all its volumes
+            ledger.settle(ref, "skipped", why)
         for files, why in plan.dropped:
             for ref in files:
-                ledger.mark(ref, "quarantined", _generic(why))
+                ledger.settle(ref, "quarantined", _generic(why))
         if not plan.files:  # no volume left: the dropped files' rows cannot wait for a job
             rows_q += [_qrow(deid, files[0], "file", subject, mod, len(files), f"{mod} series: {why}")
                        for files, why in plan.dropped]
@@ -567,8 +568,9 @@ def _stage(jobs: list[Job], out: Path, prev_entries: dict[str, Any]) -> list[Job
 def _account(
     jobs: list[Job], results: dict[int, Result], ledger: Ledger, deid: Deid, rows_q: list[dict[str, Any]]
 ) -> list[tuple[Job, Result]]:
-    """Mark every job's files used or quarantined (a file used by any written volume counts as
-    used: enhanced multi-frame files can feed several) and return the written jobs."""
+    """Settle every job's files used or quarantined (a file used by any written volume counts as
+    used, even when other frames of it were dropped: enhanced multi-frame files can feed several
+    volumes) and return the written jobs."""
     written: list[tuple[Job, Result]] = []
     failed: list[tuple[Job, str]] = []
     for j in jobs:
@@ -579,16 +581,30 @@ def _account(
             written.append((j, res))
     for j, _ in written:
         for f in j.files:
-            ledger.mark(f, "used")
+            ledger.settle(f, "used")
+    seen: set[tuple[tuple[FileRef, ...], str]] = set()  # one row per (files, reason)
     for j in jobs:  # files dropped from a series that goes on: one row per reason
         for files, why in j.dropped:
-            rows_q.append(_qrow(deid, files[0], "file", j.subject, j.modality or "", len(files), f"{j.series_desc}: {why}"))
+            if _first_time(seen, files, why):
+                rows_q.append(_qrow(deid, files[0], "file", j.subject, j.modality or "", len(files),
+                                    f"{j.series_desc}: {why}"))
     for j, reason in failed:
         text = f"{j.desc}: {reason}" + ("" if reason.endswith("quarantined") else "; quarantined")
         for f in j.files:
-            ledger.mark(f, "quarantined", _generic(reason))
-        rows_q.append(_qrow(deid, j.files[0], j.kind, j.subject, j.modality or "", len(j.files), text))
+            ledger.settle(f, "quarantined", _generic(reason))
+        if _first_time(seen, j.files, reason):
+            rows_q.append(_qrow(deid, j.files[0], j.kind, j.subject, j.modality or "", len(j.files), text))
     return written
+
+
+def _first_time(seen: set[tuple[tuple[FileRef, ...], str]], files: Sequence[FileRef], reason: str) -> bool:
+    """True the first time (files, reason) is met: the volumes of one multi-frame file that
+    fail for one reason (a truncated enhanced file) make one quarantine row, not one each."""
+    key = (tuple(files), reason)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
 
 
 def _write_records(

@@ -82,7 +82,11 @@ class SeriesPlan:
     """k of a series written as n contiguous parts (1-based), 0 when whole."""
     n_parts: int = 0
     gap_slices: int = 0
-    """Slices missing between the previous part and this one."""
+    """Slices missing between the previous part and this one (for the first part: slices of
+    runs too short to keep, dropped before it)."""
+    lost_slices: int = 0
+    """Slices of this volume's series missing or dropped anywhere (gaps, short runs): > 0 marks
+    the volume partial in the manifest even when it is a single part."""
     lossy: bool = False
 
     @property
@@ -310,11 +314,12 @@ def _plan_volume(base: SeriesPlan, vi: int, nv: int, units: list[Unit], strict: 
                                   f"slices; fewer than {MIN_SLICES} make no volume"))
             missing += len(idx)
             continue
-        plan = SeriesPlan(files=[], gap_slices=missing if plans else 0, **proto)  # type: ignore[arg-type]
+        plan = SeriesPlan(files=[], gap_slices=missing, **proto)  # type: ignore[arg-type]
         plans.append(_stack(plan, [units[i] for i in idx]))
         missing = 0
+    lost = sum(gap for _, gap in runs) + sum(len(idx) for idx, _ in runs if len(idx) < MIN_SLICES)
     for k, plan in enumerate(plans):
-        plan.part, plan.n_parts = k + 1, len(plans)
+        plan.part, plan.n_parts, plan.lost_slices = k + 1, len(plans), lost
     if not plans:  # only short runs: the series is refused with what was seen
         refused = SeriesPlan(files=sorted({h.ref for h, _ in units}), **proto)  # type: ignore[arg-type]
         refused.problem = (f"slices missing everywhere: {len(runs)} runs of fewer than {MIN_SLICES} slices; "

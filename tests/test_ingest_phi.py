@@ -35,12 +35,15 @@ FOLDER = "Quixlerby_Zanthia_MRN99173824"
 FILE_TAG = "ACC5550147"
 NIFTI_PHI = {"descrip": b"Quixlerby descrip", "aux_file": b"QXAUXFILE", "intent_name": b"QXINTENT", "db_name": b"QXDBNAME"}
 NIFTI_CASE = "sub-QXCASE42"
+NAME_EXT = "DOE"
+NAME_MODALITY = "DOE JOHN"
 
 
 def _needles() -> list[bytes]:
     words = [v for v in PHI.values()] + [PRIVATE, FOLDER, FILE_TAG, NIFTI_CASE, "QXDECATHLON_007", KEY.decode()]
     words += ["Quixlerby", "Zanthia", "MRN99173824", "1942-08-17", "2023-09-11", "Vorpalwood", "Drumblebrook"]
     words += [v.decode() for v in NIFTI_PHI.values()]
+    words += [NAME_MODALITY, f".{NAME_EXT}"]
     return sorted({w.lower().encode() for w in words})
 
 
@@ -67,6 +70,10 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
                  name=lambda k: f"{FILE_TAG}_b{k}.dcm", extra=_plant,
                  per_slice=lambda k, ds: setattr(ds, "PixelSpacing", ["0.5", "0.5"]) if k == 2 else None)
     (series_dir / f"{FILE_TAG}_empty.dcm").write_bytes(b"")
+    # A name as a file extension and as a Modality value: skip reasons must name neither.
+    (series_dir / f"notes.{NAME_EXT}").write_text("hello")
+    write_series(series_dir / "odd", series_uid=PHI["SeriesInstanceUID"] + ".5", patient_id=PHI["PatientID"], n=3,
+                 name=lambda k: f"odd{k}.dcm", extra=lambda ds: (_plant(ds), setattr(ds, "Modality", NAME_MODALITY)))
     # The same MR series once more without preamble (implicit VR): read through pydicom.
     import pydicom
 
@@ -135,7 +142,8 @@ def test_identifiers_were_really_planted(planted: tuple[Path, Path, str]) -> Non
     blob = b"\n".join([p.relative_to(src).as_posix().encode() for p in src.rglob("*")]
                       + [p.read_bytes() for p in src.rglob("*") if p.is_file()])
     blob += b"\n".join(gzip.decompress(p.read_bytes()) for p in src.rglob("*.nii.gz"))
-    for needle in (PRIVATE, FOLDER, FILE_TAG, NIFTI_CASE, "QXDECATHLON_007", *PHI.values(), *NIFTI_PHI):
+    for needle in (PRIVATE, FOLDER, FILE_TAG, NIFTI_CASE, "QXDECATHLON_007", *PHI.values(), *NIFTI_PHI, NAME_MODALITY,
+                   f".{NAME_EXT}"):
         if needle not in NIFTI_PHI:
             assert needle.encode() in blob, needle
     for value in NIFTI_PHI.values():
@@ -159,6 +167,13 @@ def test_no_planted_identifier_in_any_output_byte(planted: tuple[Path, Path, str
         low = blob.lower()
         for needle in _needles():
             assert needle not in low, f"{needle!r} found in {where}"
+
+
+def test_name_like_extension_and_modality_are_skipped_without_naming_them(planted: tuple[Path, Path, str]) -> None:
+    _, out, _ = planted
+    reasons = json.loads((out / "ingest_report.json").read_text())["skipped_reasons"]
+    assert reasons.get("not a DICOM, NIfTI or JSON file (other extension)") == 1, reasons
+    assert any(r.startswith("image of modality unlisted value") for r in reasons), reasons
 
 
 def test_key_not_written_even_as_hex(planted: tuple[Path, Path, str]) -> None:

@@ -162,18 +162,36 @@ def _floats(v: Any, n: int) -> tuple[float, ...] | None:
     return vals if len(vals) == n else None
 
 
-def _code(value: Any) -> str:
-    """A coded string (CS) fit for a message: uppercase letters, digits, space, underscore, at
-    most 16 characters; anything else is replaced (a free-text value could hold a name).
+MODALITY_TERMS = frozenset({
+    "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CR", "CT", "CTPROTOCOL", "DG", "DOC", "DX", "ECG", "EEG", "EMG",
+    "EOG", "EPS", "ES", "FID", "GM", "HC", "HD", "IO", "IOL", "IVOCT", "IVUS", "KER", "KO", "LEN", "LS", "MG",
+    "MR", "M3D", "NM", "OAM", "OCT", "OP", "OPM", "OPT", "OPTBSV", "OPTENF", "OPV", "OSS", "OT", "PLAN", "POS",
+    "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE", "RTIMAGE", "RTINTENT", "RTPLAN", "RTRAD", "RTRECORD",
+    "RTSEGANN", "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR", "SRF", "STAIN", "TEXTUREMAP", "TG", "US", "VA", "XA",
+    "XAPROJ", "XC",
+    # retired terms still met in archives
+    "CD", "CF", "CP", "CS", "DD", "DF", "DM", "DS", "EC", "FA", "FS", "LP", "MA", "MS", "OPR", "ST", "VF",
+})
+"""Modality defined terms (PS3.3 C.7.3.1.1.1, retired ones included)."""
 
-    >>> _code("MONOCHROME1"), _code("John Doe")
-    ('MONOCHROME1', 'a non-standard value')
+PHOTOMETRIC_TERMS = frozenset({
+    "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "HSV", "ARGB", "CMYK", "YBR_FULL", "YBR_FULL_422",
+    "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "XYB",
+})
+"""PhotometricInterpretation defined terms (PS3.3 C.7.6.3.1.2, retired ones included)."""
+
+
+def _code(value: Any, terms: frozenset[str]) -> str:
+    """A coded string (CS) fit for a message: the value when it is one of the defined `terms`,
+    'unlisted value' otherwise (a free-text value could hold a name), '' when empty.
+
+    >>> _code("MONOCHROME1", PHOTOMETRIC_TERMS), _code("DOE JOHN", MODALITY_TERMS)
+    ('MONOCHROME1', 'unlisted value')
     """
-    text = str(value or "").strip()
+    text = str(value or "").strip().upper()
     if not text:
         return ""
-    return text if len(text) <= 16 and all(c.isupper() or c.isdigit() or c in " _" for c in text) \
-        else "a non-standard value"
+    return text if text in terms else "unlisted value"
 
 
 def _tm_seconds(value: Any) -> float:
@@ -264,7 +282,7 @@ def _frame_labels(item: Any, shared: Any) -> dict[str, Any]:
     temporal = pick("FrameContentSequence", "TemporalPositionIndex")
     dims = _first(item, "FrameContentSequence", "DimensionIndexValues")
     dims = [dims] if isinstance(dims, int) else list(dims or [])
-    return {"temporal": int(_num({"v": temporal}, "v", 0)), "frame_type": _code(ftype[2]) if len(ftype) > 2 else "",
+    return {"temporal": int(_num({"v": temporal}, "v", 0)), "frame_type": str(ftype[2]).strip().upper() if len(ftype) > 2 else "",
             "echo": f"{float(echo):g}" if isinstance(echo, int | float) else "",
             "b_value": float(b) if isinstance(b, int | float) else None,
             "dim_index": tuple(int(v) for v in dims if isinstance(v, int))}
@@ -422,11 +440,28 @@ def _looks_like_raw_dicom(head: bytes) -> bool:
     return (vr.isalpha() and vr.isupper()) or head[6:8] == b"\x00\x00"
 
 
+KNOWN_EXTENSIONS = frozenset({
+    "txt", "csv", "tsv", "xml", "html", "htm", "pdf", "rtf", "md", "log", "ini", "cfg", "conf", "yaml", "yml",
+    "doc", "docx", "xls", "xlsx", "ppt", "pptx", "odt", "ods", "jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff",
+    "svg", "webp", "mp4", "avi", "mov", "mpg", "mpeg", "mp3", "wav", "zip", "gz", "tgz", "tar", "bz2", "xz", "7z",
+    "rar", "exe", "dll", "so", "bat", "sh", "py", "js", "db", "sqlite", "dat", "bin", "raw", "img", "hdr", "mha",
+    "mhd", "nrrd", "nhdr", "mgz", "mnc", "vtk", "stl", "obj", "npy", "npz", "h5", "hdf5", "mat", "bak", "tmp",
+    "old", "lnk", "url", "ds_store", "rec", "par", "spr", "sdt", "bval", "bvec",
+})
+"""File extensions a skip reason may name; any other one could be part of a name (notes.DOE)."""
+
+
 def _suffix(rel: str) -> str:
-    """' (.csv)' for a short plain file extension, else '' (a long one could be a name)."""
+    """' (.csv)' for a common file extension, ' (other extension)' for any other, '' for none.
+
+    >>> _suffix("a/notes.CSV"), _suffix("notes.DOE"), _suffix("README")
+    (' (.csv)', ' (other extension)', '')
+    """
     name = rel.rpartition("/")[2]
-    ext = name.rpartition(".")[2].lower() if "." in name[1:] else ""
-    return f" (.{ext})" if ext.isalnum() and len(ext) <= 5 else ""
+    if "." not in name[1:]:
+        return ""
+    ext = name.rpartition(".")[2].lower()
+    return f" (.{ext})" if ext in KNOWN_EXTENSIONS else " (other extension)"
 
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -574,7 +609,7 @@ def _non_image(ds: Any) -> Disposition | None:
                                               "data (truncated or incomplete header)")
         return Disposition("skipped", f"non-image object ({_sop_name(sop_class)})")
     if modality not in IMAGE_MODALITIES:
-        return Disposition("skipped", f"image of modality {_code(modality) or 'unknown'} ({_sop_name(sop_class)}); "
+        return Disposition("skipped", f"image of modality {_code(modality, MODALITY_TERMS) or 'unknown'} ({_sop_name(sop_class)}); "
                                       "only CT and MR are ingested")
     return None
 
@@ -586,7 +621,7 @@ def _image_problem(ds: Any, modality: str, rows: int, cols: int, geom_problem: s
     if rows <= 0 or cols <= 0:
         return f"image of {rows} x {cols} pixels"
     if int(_num(ds, "SamplesPerPixel", 1)) != 1 or not str(ds.get("PhotometricInterpretation", "MONOCHROME2")).startswith("MONOCHROME"):
-        return f"colour image ({_code(ds.get('PhotometricInterpretation', '')) or 'unknown'}); CT and MR must be greyscale"
+        return f"colour image ({_code(ds.get('PhotometricInterpretation', ''), PHOTOMETRIC_TERMS) or 'unknown'}); CT and MR must be greyscale"
     if str(ds.get("BurnedInAnnotation", "NO")).upper() == "YES":
         return "pixel data has burned-in annotation (may show identifiers)"
     return geom_problem

@@ -556,3 +556,46 @@ def test_truncated_enhanced_file_of_two_series_is_one_quarantine_row(tmp_path: P
     assert (rep.files_seen, rep.files_used, rep.quarantined, rep.volumes_written) == (1, 0, 1, 0)
     q = (tmp_path / "out" / "quarantine.csv").read_text().splitlines()[1:]
     assert len(q) == 1 and "file is truncated" in q[0]
+
+
+def test_large_gzip_dicom_reads_header_only_then_converts(tmp_path: Path) -> None:
+    """Slices of 2 MiB inflated: the header is read from the first inflated MiB, the rest counted."""
+    plain = write_series(tmp_path / "plain", n=3, rows=1024, cols=1024, series_uid="1.2.3.910")
+    (tmp_path / "gz").mkdir()
+    for p in plain:
+        (tmp_path / "gz" / (p.name + ".gz")).write_bytes(gzip.compress(p.read_bytes(), compresslevel=1))
+    rep = run_ingest([tmp_path / "gz"], tmp_path / "out", key=KEY, workers=1)
+    assert rep.volumes_written == 1 and rep.quarantined == 0, rep.quarantined_reasons
+    run_ingest([tmp_path / "plain"], tmp_path / "o2", key=KEY, workers=1)
+    a, b = read_manifest(tmp_path / "out")[0], read_manifest(tmp_path / "o2")[0]
+    assert np.array_equal(_volume(tmp_path / "out", a), _volume(tmp_path / "o2", b))
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_gzip_dicom_inflating_past_its_header_is_quarantined(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             big: bool) -> None:
+    """A .dcm.gz whose header promises a small image but that inflates to far more (zeros
+    appended after the pixel data) is quarantined as a possible bomb, whether it is inflated
+    whole (small) or only its header is (big: counted in chunks, never held)."""
+    from pipeline.ingest import dicom
+
+    monkeypatch.setattr(dicom, "GZIP_SLACK", 4096)
+    good = write_series(tmp_path / "plain", n=5, series_uid="1.2.3.911")
+    (tmp_path / "gz").mkdir()
+    for i, p in enumerate(good):  # the last slice: the other four still make a volume
+        extra = bytes((3 << 20) if big else 64 << 10) if i == 4 else b""
+        (tmp_path / "gz" / (p.name + ".gz")).write_bytes(gzip.compress(p.read_bytes() + extra))
+    rep = run_ingest([tmp_path / "gz"], tmp_path / "out", key=KEY, workers=1)
+    assert rep.quarantined == 1 and rep.files_used == 4
+    assert any("inflates to more than its header implies" in r for r in rep.quarantined_reasons), rep.quarantined_reasons
+
+
+def test_gzip_zeros_after_a_dicm_preamble_stop_at_the_header_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.ingest import dicom
+
+    monkeypatch.setattr(dicom, "GZIP_HEAD", 1 << 20)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bomb.dcm.gz").write_bytes(gzip.compress(bytes(128) + b"DICM" + bytes(3 << 20)))
+    rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    assert rep.quarantined == 1
+    assert any("no pixel data in the first 1 MiB" in r for r in rep.quarantined_reasons), rep.quarantined_reasons

@@ -106,6 +106,9 @@ class Frame:
     """Diffusion b-value (s/mm2) of the frame when the header gives it."""
     dim_index: tuple[int, ...] = ()
     """DimensionIndexValues of an enhanced multi-frame frame (orders the volumes of a 4D file)."""
+    inflated_max: int = 0
+    """A gzip-compressed file's inflated size (bytes) as measured when its header was read: the
+    most a worker inflates it to; 0 for a plain file."""
 
 
 @dataclass(frozen=True)
@@ -465,15 +468,19 @@ def _suffix(rel: str) -> str:
 
 
 GZIP_MAGIC = b"\x1f\x8b"
-MAX_GUNZIP = 4 << 30
-"""Largest decompressed .dcm.gz accepted (bytes): a gzip bomb must not fill memory."""
+GZIP_HEAD = 64 << 20
+"""Most bytes of a .dcm.gz inflated to find its header's end (the PixelData element)."""
+GZIP_SLACK = 1 << 20
+"""Bytes a .dcm.gz may inflate beyond its header and the pixel data the header implies."""
+_PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
+"""(7FE0,0010) PixelData in little and big endian."""
 
 
-def gunzip_dicom(data: bytes) -> bytes:
+def gunzip_dicom(data: bytes, limit: int = GZIP_HEAD) -> bytes:
     """`data` itself, or inflated when it is a gzip member (.dcm.gz in public archives).
 
     Raises EOFError/zlib.error on a truncated or corrupt gzip file, ValueError when it
-    inflates beyond MAX_GUNZIP.
+    inflates beyond `limit` bytes (a gzip bomb must not fill memory).
 
     >>> import gzip
     >>> gunzip_dicom(gzip.compress(b"DICM")), gunzip_dicom(b"DICM")
@@ -482,12 +489,61 @@ def gunzip_dicom(data: bytes) -> bytes:
     if data[:2] != GZIP_MAGIC:
         return data
     d = zlib.decompressobj(wbits=31)
-    out = d.decompress(data, MAX_GUNZIP)
-    if d.unconsumed_tail:
+    out = d.decompress(data, limit)
+    if not d.eof and d.decompress(d.unconsumed_tail, 1):
         raise ValueError("gzip file inflates beyond the size limit")
     if not d.eof:
         raise EOFError("gzip file is truncated")
     return out
+
+
+def _inflate_head(path: Path, cap: int) -> tuple[bytes, bool]:
+    """(inflated bytes, whole file inflated) of a .dcm.gz, inflated in chunks only up to the
+    PixelData element's header (12 bytes past its tag), or the whole file when it ends first.
+
+    Raises EOFError/zlib.error on a truncated or corrupt file, ValueError when no PixelData tag
+    appears in the first `cap` bytes (a bomb of zeros after a DICM preamble stops here).
+    """
+    d = zlib.decompressobj(wbits=31)
+    out = bytearray()
+    with open(path, "rb") as f:
+        while len(out) < cap:
+            chunk = d.unconsumed_tail or f.read(1 << 16)
+            if not chunk:
+                raise EOFError("gzip file is truncated")
+            start = max(0, len(out) - 3)
+            out += d.decompress(chunk, min(1 << 20, cap - len(out)))
+            if d.eof:
+                return bytes(out), True
+            hits = [i for i in (out.find(t, start) for t in _PIXEL_TAGS) if i >= 0]
+            if hits and len(out) >= min(hits) + 12:
+                return bytes(out[: min(hits) + 12]), False
+    raise ValueError(f"no pixel data in the first {cap >> 20} MiB inflated")
+
+
+def _inflated_size(path: Path, limit: int) -> int:
+    """Inflated size of a .dcm.gz in bytes, counted in chunks without keeping them; -1 as soon
+    as it passes `limit` (so a bomb costs at most `limit` bytes of inflating, no memory)."""
+    d = zlib.decompressobj(wbits=31)
+    total = 0
+    with open(path, "rb") as f:
+        while not d.eof:
+            chunk = d.unconsumed_tail or f.read(1 << 16)
+            if not chunk:
+                raise EOFError("gzip file is truncated")
+            total += len(d.decompress(chunk, 1 << 20))
+            if total > limit:
+                return -1
+    return total
+
+
+def _implied_size(ds: Any, header: int) -> int:
+    """Largest plausible inflated size (bytes) of a file whose header takes `header` bytes:
+    Rows x Columns x frames x bytes per sample x samples, a quarter more for a compressed
+    stream that grew, and GZIP_SLACK."""
+    pixels = int(_num(ds, "Rows", 0)) * int(_num(ds, "Columns", 0)) * max(1, int(_num(ds, "NumberOfFrames", 1)))
+    per = -(-max(1, int(_num(ds, "BitsAllocated", 16))) // 8) * max(1, int(_num(ds, "SamplesPerPixel", 1)))
+    return header + pixels * per * 5 // 4 + GZIP_SLACK
 
 
 def read_header(ref: FileRef, use_fast: bool = True) -> DicomHeader | Disposition:
@@ -496,8 +552,9 @@ def read_header(ref: FileRef, use_fast: bool = True) -> DicomHeader | Dispositio
     Returns a DicomHeader for a CT or MR image (its `problem` set when the file is truncated,
     lacks pixel data or cannot be decoded here) or a Disposition for everything else.
     Plain explicit-VR files go through `fastheader.read_fast`, the rest through pydicom
-    (`use_fast=False` forces pydicom; the tests compare both). A gzip-compressed file
-    (.dcm.gz) is inflated in memory first and then read like any other.
+    (`use_fast=False` forces pydicom; the tests compare both). Of a gzip-compressed file
+    (.dcm.gz) only the header is inflated in memory; the rest is counted, never held, and a
+    file that inflates past what its header implies is quarantined (gzip bomb).
     """
     named_dcm = ref.rel.lower().endswith((".dcm", ".dicom", ".ima", ".dcm.gz"))
     if ref.size == 0:
@@ -505,15 +562,22 @@ def read_header(ref: FileRef, use_fast: bool = True) -> DicomHeader | Dispositio
     ds = read_fast(ref.path) if use_fast else None
     if ds is not None:
         return _classify(ref, ds, ref.size)
-    source: Path | io.BytesIO | Disposition = _gunzipped(ref, named_dcm)
+    source = _gunzipped(ref, named_dcm)
     if isinstance(source, Disposition):
         return source
-    size = ref.size if isinstance(source, Path) else len(source.getbuffer())
+    if isinstance(source, tuple):
+        return _read_gzip_header(ref, source[0], source[1], named_dcm)
+    return _read_slow(ref, source, ref.size, named_dcm)
+
+
+def _read_slow(ref: FileRef, source: Path | io.BytesIO | Any, size: int, named_dcm: bool) -> DicomHeader | Disposition:
+    """`_classify` the file (a path) or header bytes, or a pydicom Dataset already read, through pydicom."""
     with _no_value_warnings():  # pydicom converts values when _classify reads them
         from pydicom.errors import BytesLengthException
 
         try:
-            return _classify(ref, _read_pydicom(source, named_dcm, ref.rel), size)
+            ds = _read_pydicom(source, named_dcm, ref.rel) if isinstance(source, Path | io.BytesIO) else source
+            return _classify(ref, ds, size)
         except (NotImplementedError, struct.error, BytesLengthException) as exc:  # a corrupted VR code or length
             # met only when _classify reads the element (pydicom converts raw elements lazily)
             return Disposition("quarantined", f"DICOM header cannot be parsed ({type(exc).__name__})")
@@ -523,11 +587,35 @@ def read_header(ref: FileRef, use_fast: bool = True) -> DicomHeader | Dispositio
             return Disposition("quarantined", f"DICOM header cannot be parsed ({type(exc).__name__})")
 
 
-def _gunzipped(ref: FileRef, named_dcm: bool) -> Path | io.BytesIO | Disposition:
-    """The file itself, or its inflated bytes when it is a gzip-compressed DICOM file.
+def _read_gzip_header(ref: FileRef, head: io.BytesIO, whole: bool, named_dcm: bool) -> DicomHeader | Disposition:
+    """Header of a .dcm.gz from its inflated header bytes; its frames carry the inflated size,
+    the most a worker will inflate it to."""
+    size = len(head.getbuffer())  # before reading: _read_pydicom closes the buffer
+    with _no_value_warnings():
+        ds = _read_pydicom(head, named_dcm, ref.rel)
+    if isinstance(ds, Disposition):
+        return ds
+    try:
+        with _no_value_warnings():
+            sized = _gzip_size(ref, ds, size, whole)
+    except (ValueError, TypeError) as exc:
+        return Disposition("quarantined", f"DICOM header cannot be parsed ({type(exc).__name__})")
+    if isinstance(sized, Disposition):
+        return sized
+    size = sized
+    res = _read_slow(ref, ds, size, named_dcm)
+    if isinstance(res, DicomHeader):
+        res = dataclasses.replace(res, frames=tuple(dataclasses.replace(f, inflated_max=size) for f in res.frames))
+    return res
+
+
+def _gunzipped(ref: FileRef, named_dcm: bool) -> Path | tuple[io.BytesIO, bool] | Disposition:
+    """The file itself, or (inflated header bytes, whole file inflated) when it is a
+    gzip-compressed DICOM file.
 
     The first bytes are inflated first: a gzip file that is no DICOM (a .tar.gz, a log) is
-    skipped without inflating the rest.
+    skipped without inflating the rest. Then only the header is inflated (`_inflate_head`);
+    `_gzip_size` checks the rest against the size the header implies.
     """
     with open(ref.path, "rb") as f:
         head = f.read(4096)
@@ -542,9 +630,29 @@ def _gunzipped(ref: FileRef, named_dcm: bool) -> Path | io.BytesIO | Disposition
             return Disposition("quarantined", "gzip-compressed file is truncated or corrupt, or holds no DICOM")
         return Disposition("skipped", f"not a DICOM, NIfTI or JSON file{_suffix(ref.rel)}")
     try:
-        return io.BytesIO(gunzip_dicom(ref.path.read_bytes()))
-    except (OSError, EOFError, ValueError, zlib.error):
+        data, whole = _inflate_head(ref.path, GZIP_HEAD)
+    except ValueError as exc:
+        return Disposition("quarantined", f"gzip-compressed DICOM file: {exc}; possibly a gzip bomb")
+    except (OSError, EOFError, zlib.error):
         return Disposition("quarantined", "gzip-compressed file is truncated or corrupt")
+    return io.BytesIO(data), whole
+
+
+def _gzip_size(ref: FileRef, ds: Any, size: int, whole: bool) -> int | Disposition:
+    """Inflated size of a .dcm.gz whose header `ds` was read from its first `size` inflated
+    bytes (all of them when `whole`), or a Disposition when it inflates to more than the
+    header implies (`_implied_size`) or is damaged."""
+    raw = ds.get_item("PixelData", keep_deferred=True) if "PixelData" in ds else None
+    tell = getattr(raw, "value_tell", None)
+    limit = _implied_size(ds, tell if isinstance(tell, int) and 0 < tell <= size else size)
+    try:
+        total = size if whole else _inflated_size(ref.path, limit)
+    except (OSError, EOFError, zlib.error):
+        return Disposition("quarantined", "gzip-compressed file is truncated or corrupt")
+    if total < 0 or total > limit:
+        return Disposition("quarantined", f"gzip-compressed file inflates to more than its header implies "
+                                          f"(over {limit >> 10} KiB); possibly a gzip bomb")
+    return total
 
 
 def read_fast_header(ref: FileRef) -> DicomHeader | Disposition | None:
@@ -713,8 +821,9 @@ def _classify(ref: FileRef, ds: Any, size: int) -> DicomHeader | Disposition:
 # --- conversion (worker process) --------------------------------------------------------
 
 
-FrameSpec = tuple[Path, int, float, float, int, str, int]
-"""(file, frame index, RescaleSlope, RescaleIntercept, raw pixel offset or -1, raw dtype, mosaic tiles or 0)."""
+FrameSpec = tuple[Path, int, float, float, int, str, int, int]
+"""(file, frame index, RescaleSlope, RescaleIntercept, raw pixel offset or -1, raw dtype, mosaic tiles or 0,
+largest inflated size of a .dcm.gz or 0)."""
 
 
 class OutOfRange(Exception):
@@ -723,7 +832,8 @@ class OutOfRange(Exception):
 
 def frame_spec(ref: FileRef, frame: Frame) -> FrameSpec:
     """What a worker needs to read one frame (picklable, no identifiers)."""
-    return (ref.path, frame.index, frame.slope, frame.intercept, frame.pixel_offset, frame.pixel_dtype, frame.tiles)
+    return (ref.path, frame.index, frame.slope, frame.intercept, frame.pixel_offset, frame.pixel_dtype, frame.tiles,
+            frame.inflated_max)
 
 
 def output_dtype(frames: Sequence[FrameSpec]) -> np.dtype[Any]:
@@ -775,14 +885,15 @@ def _planes(
     cache: dict[Path, bytes | npt.NDArray[np.generic]], n: int, hashing: ThreadPoolExecutor | None,
     pending: dict[Path, Future[bytes]],
 ) -> Iterator[npt.NDArray[np.generic]]:
-    for k, (path, index, slope, intercept, offset, raw_dtype, tiles) in enumerate(frames):
+    for k, (path, index, slope, intercept, offset, raw_dtype, tiles, inflated_max) in enumerate(frames):
         try:
             if path not in cache:  # one file held at a time: its bytes (raw frames) or its decoded array
                 cache.clear()
                 data = path.read_bytes()
                 if hashing is not None:
                     pending[path] = hashing.submit(file_digest, data)
-                cache[path] = gunzip_dicom(data) if offset >= 0 else _decode(gunzip_dicom(data))
+                data = gunzip_dicom(data, inflated_max or GZIP_HEAD)  # a .dcm.gz: no more than when its header was read
+                cache[path] = data if offset >= 0 else _decode(data)
             held = cache[path]
             if isinstance(held, bytes):  # raw little-endian frame at a known offset (multi-frame too)
                 plane = _stored_values(held, raw_dtype, rows * cols, offset).reshape(rows, cols)

@@ -36,7 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.errors import GeometryError
-from pipeline.ingest.dicom import DicomHeader, Frame, gunzip_dicom
+from pipeline.ingest.dicom import GZIP_HEAD, DicomHeader, Frame, gunzip_dicom
 from pipeline.ingest.discover import FileRef
 from pipeline.ingest.geometry import (
     MIN_SLICES,
@@ -396,7 +396,7 @@ def _pixel_digest(h: DicomHeader) -> bytes:
     import pydicom
 
     try:
-        data = gunzip_dicom(h.ref.path.read_bytes())
+        data = gunzip_dicom(h.ref.path.read_bytes(), max((f.inflated_max for f in h.frames), default=0) or GZIP_HEAD)
         ds = pydicom.dcmread(io.BytesIO(data), force=True, specific_tags=["PixelData"])
         return hashlib.sha256(bytes(ds.PixelData)).digest()
     except Exception:  # noqa: BLE001 - a copy that cannot be read has no comparable pixels

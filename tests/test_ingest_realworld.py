@@ -599,3 +599,23 @@ def test_gzip_zeros_after_a_dicm_preamble_stop_at_the_header_cap(tmp_path: Path,
     rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
     assert rep.quarantined == 1
     assert any("no pixel data in the first 1 MiB" in r for r in rep.quarantined_reasons), rep.quarantined_reasons
+
+
+def test_lossy_transfer_syntax_table_agrees_with_pydicom_names() -> None:
+    """Every syntax pydicom names "Lossless" (or native, RLE) is not lossy; the lossy-capable
+    ones are; JPEG XL (.110 lossless, .111 recompressed JPEG, .112) by PS3.5 Table A-1."""
+    import pydicom.uid as uids
+
+    from pipeline.ingest.dicom import LOSSY_SYNTAXES
+
+    known = {v for v in vars(uids).values() if isinstance(v, uids.UID) and v.is_transfer_syntax}
+    for uid in known:
+        lossless = "Lossless" in uid.name.replace("Near-Lossless", "")
+        if lossless or not uid.is_compressed or uid.name.startswith("RLE"):
+            assert uid not in LOSSY_SYNTAXES, uid.name
+    jpeg = "1.2.840.10008.1.2.4."
+    for n in ("201", "202", "110", "57", "70", "80", "90", "92"):
+        assert jpeg + n not in LOSSY_SYNTAXES, n
+    for n in ("50", "51", "81", "91", "93", "203", "111", "112"):
+        assert jpeg + n in LOSSY_SYNTAXES, n
+    assert all(n in LOSSY_SYNTAXES for n in (uids.JPEGBaseline8Bit, uids.JPEGLSNearLossless, uids.HTJ2K))

@@ -749,14 +749,21 @@ def _pixel_problem(ds: Any, ts: str, rows: int, cols: int, size: int) -> tuple[s
     return "", length, tell
 
 
-LOSSY_SYNTAXES = frozenset({
-    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91",
-    "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",
-    "1.2.840.10008.1.2.4.110", "1.2.840.10008.1.2.4.112",
-})
-"""JPEG baseline/extended, JPEG-LS near-lossless, JPEG 2000 (lossy allowed), HTJ2K, JPEG XL
-(PS3.5 Table A-1): pixels may differ from what the scanner stored. .91/.81 can hold lossless
-data too; without LossyImageCompression = 00 they are flagged to be safe."""
+_JPEG = "1.2.840.10008.1.2.4."
+LOSSY_SYNTAXES = frozenset(_JPEG + n for n in (
+    "50", "51", "52", "53", "54", "55", "56", "59", "60", "61", "62", "63", "64",  # JPEG DCT processes (lossy)
+    "81",  # JPEG-LS Lossy (Near-Lossless)
+    "91", "93", "94", "95",  # JPEG 2000 (lossy allowed), Part 2, JPIP referenced
+    "203", "204", "205",  # HTJ2K (lossy allowed), JPIP HTJ2K referenced
+    "111", "112",  # JPEG XL JPEG Recompression (of a lossy JPEG), JPEG XL
+    "100", "100.1", "101", "101.1", "102", "102.1", "103", "103.1", "104", "104.1", "105", "105.1", "106", "106.1",
+    "107", "108",  # MPEG-2, H.264, HEVC video
+))
+"""Transfer syntaxes whose pixels may differ from what the scanner stored (PS3.5 Table A-1;
+names as pydicom.uid gives them: every syntax it names "Lossless" is absent, as are JPEG
+lossless .57/.58/.65/.66/.70, JPEG-LS lossless .80, RLE, HTJ2K lossless .201/.202 and JPEG XL
+lossless .110, which pydicom 3.0 does not name yet). .91/.93/.203/.112 can hold lossless data
+too; without LossyImageCompression = 00 they are flagged to be safe."""
 
 
 def _is_lossy(ds: Any, ts: str) -> bool:

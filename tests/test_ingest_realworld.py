@@ -619,3 +619,30 @@ def test_lossy_transfer_syntax_table_agrees_with_pydicom_names() -> None:
     for n in ("50", "51", "81", "91", "93", "203", "111", "112"):
         assert jpeg + n in LOSSY_SYNTAXES, n
     assert all(n in LOSSY_SYNTAXES for n in (uids.JPEGBaseline8Bit, uids.JPEGLSNearLossless, uids.HTJ2K))
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_transcoded_copy_of_an_instance_is_a_duplicate_when_its_decoded_pixels_agree(tmp_path: Path,
+                                                                                     same: bool) -> None:
+    """Slice 4 of 7 stored twice, once native and once RLE lossless (same SOPInstanceUID): equal
+    decoded values are a duplicate, skipped and counted; different values are both quarantined."""
+    import pydicom
+    from pydicom.uid import RLELossless
+
+    paths = write_series(tmp_path / "in" / "native", n=7, series_uid="1.2.3.912")
+    ds = pydicom.dcmread(paths[3])
+    if not same:
+        arr = ds.pixel_array.copy()
+        arr[0, 0] += 1
+        ds.PixelData = arr.tobytes()
+    ds.compress(RLELossless, generate_instance_uid=False)  # the same instance, transcoded
+    (tmp_path / "in" / "rle").mkdir()
+    ds.save_as(tmp_path / "in" / "rle" / "copy.dcm", enforce_file_format=True)
+    rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    if same:
+        assert (rep.files_used, rep.skipped, rep.quarantined, rep.volumes_written) == (7, 1, 0, 1)
+        (reason,) = rep.skipped_reasons
+        assert "same pixel values stored in another transfer syntax" in reason
+        assert read_manifest(tmp_path / "out")[0]["shape"] == "10x8x7"
+    else:  # which copy is right is unknown: both quarantined, the slices around them written as parts
+        assert (rep.files_used, rep.quarantined, rep.volumes_written) == (6, 2, 2)

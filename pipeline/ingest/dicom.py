@@ -922,6 +922,11 @@ def _planes(
                 else (plane.astype(np.float64) * slope + intercept).astype(np.float32)
 
 
+def decode_pixels(data: bytes) -> npt.NDArray[np.generic]:
+    """Stored pixel values of a whole file's bytes (see `_decode`); raises on undecodable data."""
+    return _decode(data)
+
+
 def _decode(data: bytes) -> npt.NDArray[np.generic]:
     """Stored pixel values of a whole file through pydicom's pixel handlers (pylibjpeg, pyjpegls
     for the compressed syntaxes): (rows, columns) or (frames, rows, columns)."""

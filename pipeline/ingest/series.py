@@ -8,8 +8,9 @@ volume or per refused series:
 1. Files are grouped by SeriesInstanceUID, then split by SeriesNumber, ImageType (and the
    per-frame FrameType of enhanced images), echo, image size and orientation, as dcm2niix splits them:
    one UID reused for several acquisitions is several series.
-2. Files sharing a SOPInstanceUID: same pixel bytes is a duplicate (skipped, counted); an
-   intact copy beside a damaged one wins; intact copies that differ are both quarantined.
+2. Files sharing a SOPInstanceUID: same pixel bytes (or, for copies in different transfer
+   syntaxes, same decoded values) is a duplicate (skipped, counted); an intact copy beside a
+   damaged one wins; intact copies that differ are both quarantined.
 3. A file that cannot be used (truncated, undecodable) is quarantined alone; its slice
    becomes a gap (`strict=True`: the whole series is quarantined, as before).
 4. Repeated slice positions with equal counts are a 4D series (fMRI, DWI, multi-phase):
@@ -36,7 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.errors import GeometryError
-from pipeline.ingest.dicom import GZIP_HEAD, DicomHeader, Frame, gunzip_dicom
+from pipeline.ingest.dicom import GZIP_HEAD, NATIVE_SYNTAXES, DicomHeader, Frame, decode_pixels, gunzip_dicom
 from pipeline.ingest.discover import FileRef
 from pipeline.ingest.geometry import (
     MIN_SLICES,
@@ -360,6 +361,8 @@ def resolve_duplicates(
     quarantined with reason).
 
     Same pixel bytes: the first file (path order) is kept, the others skipped as duplicates.
+    Copies in different transfer syntaxes (one JPEG-lossless, one native) are compared after
+    decoding: equal values are duplicates too (the native copy is kept).
     A damaged copy (truncated, undecodable) beside an intact one is skipped. Intact copies
     with different pixel bytes are both quarantined: which one is right cannot be told.
     """
@@ -383,6 +386,8 @@ def resolve_duplicates(
                 skipped.append((h.ref, "duplicate file (same SOP Instance UID and pixel data as another file); skipped"))
             else:
                 distinct[digest] = h
+        if len(distinct) > 1 and len({h.transfer_syntax for h in distinct.values()}) > 1:
+            distinct = _merge_transcoded(distinct, skipped)  # rare: decode only here, never on the fast path
         if len(distinct) == 1:
             kept.extend(distinct.values())
         else:
@@ -401,3 +406,30 @@ def _pixel_digest(h: DicomHeader) -> bytes:
         return hashlib.sha256(bytes(ds.PixelData)).digest()
     except Exception:  # noqa: BLE001 - a copy that cannot be read has no comparable pixels
         return b""
+
+
+def _merge_transcoded(distinct: dict[bytes, DicomHeader], skipped: list[tuple[FileRef, str]]) -> dict[bytes, DicomHeader]:
+    """Copies of one instance whose encoded pixel data differ, merged when their decoded values
+    (and rescale) are equal; the merged-away copies are added to `skipped`. Native copies come
+    first, so the kept one reads through the fast path."""
+    out: dict[bytes, DicomHeader] = {}
+    for h in sorted(distinct.values(), key=lambda h: (h.transfer_syntax not in NATIVE_SYNTAXES, h.ref)):
+        digest = _decoded_digest(h) or b"undecodable:" + str(h.ref.rel).encode()
+        if digest in out:
+            skipped.append((h.ref, "duplicate file (same SOP Instance UID, same pixel values stored in another "
+                                   "transfer syntax); skipped"))
+        else:
+            out[digest] = h
+    return out
+
+
+def _decoded_digest(h: DicomHeader) -> bytes:
+    """SHA-256 of a file's decoded pixel values (as float64, with shape and each frame's
+    rescale), b'' when they cannot be decoded."""
+    try:
+        data = gunzip_dicom(h.ref.path.read_bytes(), max((f.inflated_max for f in h.frames), default=0) or GZIP_HEAD)
+        arr = np.asarray(decode_pixels(data), dtype=np.float64)
+    except Exception:  # noqa: BLE001 - a copy that cannot be decoded has no comparable pixels
+        return b""
+    rescale = repr([(f.slope, f.intercept) for f in h.frames]).encode()
+    return hashlib.sha256(repr(arr.shape).encode() + rescale + arr.tobytes()).digest()

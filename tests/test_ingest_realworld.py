@@ -646,3 +646,17 @@ def test_transcoded_copy_of_an_instance_is_a_duplicate_when_its_decoded_pixels_a
         assert read_manifest(tmp_path / "out")[0]["shape"] == "10x8x7"
     else:  # which copy is right is unknown: both quarantined, the slices around them written as parts
         assert (rep.files_used, rep.quarantined, rep.volumes_written) == (6, 2, 2)
+
+
+def test_volumes_missing_end_slices_are_marked_partial(tmp_path: Path) -> None:
+    """An enhanced 4D file whose time point 2 lacks its last slice, and a 3D series whose last
+    file is damaged: no gap shows, yet neither volume may look whole in the manifest."""
+    _enhanced(tmp_path / "a" / "enh.dcm", [("M", 1, z) for z in range(6)] + [("M", 2, z) for z in range(5)])
+    rep = run_ingest([tmp_path / "a"], tmp_path / "oa", key=KEY, workers=1)
+    rows = sorted(read_manifest(tmp_path / "oa"), key=lambda r: int(r["volume_index"]))
+    assert rep.volumes_written == 2 and [(r["part"], r["shape"]) for r in rows] == [("", "7x6x6"), ("1/1", "7x6x5")]
+    paths = write_series(tmp_path / "b", n=6, series_uid="1.2.3.913")
+    paths[5].write_bytes(paths[5].read_bytes()[:-30])
+    rep = run_ingest([tmp_path / "b"], tmp_path / "ob", key=KEY, workers=1)
+    (row,) = read_manifest(tmp_path / "ob")
+    assert (rep.volumes_written, rep.quarantined, row["part"], row["gap_slices"], row["shape"]) == (1, 1, "1/1", "0", "10x8x5")

@@ -197,9 +197,10 @@ def _plan_group(series_key: str, units: list[Unit], strict: bool) -> list[Series
         volumes, base.problem = split_volumes(units, normal)
     if base.problem:
         return [base]
-    plans: list[SeriesPlan] = []
-    for vi, vol in enumerate(volumes):
-        plans += _plan_volume(base, vi if len(volumes) > 1 else -1, len(volumes), vol, strict)
+    per_volume = [_plan_volume(base, vi if len(volumes) > 1 else -1, len(volumes), vol, strict)
+                  for vi, vol in enumerate(volumes)]
+    _mark_short_volumes(per_volume, sum(len(h.frames) or 1 for h in bad))
+    plans = [p for ps in per_volume for p in ps]
     plans[0].excluded, plans[0].dropped = base.excluded, base.dropped + plans[0].dropped
     return plans
 
@@ -328,6 +329,27 @@ def _plan_volume(base: SeriesPlan, vi: int, nv: int, units: list[Unit], strict: 
         return [refused]
     plans[0].dropped = dropped
     return plans
+
+
+def _mark_short_volumes(per_volume: list[list[SeriesPlan]], n_bad: int) -> None:
+    """Mark volumes that lost slices no gap shows (`lost_slices`), so none looks whole:
+
+    - a volume of a 4D series with fewer slices than its fullest sibling (slices missing at an
+      end of the stack leave no gap);
+    - the only volume of a series from which `n_bad` damaged frames were quarantined, when no
+      gap already marks it (the damaged slices were at an end).
+    """
+    def total(plans: list[SeriesPlan]) -> int:
+        return sum(p.shape[2] for p in plans) + (plans[0].lost_slices if plans else 0)
+
+    ok = [ps for ps in per_volume if ps and not any(p.problem for p in ps)]
+    most = max((total(ps) for ps in ok), default=0)
+    for ps in ok:
+        short = most - total(ps) if len(per_volume) > 1 else (n_bad if ps[0].lost_slices == 0 else 0)
+        for p in ps:
+            p.lost_slices += short
+            if short and not p.n_parts:  # a whole stack as far as its positions show: part 1 of 1
+                p.part, p.n_parts = 1, 1
 
 
 def _echo(units: list[Unit]) -> str:

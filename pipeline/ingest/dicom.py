@@ -511,14 +511,35 @@ def _inflate_head(path: Path, cap: int) -> tuple[bytes, bool]:
             chunk = d.unconsumed_tail or f.read(1 << 16)
             if not chunk:
                 raise EOFError("gzip file is truncated")
-            start = max(0, len(out) - 3)
+            start = max(0, len(out) - 15)  # a tag cut by the chunk's end is found again
             out += d.decompress(chunk, min(1 << 20, cap - len(out)))
             if d.eof:
                 return bytes(out), True
-            hits = [i for i in (out.find(t, start) for t in _PIXEL_TAGS) if i >= 0]
-            if hits and len(out) >= min(hits) + 12:
-                return bytes(out[: min(hits) + 12]), False
+            end = _pixel_header_end(out, start)
+            if end > 0:
+                return bytes(out[:end]), False
     raise ValueError(f"no pixel data in the first {cap >> 20} MiB inflated")
+
+
+def _pixel_header_end(buf: bytearray, start: int) -> int:
+    """Index just past the first complete PixelData element header in `buf` at or after
+    `start`, -1 when none. A tag followed by an explicit VR other than a pixel VR is a chance
+    match inside another value and is passed over.
+
+    >>> tag = bytes.fromhex("e07f1000")
+    >>> _pixel_header_end(bytearray(b"xx" + tag + b"CS" + bytes(2) + tag + b"OW" + bytes(6)), 0)
+    22
+    """
+    ends = []
+    for tag in _PIXEL_TAGS:
+        i = buf.find(tag, start)
+        while i >= 0 and i + 12 <= len(buf):
+            vr = bytes(buf[i + 4 : i + 6])
+            if vr in (b"OB", b"OW", b"UN", b"OF", b"OD", b"OL", b"OV") or not vr.isalpha():
+                ends.append(i + 12)
+                break
+            i = buf.find(tag, i + 1)
+    return min(ends, default=-1)
 
 
 def _inflated_size(path: Path, limit: int) -> int:

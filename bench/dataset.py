@@ -65,12 +65,12 @@ def legacy_writer() -> Iterator[None]:
     import pipeline.dataset.inputs as inputs
     import pipeline.dataset.writer as writer
 
-    saved = writer.write_nifti_gz, inputs._manifest_sha256
-    writer.write_nifti_gz, inputs._manifest_sha256 = legacy_write_nifti_gz, lambda row: ""  # type: ignore[assignment]
+    saved = writer.write_nifti_gz, inputs.manifest_sha256
+    writer.write_nifti_gz, inputs.manifest_sha256 = legacy_write_nifti_gz, lambda row: ""  # type: ignore[assignment]
     try:
         yield
     finally:
-        writer.write_nifti_gz, inputs._manifest_sha256 = saved
+        writer.write_nifti_gz, inputs.manifest_sha256 = saved
 
 
 def prepare(cache: Path, subjects: int, size: int) -> Path:

@@ -31,7 +31,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from numpy.typing import NDArray
 
 from pipeline.errors import CheckpointError, DatasetError, InputRejected, OutputWriteError
-from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file, write_manifest
+from pipeline.manifest import MANIFEST_NAME, manifest_sha256, read_manifest, sha256_file, write_manifest
 from pipeline.outputs import atomic_file
 from pipeline.preprocess import (
     DEFAULT_HU_WINDOW,
@@ -168,8 +168,9 @@ def translate_volume(
 class SourceVolume:
     """One volume to translate: its file, optional tumour mask, and manifest fields.
 
-    `sha256` is the manifest's hash of the file (lower-case hex), empty for a file with no
-    manifest: the hash travels with the item so the file is not read again to hash it.
+    `sha256` is the manifest's hash of the file (64 lower-case hex digits), empty for a file
+    with no manifest or a manifest whose sha256 is not one ("n/a", "../x": it names output
+    files, so it is checked): the hash travels with the item so the file is not read again.
     """
 
     path: Path
@@ -200,7 +201,7 @@ def find_sources(src: Path, modality: Modality, split: str | None = None) -> lis
                 raise DatasetError(f"{src / MANIFEST_NAME} lists {row['path']} but the file is missing; run `medaug ingest` again")
             out.append(SourceVolume(src / row["path"], src / label if label else None,
                                     row.get("subject_id", ""), row.get("class", ""), row.get("split", ""),
-                                    (row.get("sha256") or "").strip().lower()))
+                                    manifest_sha256(row)))
         if not out:
             raise DatasetError(f"{src / MANIFEST_NAME} lists no {modality} volume" + (f" in split {split!r}" if split else ""))
         return out

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 
 from pipeline.dataset.config import Deployment
 from pipeline.errors import ConfigError, GateMismatchError, GateRejected, ProvenanceError
-from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from pipeline.manifest import MANIFEST_NAME, manifest_sha256, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +100,6 @@ def _resolve(base: Path, rel: str) -> Path:
     return (p if p.is_absolute() else base / p).resolve()
 
 
-def _manifest_sha256(row: dict[str, str]) -> str:
-    """The row's `sha256` column when it holds a sha256 (64 hex digits), lower-case; else "".
-
-    >>> _manifest_sha256({"sha256": "AB" * 32}) == "ab" * 32, _manifest_sha256({"sha256": "n/a"})
-    (True, '')
-    """
-    value = (row.get("sha256") or "").strip().lower()
-    return value if re.fullmatch(r"[0-9a-f]{64}", value) else ""
-
-
 def _flag(value: str | None) -> bool:
     return str(value or "").strip().lower() in ("1", "true", "yes")
 
@@ -143,7 +132,7 @@ def read_real(manifest: Path) -> list[Item]:
                 modality=(row.get("modality") or "").strip(),
                 synthetic=False,
                 subject_id=(row.get("subject_id") or "").strip(),
-                sha256=_manifest_sha256(row) or sha256_file(image),
+                sha256=manifest_sha256(row) or sha256_file(image),
                 explicit_split=(row.get("split") or "").strip(),
                 origin=base.name,
             )
@@ -279,7 +268,7 @@ def read_synthetic(
                 modality=(row.get("modality") or "").strip(),
                 synthetic=True,
                 subject_id=subject,
-                sha256=_manifest_sha256(row) or sha256_file(image),
+                sha256=manifest_sha256(row) or sha256_file(image),
                 explicit_split=(row.get("split") or "").strip(),
                 checkpoint_sha256=ckpt,
                 seed=(row.get("seed") or "").strip(),

@@ -632,3 +632,61 @@ def test_two_reports_on_the_same_bytes_a_reject_wins(tmp_path: Path) -> None:
     items = read_synthetic(inputs["synthetic"], "tumor-patches", {})
     kept, n_out = apply_gates(items, [read_gate(inputs["gate"]), read_gate(strict)], inputs["synthetic"])
     assert n_out == 5 and len(kept) == len(items) - 5
+
+
+# --- the gate hashes the bytes it judges (one read) --------------------------------------------------------------
+
+
+def test_gate_hashes_and_judges_the_bytes_of_one_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file replaced between two reads would be judged on one content and bound to another: the gate
+    reads each file once. Here any second open of a file first swaps in other bytes."""
+    import builtins
+    import hashlib
+    import io
+
+    from pipeline.gate.config import GateConfig
+    from pipeline.gate.images import load_gate_set
+
+    rng = np.random.default_rng(0)
+    syn = tmp_path / "syn"
+    syn.mkdir()
+    first = rng.uniform(-1, 1, (16, 16)).astype(np.float32)
+    np.save(syn / "a.npy", first)
+    nib.save(nib.Nifti1Image(rng.uniform(-1, 1, (16, 16, 1)).astype(np.float32), np.eye(4)), str(syn / "b.nii.gz"))
+    originals = {p.name: p.read_bytes() for p in syn.iterdir()}
+    swapped = io.BytesIO()
+    np.save(swapped, np.zeros((16, 16), np.float32))
+    real_open = builtins.open
+    opens: dict[str, int] = {}
+
+    def swapping_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        name = Path(str(file)).name if isinstance(file, str | os.PathLike) else ""
+        if name in originals:
+            opens[name] = opens.get(name, 0) + 1
+            if opens[name] == 2 and name == "a.npy":
+                with real_open(syn / name, "wb") as f:
+                    f.write(swapped.getvalue())
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", swapping_open)
+    monkeypatch.setattr(io, "open", swapping_open)
+    gset = load_gate_set(syn, GateConfig(gate_size=16), "synthetic", cap=False)
+    monkeypatch.undo()
+    by_name = {it.path: k for k, it in enumerate(gset.items)}
+    assert opens == {"a.npy": 1, "b.nii.gz": 1}
+    for name, data in originals.items():
+        assert gset.items[by_name[name]].sha256 == hashlib.sha256(data).hexdigest()
+    judged = gset.images[np.flatnonzero(gset.item_of == by_name["a.npy"])][0, 0].numpy()
+    assert np.allclose(judged, first)
+
+
+def test_gate_refuses_an_undecodable_file_with_one_line(tmp_path: Path) -> None:
+    from pipeline.errors import DatasetError
+    from pipeline.gate.config import GateConfig
+    from pipeline.gate.images import load_gate_set
+
+    syn = tmp_path / "syn"
+    syn.mkdir()
+    (syn / "broken.nii.gz").write_bytes(b"\x1f\x8b not gzip at all")
+    with pytest.raises(DatasetError, match="broken.nii.gz: not a readable NIfTI"):
+        load_gate_set(syn, GateConfig(gate_size=16), "synthetic", cap=False)

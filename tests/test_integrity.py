@@ -124,13 +124,21 @@ def test_edited_or_old_gate_report_is_refused(tmp_path: Path) -> None:
         read_gate(inputs["gate"])
     del report["samples"]
     path.write_text(json.dumps(report))
-    with pytest.raises(ConfigError, match="lists no judged items by sha256"):
+    with pytest.raises(ConfigError, match="lacks samples"):
         read_gate(inputs["gate"])
 
 
-def test_a_report_written_by_the_gate_verifies(tmp_path: Path) -> None:
-    """pipeline/gate/report.py's report_id equals the id read_gate recomputes from the written JSON."""
-    from pipeline.gate.report import CheckResult, GateReport, SampleDecision, report_id, write_json
+def test_a_report_written_by_the_gate_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pipeline/gate/report.py's report_id equals the id read_gate recomputes from the written JSON;
+    its signature under MEDAUG_GATE_KEY verifies."""
+    from pipeline.gate.report import (
+        CheckResult,
+        GateReport,
+        SampleDecision,
+        report_id,
+        sign_report,
+        write_json,
+    )
 
     rep = GateReport(
         verdict="accept", failed_checks=[], checks=[CheckResult("fid", 0.123456789, 0.5, "<=", True, "x")],
@@ -142,7 +150,130 @@ def test_a_report_written_by_the_gate_verifies(tmp_path: Path) -> None:
     rep.report_id = report_id(rep)
     write_json(rep, tmp_path)
     info = read_gate(tmp_path)
-    assert info.report_id == rep.report_id and info.accepted_sha256 == {"ab" * 32}
+    assert info.report_id == rep.report_id and info.accepted_sha256 == {"ab" * 32} and info.signature == "unsigned"
+    monkeypatch.setenv("MEDAUG_GATE_KEY", "the gate's key")
+    sign_report(rep, b"the gate's key")
+    write_json(rep, tmp_path)
+    info = read_gate(tmp_path)
+    assert info.signature == "verified" and info.report_id == rep.report_id and info.summary["checks"][0]["name"] == "fid"
+
+
+def _forge(gate: Path, sha256s: list[str], key: bytes | None = None) -> None:
+    """What anyone who can write a file can do: a report accepting any bytes, with a report_id that matches
+    its content (and, given a key, signed with it)."""
+    from pipeline.dataset.inputs import content_id
+    from pipeline.gate.signing import sign
+
+    gate.mkdir(parents=True, exist_ok=True)
+    rep: dict[str, Any] = {"verdict": "accept", "checks": [],
+                           "samples": [{"sha256": s, "decision": "accept", "path": "x.nii.gz"} for s in sha256s]}
+    rep["report_id"] = content_id(rep)
+    rep["signature"] = sign(rep, key) if key else None
+    (gate / "gate_report.json").write_text(json.dumps(rep))
+
+
+def _synthetic_sha256s(inputs: dict[str, Path]) -> list[str]:
+    from pipeline.manifest import sha256_file
+
+    return [sha256_file(inputs["synthetic"] / r["path"]) for r in read_manifest(inputs["synthetic"])]
+
+
+def test_forged_report_is_refused_with_a_gate_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report written by hand (content id recomputed) is refused under MEDAUG_GATE_KEY: one line, exit 2."""
+    from pipeline.errors import GateSignatureError
+
+    inputs = B.make_tumor_inputs(tmp_path / "a", gate_verdict=None)
+    _forge(tmp_path / "forged", _synthetic_sha256s(inputs))
+    monkeypatch.setenv("MEDAUG_GATE_KEY", "the gate's key")
+    with pytest.raises(GateSignatureError, match="is not signed and MEDAUG_GATE_KEY is set"):
+        read_gate(tmp_path / "forged")
+    out = tmp_path / "ds"
+    res = _invoke([*_dataset_args(inputs, out, tmp_path), "--synthetic", inputs["synthetic"], "--gate", tmp_path / "forged"])
+    line = _one_line_error(res)
+    assert "is not signed" in line and "medaug gate" in line and "the gate's key" not in res.output
+    assert not out.exists()
+
+
+def test_forged_report_without_a_key_is_taken_with_a_warning_and_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without MEDAUG_GATE_KEY a report is bound to its content only: it ships, and the console and datasheet say so."""
+    from pipeline.gate.signing import NOT_VERIFIED_NOTE
+
+    monkeypatch.delenv("MEDAUG_GATE_KEY", raising=False)
+    inputs = B.make_tumor_inputs(tmp_path / "a", gate_verdict=None)
+    _forge(tmp_path / "forged", _synthetic_sha256s(inputs))
+    assert read_gate(tmp_path / "forged").signature == "unsigned"
+    out = tmp_path / "ds"
+    res = _invoke([*_dataset_args(inputs, out, tmp_path), "--synthetic", inputs["synthetic"], "--gate", tmp_path / "forged"])
+    assert res.exit_code == 0, res.output
+    assert f"warning: {NOT_VERIFIED_NOTE}" in res.output
+    assert NOT_VERIFIED_NOTE in (out / "datasheet.md").read_text(encoding="utf-8")
+
+
+def test_report_signed_with_another_key_or_edited_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.dataset.inputs import content_id
+    from pipeline.errors import GateSignatureError
+    from pipeline.gate.signing import key_id
+
+    inputs = B.make_tumor_inputs(tmp_path / "a", gate_verdict=None)
+    shas = _synthetic_sha256s(inputs)
+    _forge(tmp_path / "other", shas, key=b"another key")
+    monkeypatch.setenv("MEDAUG_GATE_KEY", "the gate's key")
+    here = key_id(b"the gate's key")
+    with pytest.raises(GateSignatureError, match=f"signed with another key .*key id {here}"):
+        read_gate(tmp_path / "other")
+    # signed with the right key, then a rejected item flipped to accept and the content id recomputed
+    gate = tmp_path / "signed"
+    _forge(gate, shas, key=b"the gate's key")
+    assert read_gate(gate).signature == "verified"
+    path = gate / "gate_report.json"
+    rep = json.loads(path.read_text())
+    rep["samples"].append({"sha256": "cd" * 32, "decision": "accept"})
+    rep["report_id"] = content_id(rep)
+    path.write_text(json.dumps(rep))
+    with pytest.raises(GateSignatureError, match="changed after the gate signed it"):
+        read_gate(gate)
+    out = tmp_path / "ds"
+    res = _invoke([*_dataset_args(inputs, out, tmp_path), "--synthetic", inputs["synthetic"], "--gate", gate])
+    assert "changed after the gate signed it" in _one_line_error(res)
+    # edited without recomputing the id: the content check says so first
+    rep["verdict"] = "accepted"
+    path.write_text(json.dumps(rep))
+    with pytest.raises(ConfigError, match="changed after the gate wrote it"):
+        read_gate(gate)
+
+
+@pytest.mark.parametrize(("drop", "needle"), [("checks", "lacks checks"), ("verdict", "lacks verdict"),
+                                              ("report_id", "lacks report_id"), ("decision", "has no sha256 of its bytes or no decision")])
+def test_report_without_the_fields_read_gate_relies_on_is_refused(tmp_path: Path, drop: str, needle: str) -> None:
+    from pipeline.dataset.inputs import content_id
+
+    _forge(tmp_path / "g", ["ab" * 32])
+    path = tmp_path / "g" / "gate_report.json"
+    rep = json.loads(path.read_text())
+    if drop == "decision":
+        del rep["samples"][0]["decision"]
+    else:
+        del rep[drop]
+    if "report_id" in rep:
+        rep["report_id"] = content_id(rep)
+    path.write_text(json.dumps(rep))
+    with pytest.raises(ConfigError, match=needle):
+        read_gate(tmp_path / "g")
+
+
+def test_the_demo_signs_with_a_per_run_key_and_leaves_a_users_key_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.demo import demo_gate_key
+
+    monkeypatch.delenv("MEDAUG_GATE_KEY", raising=False)
+    with demo_gate_key():
+        first = os.environ["MEDAUG_GATE_KEY"]
+    assert "MEDAUG_GATE_KEY" not in os.environ
+    with demo_gate_key():
+        assert os.environ["MEDAUG_GATE_KEY"] != first and len(first) == 64
+    monkeypatch.setenv("MEDAUG_GATE_KEY", "mine")
+    with demo_gate_key():
+        assert os.environ["MEDAUG_GATE_KEY"] == "mine"
+    assert os.environ["MEDAUG_GATE_KEY"] == "mine"
 
 
 def test_gate_mismatch_is_raised_by_the_library_too(tmp_path: Path) -> None:

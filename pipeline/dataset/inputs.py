@@ -8,7 +8,6 @@ decides splits or balance (pipeline/dataset/splits.py, balance.py); the writer
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -18,6 +17,13 @@ from typing import Any
 
 from pipeline.dataset.config import Deployment
 from pipeline.errors import ConfigError, GateMismatchError, GateRejected, ProvenanceError
+from pipeline.gate.signing import (
+    SignatureStatus,
+    check_signature,
+    content_id,
+    gate_key_from_env,
+    status_note,
+)
 from pipeline.manifest import MANIFEST_NAME, manifest_sha256, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
@@ -59,13 +65,15 @@ class GateInfo:
     """A gate report: its id, verdict, and the synthetic files it judged, by the sha256 of their bytes.
 
     `judged` maps the sha256 of every synthetic item the report decided on to its decision
-    ("accept" or "reject").
+    ("accept" or "reject"). `signature` is whether the gate key verified it
+    (pipeline/gate/signing.py SignatureStatus).
     """
 
     folder: Path
     report_id: str
     verdict: str
     judged: dict[str, str] = field(default_factory=dict)
+    signature: SignatureStatus = "unsigned"
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -159,15 +167,29 @@ def _load_report(folder: Path) -> dict[str, Any]:
     return report
 
 
-def _judged(report: Mapping[str, Any], where: Path) -> dict[str, str]:
-    """sha256 -> decision of every synthetic item the report judged (its `samples` list)."""
+def _require_fields(report: Mapping[str, Any], where: Path) -> None:
+    """ConfigError unless the report has what read_gate relies on: report_id and verdict (strings),
+    checks (a list) and samples (a list of objects, each with a sha256 of 64 hex digits and a
+    decision)."""
+    missing = [k for k, kind in (("report_id", str), ("verdict", str), ("checks", list), ("samples", list))
+               if not isinstance(report.get(k), kind) or (kind is str and not report[k])]
     samples = report.get("samples")
+    bad = [i for i, s in enumerate(samples if isinstance(samples, list) else ())
+           if not isinstance(s, dict) or not manifest_sha256(s) or not str(s.get("decision") or "").strip()]
+    if missing:
+        raise ConfigError(f"gate report {where} lacks {', '.join(missing)} (written by an older medaug, or not by "
+                          "`medaug gate`); run `medaug gate` on the synthetic folder again")
+    if bad:
+        raise ConfigError(f"gate report {where}: judged item {bad[0] + 1} of {len(samples or [])} has no sha256 of its "
+                          "bytes or no decision; run `medaug gate` again")
+
+
+def _judged(report: Mapping[str, Any], where: Path) -> dict[str, str]:
+    """sha256 -> decision of every synthetic item the report judged (its `samples` list, checked by _require_fields)."""
     judged: dict[str, str] = {}
-    for s in samples if isinstance(samples, list) else ():
-        sha = str(s.get("sha256") or "").strip().lower() if isinstance(s, dict) else ""
-        if len(sha) != 64:
-            raise ConfigError(f"gate report {where}: a judged item has no sha256 of its bytes; run `medaug gate` again")
-        decision = str(s.get("decision") or "").strip().lower()
+    for s in report["samples"]:
+        sha = manifest_sha256(s)
+        decision = str(s["decision"]).strip().lower()
         # the same bytes judged twice (a file listed twice) count as accepted only if every copy was
         judged[sha] = decision if judged.get(sha, decision) == decision else "reject"
     if not judged:
@@ -178,47 +200,49 @@ def _judged(report: Mapping[str, Any], where: Path) -> dict[str, str]:
     return judged
 
 
-def read_gate(folder: Path) -> GateInfo:
+def read_gate(folder: Path, key: bytes | None = None) -> GateInfo:
     """A gate output folder's gate_report.json: report_id, verdict, and each judged item's sha256 and decision.
 
     The report is the only source of truth: an item is accepted only if the report judged its
-    exact bytes (sha256) and accepted them, never by its file name. Raises GateRejected when the
-    verdict is a reject, ConfigError when the report is missing, unreadable, lists no judged
-    items, or was edited after the gate wrote it (its report_id no longer matches its content).
+    exact bytes (sha256) and accepted them, never by its file name. `key` is the gate's signing
+    key (None: MEDAUG_GATE_KEY, pipeline/gate/signing.py). With a key, the report must carry an
+    HMAC under it (GateSignatureError when unsigned, signed with another key, or edited);
+    without one it is taken with a warning (its content id detects accidental edits, not
+    forgery) and `signature` says so. Raises GateRejected when the verdict is a reject,
+    ConfigError when the report is missing, unreadable, lacks a field it relies on (verdict,
+    checks, samples with sha256 and decision), lists no judged items, or was edited after the
+    gate wrote it (its report_id no longer matches its content).
     """
     report = _load_report(folder)
-    report_id = str(report.get("report_id") or "")
-    verdict = str(report.get("verdict") or "").strip().lower()
-    if not report_id:
-        raise ConfigError(f"gate report {folder / GATE_REPORT} has no report_id")
+    where = folder / GATE_REPORT
+    _require_fields(report, where)
+    report_id = str(report["report_id"])
+    if report_id != content_id(report):
+        raise ConfigError(
+            f"gate report {where} was changed after the gate wrote it (its report_id {report_id[:12]} no "
+            "longer matches its content); run `medaug gate` again"
+        )
+    signature = check_signature(report, key if key is not None else gate_key_from_env(), str(where))
+    if signature != "verified":
+        log.warning("gate report %s: %s", report_id[:12], status_note(signature))
+    verdict = str(report["verdict"]).strip().lower()
     if verdict in _FAIL:
         failed = report.get("failed_checks") or report.get("failed") or []
         why = f" (failed: {', '.join(map(str, failed))})" if failed else ""
         raise GateRejected(f"gate report {report_id[:12]} rejected the synthetic data{why}; fix the generator or run the gate again")
     if verdict not in _PASS:
         raise ConfigError(f"gate report {report_id}: unknown verdict {verdict!r}; expected one of {sorted(_PASS | _FAIL)}")
-    judged = _judged(report, folder / GATE_REPORT)
-    if report_id != content_id(report):
-        raise ConfigError(
-            f"gate report {folder / GATE_REPORT} was changed after the gate wrote it (its report_id {report_id[:12]} no "
-            "longer matches its content); run `medaug gate` again"
-        )
-    info = GateInfo(folder=folder, report_id=report_id, verdict=verdict, judged=judged)
+    info = GateInfo(folder=folder, report_id=report_id, verdict=verdict, judged=_judged(report, where), signature=signature)
     info.summary = {k: report[k] for k in ("report_id", "verdict", "failed_checks", "n_accepted", "n_rejected") if k in report}
-    checks = report.get("checks")
-    if isinstance(checks, list):  # pipeline/gate/report.py CheckResult dicts; keep what the datasheet shows
-        info.summary["checks"] = [
-            {k: c.get(k) for k in ("name", "value", "threshold", "op", "passed")} for c in checks if isinstance(c, dict)
-        ]
+    sig = report.get("signature")
+    info.summary["signature"] = signature
+    if isinstance(sig, dict) and signature == "verified":
+        info.summary["key_id"] = str(sig.get("key_id"))
+    # pipeline/gate/report.py CheckResult dicts; keep what the datasheet shows
+    info.summary["checks"] = [
+        {k: c.get(k) for k in ("name", "value", "threshold", "op", "passed")} for c in report["checks"] if isinstance(c, dict)
+    ]
     return info
-
-
-def content_id(report: Mapping[str, Any]) -> str:
-    """The report id a gate report's content gives: sha256 of its canonical JSON without report_id
-    (the same rule as pipeline/gate/report.py `report_id`)."""
-    content = {k: v for k, v in report.items() if k != "report_id"}
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def read_synthetic(

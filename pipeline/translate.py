@@ -16,9 +16,9 @@ anatomy, so it inherits label and class), and out/manifest.csv with synthetic=1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +55,7 @@ SYNTHETIC_DESCRIP = "medaug synthetic"
 
 TRANSLATE_COLUMNS = (
     "path", "label_path", "subject_id", "modality", "shape", "spacing", "sha256", "class", "split",
-    "synthetic", "source_sha256", "checkpoint_sha256", "direction", "seed",
+    "synthetic", "source_sha256", "checkpoint_sha256", "direction", "seed", "label_sha256",
 )
 """Columns of a translate output folder's manifest.csv."""
 
@@ -329,7 +329,7 @@ def run_translate(
         vol_path = out / "volumes" / f"{name}.nii.gz"
         label_rel = f"labels/{name}.nii.gz" if source.label_path is not None and source.label_path.is_file() else ""
         try:
-            _write_outputs(data, img, vol_path, source.label_path if label_rel else None, out / label_rel)
+            label_sha = _write_outputs(data, img, vol_path, source.label_path if label_rel else None, out / label_rel)
         except OSError as exc:
             raise _write_failed(out, exc, i, len(sources)) from None
         zooms = img.header.get_zooms()[:3]
@@ -348,6 +348,7 @@ def run_translate(
             "checkpoint_sha256": ckpt_sha,
             "direction": direction,
             "seed": seed,
+            "label_sha256": label_sha,
         }
         sidecar = {
             "synthetic": True,
@@ -379,14 +380,22 @@ def run_translate(
     return rows
 
 
-def _write_outputs(data: NDArray[np.float32], img: Any, vol_path: Path, label_src: Path | None, label_dst: Path) -> None:
-    """Write a translated volume and copy its label, each to a temp file renamed into place."""
+def _write_outputs(data: NDArray[np.float32], img: Any, vol_path: Path, label_src: Path | None, label_dst: Path) -> str:
+    """Write a translated volume and copy its label, each to a temp file renamed into place.
+
+    Returns the sha256 of the label bytes written ("" without a label): read once, hashed and
+    written from the same buffer, it goes into the manifest (label_sha256), the gate judges the
+    mask with the volume, and build-dataset ships only that mask.
+    """
     with atomic_file(vol_path) as tmp:
         write_like(data, img, tmp)
-    if label_src is not None:
-        label_dst.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(label_dst) as tmp:
-            shutil.copyfile(label_src, tmp)
+    if label_src is None:
+        return ""
+    label = label_src.read_bytes()
+    label_dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(label_dst) as tmp:
+        tmp.write_bytes(label)
+    return hashlib.sha256(label).hexdigest()
 
 
 def _write_failed(out: Path, exc: OSError, i: int, n: int) -> OutputWriteError:

@@ -118,10 +118,11 @@ def make_tumor_inputs(
 
 def write_gate_report(gate: Path, syn: Path, srows: list[dict[str, Any]], verdict: str, drop: int) -> Path:
     """A gate folder in `medaug gate`'s format: gate_report.json judging every synthetic item by
-    the sha256 of its bytes (the first `drop` rejected), with a report_id that matches its content,
+    the sha256 of its bytes and of its mask's (the first `drop` rejected), with a report_id that matches its content,
     signed with MEDAUG_GATE_KEY when it is set."""
     gate.mkdir(parents=True, exist_ok=True)
-    samples = [{"path": r["path"], "sha256": sha256_file(syn / r["path"]), "decision": "reject" if k < drop else "accept"}
+    samples = [{"path": r["path"], "sha256": sha256_file(syn / r["path"]), "decision": "reject" if k < drop else "accept",
+                "label_sha256": sha256_file(syn / r["label_path"]) if r.get("label_path") else ""}
                for k, r in enumerate(srows)]
     report: dict[str, Any] = {"verdict": verdict, "failed_checks": ["fid"] if verdict == "reject" else [], "samples": samples,
                               "checks": [{"name": "fid", "value": 1.0, "threshold": 2.0, "op": "<=", "passed": verdict != "reject"}]}

@@ -158,7 +158,69 @@ def test_a_report_written_by_the_gate_verifies(tmp_path: Path, monkeypatch: pyte
     assert info.signature == "verified" and info.report_id == rep.report_id and info.summary["checks"][0]["name"] == "fid"
 
 
-def _forge(gate: Path, sha256s: list[str], key: bytes | None = None) -> None:
+def _swap_mask(synthetic: Path, victim: str) -> None:
+    """Replace the mask of `victim` (an accepted item) with another one (tumour voxels moved): a swap after gating."""
+    path = synthetic / "masks" / victim
+    img: Any = nib.load(str(path))
+    nib.save(nib.Nifti1Image(np.roll(np.asarray(img.dataobj), 2, axis=0), img.affine), str(path))
+
+
+def test_synthetic_mask_swapped_after_gating_is_refused(tmp_path: Path) -> None:
+    """The gate report binds each synthetic mask (label_sha256) with its image; a mask changed after gating is refused."""
+    inputs = B.make_tumor_inputs(tmp_path / "a")
+    report = json.loads((inputs["gate"] / "gate_report.json").read_text())
+    assert all(len(s["label_sha256"]) == 64 for s in report["samples"])
+    _swap_mask(inputs["synthetic"], "sample_0010.nii.gz")
+    out = tmp_path / "ds"
+    res = _invoke([*_dataset_args(inputs, out, tmp_path), "--synthetic", inputs["synthetic"], "--gate", inputs["gate"]])
+    line = _one_line_error(res)
+    assert "the mask of sample_0010.nii.gz" in line and "changed after the gate ran" in line
+    assert not out.exists()
+
+
+def test_mask_swapped_behind_its_manifest_claim_is_refused_when_copied(tmp_path: Path) -> None:
+    """The manifest still names the judged mask's sha256 (label_sha256) but the file is another: the writer
+    checks the bytes it copies."""
+    from pipeline.manifest import sha256_file
+
+    inputs = B.make_tumor_inputs(tmp_path / "a")
+    rows = read_manifest(inputs["synthetic"])
+    for r in rows:
+        r["label_sha256"] = sha256_file(inputs["synthetic"] / r["label_path"])
+    write_manifest(inputs["synthetic"], rows, list(rows[0].keys()))
+    # a mask the dataset ships: build once, then swap the mask of a synthetic item it took
+    res = _invoke([*_dataset_args(inputs, tmp_path / "clean", tmp_path), "--synthetic", inputs["synthetic"], "--gate", inputs["gate"]])
+    assert res.exit_code == 0, res.output
+    shipped = {r["id"][1:] for r in read_manifest(tmp_path / "clean") if r["synthetic"] == "1"}
+    victim = next(Path(r["label_path"]).name for r in rows
+                  if sha256_file(inputs["synthetic"] / r["path"])[:16] in shipped)
+    _swap_mask(inputs["synthetic"], victim)
+    out = tmp_path / "ds"
+    res = _invoke([*_dataset_args(inputs, out, tmp_path), "--synthetic", inputs["synthetic"], "--gate", inputs["gate"]])
+    line = _one_line_error(res)
+    assert f"{victim} changed since the gate judged it with its image" in line
+    assert not out.exists()
+
+
+def test_gate_reads_the_synthetic_masks_it_binds(tmp_path: Path) -> None:
+    """The gate records each synthetic mask's sha256 and refuses one whose bytes differ from its manifest's claim."""
+    from pipeline.errors import DatasetError
+    from pipeline.gate.config import GateConfig
+    from pipeline.gate.images import load_gate_set
+    from pipeline.manifest import sha256_file
+
+    inputs = B.make_tumor_inputs(tmp_path / "a", gate_verdict=None)
+    syn = inputs["synthetic"]
+    gset = load_gate_set(syn, GateConfig(gate_size=16), "synthetic", cap=False)
+    assert all(it.label_sha256 == sha256_file(syn / it.row["label_path"]) for it in gset.items)
+    rows = read_manifest(syn)
+    rows[0]["label_sha256"] = "ab" * 32
+    write_manifest(syn, rows, list(rows[0].keys()))
+    with pytest.raises(DatasetError, match="mask masks/sample_0000.nii.gz changed since its manifest was written"):
+        load_gate_set(syn, GateConfig(gate_size=16), "synthetic", cap=False)
+
+
+def _forge(gate: Path, sha256s: list[tuple[str, str]], key: bytes | None = None) -> None:
     """What anyone who can write a file can do: a report accepting any bytes, with a report_id that matches
     its content (and, given a key, signed with it)."""
     from pipeline.dataset.inputs import content_id
@@ -166,16 +228,19 @@ def _forge(gate: Path, sha256s: list[str], key: bytes | None = None) -> None:
 
     gate.mkdir(parents=True, exist_ok=True)
     rep: dict[str, Any] = {"verdict": "accept", "checks": [],
-                           "samples": [{"sha256": s, "decision": "accept", "path": "x.nii.gz"} for s in sha256s]}
+                           "samples": [{"sha256": s, "label_sha256": m, "decision": "accept", "path": "x.nii.gz"}
+                                       for s, m in sha256s]}
     rep["report_id"] = content_id(rep)
     rep["signature"] = sign(rep, key) if key else None
     (gate / "gate_report.json").write_text(json.dumps(rep))
 
 
-def _synthetic_sha256s(inputs: dict[str, Path]) -> list[str]:
+def _synthetic_sha256s(inputs: dict[str, Path]) -> list[tuple[str, str]]:
+    """(image sha256, mask sha256) of every synthetic item."""
     from pipeline.manifest import sha256_file
 
-    return [sha256_file(inputs["synthetic"] / r["path"]) for r in read_manifest(inputs["synthetic"])]
+    syn = inputs["synthetic"]
+    return [(sha256_file(syn / r["path"]), sha256_file(syn / r["label_path"])) for r in read_manifest(syn)]
 
 
 def test_forged_report_is_refused_with_a_gate_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -247,7 +312,7 @@ def test_report_signed_with_another_key_or_edited_is_refused(tmp_path: Path, mon
 def test_report_without_the_fields_read_gate_relies_on_is_refused(tmp_path: Path, drop: str, needle: str) -> None:
     from pipeline.dataset.inputs import content_id
 
-    _forge(tmp_path / "g", ["ab" * 32])
+    _forge(tmp_path / "g", [("ab" * 32, "")])
     path = tmp_path / "g" / "gate_report.json"
     rep = json.loads(path.read_text())
     if drop == "decision":

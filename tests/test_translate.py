@@ -188,7 +188,7 @@ def test_run_translate_writes_synthetic_folder(tmp_path: Path, tiny_run: Path, i
         assert np.isfinite(hu).all() and hu.min() >= -1000.0 and hu.max() <= 1000.0
         assert row["sha256"] == sha256_file(out / row["path"])
         # the label is the source's, byte for byte
-        assert sha256_file(out / row["label_path"]) == sha256_file(ingest / src["label_path"])
+        assert sha256_file(out / row["label_path"]) == sha256_file(ingest / src["label_path"]) == row["label_sha256"]
         sidecar = json.loads((out / row["path"].replace(".nii.gz", ".json")).read_text())
         assert sidecar["synthetic"] is True and sidecar["source_sha256"] == src["sha256"]
         assert sidecar["checkpoint_sha256"] == row["checkpoint_sha256"] and sidecar["direction"] == "mri2ct"

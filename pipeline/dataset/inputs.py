@@ -42,7 +42,10 @@ class Item:
     subject; empty for sampled patches). `explicit_split` is the split the input names.
     `sha256` is the sha256 of the input image file (selection key and id): the one its
     manifest gives, else measured here; the writer checks the bytes it copies against it,
-    so the file is hashed once in the dataset stage.
+    so the file is hashed once in the dataset stage. `own_label`: the mask is the synthetic
+    folder's own (not inherited from the source volume), so a gate report must have judged it;
+    `label_sha256` is then the sha256 the report recorded for it (before gating: the manifest's
+    claim, or ""), and the writer checks the mask's bytes against it.
     """
 
     path: Path
@@ -58,6 +61,8 @@ class Item:
     sample_index: str = ""
     gate_report_id: str = ""
     origin: str = ""  # input folder name, for messages
+    label_sha256: str = ""
+    own_label: bool = False
 
 
 @dataclass
@@ -65,7 +70,8 @@ class GateInfo:
     """A gate report: its id, verdict, and the synthetic files it judged, by the sha256 of their bytes.
 
     `judged` maps the sha256 of every synthetic item the report decided on to its decision
-    ("accept" or "reject"). `signature` is whether the gate key verified it
+    ("accept" or "reject"); `judged_labels` maps it to the sha256s of the masks judged with it.
+    `signature` is whether the gate key verified it
     (pipeline/gate/signing.py SignatureStatus).
     """
 
@@ -73,6 +79,7 @@ class GateInfo:
     report_id: str
     verdict: str
     judged: dict[str, str] = field(default_factory=dict)
+    judged_labels: dict[str, set[str]] = field(default_factory=dict)
     signature: SignatureStatus = "unsigned"
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -184,20 +191,24 @@ def _require_fields(report: Mapping[str, Any], where: Path) -> None:
                           "bytes or no decision; run `medaug gate` again")
 
 
-def _judged(report: Mapping[str, Any], where: Path) -> dict[str, str]:
-    """sha256 -> decision of every synthetic item the report judged (its `samples` list, checked by _require_fields)."""
+def _judged(report: Mapping[str, Any], where: Path) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """sha256 -> decision of every synthetic item the report judged (its `samples` list, checked by
+    _require_fields), and sha256 -> the sha256s of the masks judged with it."""
     judged: dict[str, str] = {}
+    labels: dict[str, set[str]] = {}
     for s in report["samples"]:
         sha = manifest_sha256(s)
         decision = str(s["decision"]).strip().lower()
         # the same bytes judged twice (a file listed twice) count as accepted only if every copy was
         judged[sha] = decision if judged.get(sha, decision) == decision else "reject"
+        if label := manifest_sha256(s, "label_sha256"):
+            labels.setdefault(sha, set()).add(label)
     if not judged:
         raise ConfigError(
             f"gate report {where} lists no judged items by sha256 (written by an older medaug, or not by `medaug gate`); "
             "run `medaug gate` on the synthetic folder again"
         )
-    return judged
+    return judged, labels
 
 
 def read_gate(folder: Path, key: bytes | None = None) -> GateInfo:
@@ -232,7 +243,8 @@ def read_gate(folder: Path, key: bytes | None = None) -> GateInfo:
         raise GateRejected(f"gate report {report_id[:12]} rejected the synthetic data{why}; fix the generator or run the gate again")
     if verdict not in _PASS:
         raise ConfigError(f"gate report {report_id}: unknown verdict {verdict!r}; expected one of {sorted(_PASS | _FAIL)}")
-    info = GateInfo(folder=folder, report_id=report_id, verdict=verdict, judged=_judged(report, where), signature=signature)
+    judged, labels = _judged(report, where)
+    info = GateInfo(folder=folder, report_id=report_id, verdict=verdict, judged=judged, judged_labels=labels, signature=signature)
     info.summary = {k: report[k] for k in ("report_id", "verdict", "failed_checks", "n_accepted", "n_rejected") if k in report}
     sig = report.get("signature")
     info.summary["signature"] = signature
@@ -271,6 +283,7 @@ def read_synthetic(
         if not image.is_file():
             raise ConfigError(f"{where}: image {row['path']} does not exist")
         label = _resolve(base, row["label_path"]) if row.get("label_path") else None
+        own_label = label is not None
         klass = (row.get("class") or "").strip()
         subject = (row.get("subject_id") or "").strip()
         match deployment:
@@ -298,6 +311,8 @@ def read_synthetic(
                 seed=(row.get("seed") or "").strip(),
                 sample_index=(row.get("index") or "").strip(),
                 origin=base.name,
+                label_sha256=manifest_sha256(row, "label_sha256") if own_label else "",
+                own_label=own_label,
             )
         )
     return items
@@ -326,8 +341,30 @@ def apply_gates(items: Sequence[Item], gates: Sequence[GateInfo], folder: Path) 
         judges = [g for g in gates if it.sha256 in g.judged]
         # two reports that judged the same bytes must both accept them: a reject anywhere wins
         if all(it.sha256 in g.accepted_sha256 for g in judges):
-            kept.append(replace(it, gate_report_id=judges[0].report_id))
+            kept.append(_bind_label(replace(it, gate_report_id=judges[0].report_id), judges, folder))
     return kept, len(items) - len(kept)
+
+
+def _bind_label(it: Item, judges: Sequence[GateInfo], folder: Path) -> Item:
+    """`it` with label_sha256 set to the mask sha256 its reports judged with its image.
+
+    A synthetic item's own mask must be one every report that accepted the image judged with it:
+    the manifest's label_sha256 when it names such a mask (the writer then checks the bytes it
+    copies against it), else the mask's bytes hashed here. Raises GateMismatchError for a mask no
+    report judged (the report predates masks in it, or the mask was swapped after gating).
+    """
+    if it.label_path is None or not it.own_label:
+        return it
+    allowed = set.intersection(*(g.judged_labels.get(it.sha256, set()) for g in judges))
+    label_sha = it.label_sha256 if it.label_sha256 in allowed else sha256_file(it.label_path)
+    if label_sha not in allowed:
+        ids = ", ".join(g.report_id[:12] for g in judges)
+        raise GateMismatchError(
+            f"synthetic folder {folder.name}: the mask of {it.path.name} (sha256 {label_sha[:12]}) is not the one gate report "
+            f"{ids} judged with its image{'' if allowed else ' (the report lists no mask for it)'}; the mask changed after "
+            "the gate ran. Run `medaug gate` on this folder again"
+        )
+    return replace(it, label_sha256=label_sha)
 
 
 def _card_from_file(path: Path) -> tuple[dict[str, Any], str]:

@@ -375,7 +375,7 @@ def _check_nifti_header(head: bytes, name: str) -> None:
         raise InputRejected(f"{name} is not a readable NIfTI file ({type(exc).__name__}); the dataset holds NIfTI only") from None
 
 
-def write_nifti_gz(src: Path, dst: Path, sha256: str = "") -> str:
+def write_nifti_gz(src: Path, dst: Path, sha256: str = "", since: str = "its manifest was written") -> str:
     """Write NIfTI `src` (.nii or .nii.gz) to `dst` (.nii.gz), voxels and header unchanged;
     returns the sha256 of the bytes written.
 
@@ -387,14 +387,15 @@ def write_nifti_gz(src: Path, dst: Path, sha256: str = "") -> str:
     reproducible either way. The file is read and hashed once: `sha256`, the input
     manifest's hash of `src` when it has one, is checked against the bytes read (a file
     changed since its manifest was written is refused); without it the whole gzip stream
-    is inflated once to check its CRC. Raises InputRejected for a file that is not NIfTI,
+    is inflated once to check its CRC; `since` says what the hash is from (for the message).
+    Raises InputRejected for a file that is not NIfTI,
     a broken gzip stream or a hash that does not match.
     """
     raw = src.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
     if sha256 and digest != sha256:
-        raise InputRejected(f"{src.name} changed since its manifest was written (sha256 {digest[:12]}, the manifest says "
-                            f"{sha256[:12]}); run the stage that wrote it again")
+        raise InputRejected(f"{src.name} changed since {since} (sha256 {digest[:12]}, expected {sha256[:12]}); run the "
+                            "stage that wrote it again")
     gzipped = raw[:2] == b"\x1f\x8b"
     if gzipped and raw[:8] == CANONICAL_GZIP_HEAD:
         try:
@@ -520,7 +521,9 @@ def write_dataset(plan: DatasetPlan, out: Path, cfg: DatasetConfig, overwrite: b
             rel_label, label_sha = "", ""
             if it.label_path is not None:
                 rel_label = f"labels/{ch.id}.nii.gz"
-                label_sha = write_nifti_gz(it.label_path, tmp / rel_label)
+                # a synthetic mask is shipped only as the gate judged it (Item.label_sha256)
+                label_sha = write_nifti_gz(it.label_path, tmp / rel_label, it.label_sha256,
+                                           since="the gate judged it with its image" if it.synthetic else "its manifest was written")
                 files.append((rel_label, label_sha))
             rows.append(
                 {

@@ -33,7 +33,7 @@ from numpy.typing import NDArray
 
 from pipeline.errors import DatasetError
 from pipeline.gate.config import GateConfig
-from pipeline.manifest import MANIFEST_NAME, read_manifest
+from pipeline.manifest import MANIFEST_NAME, manifest_sha256, read_manifest, sha256_file
 from pipeline.preprocess import body_mask, foreground_fraction, to_unit
 from pipeline.slices import volume_to_slices
 from pipeline.types import Modality
@@ -56,6 +56,9 @@ Role = Literal["real", "synthetic"]
 class GateItem:
     """One file of a folder: its manifest path (relative to the folder), sha256, class and modality.
 
+    `label_sha256` is the sha256 of its mask's bytes (a synthetic item with a label_path; "" else):
+    the gate report binds the mask to the image so that a mask swapped after gating is refused.
+
     `kind` is "volume" (scored as axial slices) or "patch" (one 2-D image). `skipped` says
     why no slice of it is scored ("" when some are).
     """
@@ -68,6 +71,7 @@ class GateItem:
     kind: str
     row: dict[str, str]
     skipped: str = ""
+    label_sha256: str = ""
 
 
 @dataclass
@@ -176,6 +180,26 @@ def _read_item(path: Path) -> tuple[NDArray[np.float32], str]:
     return arr, sha
 
 
+def _label_sha256(folder: Path, row: dict[str, str]) -> str:
+    """sha256 of the bytes of a synthetic row's mask (label_path), "" when it has none.
+
+    Raises DatasetError when the mask is missing, or its bytes differ from the sha256 the
+    manifest records for it (label_sha256): the mask changed after its generator wrote it.
+    """
+    rel = (row.get("label_path") or "").strip()
+    if not rel:
+        return ""
+    path = folder / rel
+    if not path.is_file():
+        raise DatasetError(f"{folder.name}/{MANIFEST_NAME} lists the mask {rel} but the file is missing")
+    sha = sha256_file(path)
+    claimed = manifest_sha256(row, "label_sha256")
+    if claimed and claimed != sha:
+        raise DatasetError(f"{folder.name}: mask {rel} changed since its manifest was written (sha256 {sha[:12]}, the "
+                           f"manifest says {claimed[:12]}); run the stage that wrote it again")
+    return sha
+
+
 def _modality(row: dict[str, str], raw: NDArray[np.float32], cfg: GateConfig) -> Modality:
     value = ((row.get("modality") or "").strip() or cfg.modality).upper()
     match value:
@@ -265,7 +289,8 @@ def load_gate_set(folder: Path, cfg: GateConfig, role: Role, modalities: set[str
         # the sha256 of the bytes decoded here (one read), never a manifest's claim: build-dataset ships exactly these bytes
         raw, sha = _read_item(path)
         item = GateItem(rel, path, sha,
-                        (row.get("class") or "").strip(), _modality(row, raw, cfg), "patch" if raw.ndim == 2 else "volume", dict(row))
+                        (row.get("class") or "").strip(), _modality(row, raw, cfg), "patch" if raw.ndim == 2 else "volume", dict(row),
+                        label_sha256=_label_sha256(folder, row) if role == "synthetic" else "")
         items.append(item)
         stack, slices = _scored_slices(raw, item, cfg)
         if item.skipped:

@@ -54,7 +54,8 @@ class SampleDecision:
     training image divided by the median real-to-real nearest-neighbour distance;
     `outlier_share`: share of its slices farther than the outlier threshold;
     `nearest_real` / `nearest_real_feature`: the training slice (`<path>#z<slice>`) nearest in
-    pixel / feature space to its closest slice.
+    pixel / feature space to its closest slice. `label_sha256`: sha256 of its mask's bytes ("" when
+    it has none): the decision covers image and mask together, and build-dataset ships only this mask.
     """
 
     path: str
@@ -68,6 +69,7 @@ class SampleDecision:
     outlier_share: float | None = None
     nearest_real: str = ""
     nearest_real_feature: str = ""
+    label_sha256: str = ""
 
 
 @dataclass

@@ -517,7 +517,8 @@ def _decide_samples(ref: GateSet, syn: GateSet, mem: dict[str, F64], copies: NDA
     for idx, item in enumerate(syn.items):
         sl = np.flatnonzero(syn.item_of == idx)
         if item.skipped or len(sl) == 0:
-            decisions.append(SampleDecision(item.path, item.sha256, item.klass, "reject", [item.skipped or "no scored slice"], 0))
+            decisions.append(SampleDecision(item.path, item.sha256, item.klass, "reject", [item.skipped or "no scored slice"], 0,
+                                            label_sha256=item.label_sha256))
             continue
         reasons = []
         copy_share, out_share = float(copies[sl].mean()), float(outliers[sl].mean())
@@ -535,7 +536,7 @@ def _decide_samples(ref: GateSet, syn: GateSet, mem: dict[str, F64], copies: NDA
         decisions.append(SampleDecision(
             item.path, item.sha256, item.klass, "reject" if reasons else "accept", reasons, len(sl),
             pixel_ratio=float(mem["pixel_ratio"][sl].min()), feature_ratio=float(mem["feature_ratio"][sl].min()),
-            outlier_share=out_share, nearest_real=nearest, nearest_real_feature=nearest_feature,
+            outlier_share=out_share, nearest_real=nearest, nearest_real_feature=nearest_feature, label_sha256=item.label_sha256,
         ))
     return decisions
 

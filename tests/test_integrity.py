@@ -308,7 +308,8 @@ def test_report_signed_with_another_key_or_edited_is_refused(tmp_path: Path, mon
 
 
 @pytest.mark.parametrize(("drop", "needle"), [("checks", "lacks checks"), ("verdict", "lacks verdict"),
-                                              ("report_id", "lacks report_id"), ("decision", "has no sha256 of its bytes or no decision")])
+                                              ("report_id", "lacks report_id"), ("decision", "has no sha256 of its bytes or no decision"),
+                                              ("sha256", "has no sha256 of its bytes or no decision")])
 def test_report_without_the_fields_read_gate_relies_on_is_refused(tmp_path: Path, drop: str, needle: str) -> None:
     from pipeline.dataset.inputs import content_id
 
@@ -317,6 +318,8 @@ def test_report_without_the_fields_read_gate_relies_on_is_refused(tmp_path: Path
     rep = json.loads(path.read_text())
     if drop == "decision":
         del rep["samples"][0]["decision"]
+    elif drop == "sha256":
+        rep["samples"][0]["sha256"] = 12345  # not even a string
     else:
         del rep[drop]
     if "report_id" in rep:

@@ -43,9 +43,9 @@ from bench.common import cpu_name  # noqa: E402
 KEY = b"bench-dataset-key"
 
 
-def legacy_write_nifti_gz(src: Path, dst: Path, sha256: str = "") -> str:
+def legacy_write_nifti_gz(src: Path, dst: Path, sha256: str = "", since: str = "") -> str:
     """The writer before this change (for the "before" row only): gunzip, parse with nibabel,
-    gzip again with the stdlib at level 6 in one thread, hash the written file."""
+    gzip again with the stdlib at level 6 in one thread, hash the written file (`sha256`, `since`: unused)."""
     import nibabel as nib
 
     from pipeline.manifest import sha256_file
@@ -65,12 +65,12 @@ def legacy_writer() -> Iterator[None]:
     import pipeline.dataset.inputs as inputs
     import pipeline.dataset.writer as writer
 
-    saved = writer.write_nifti_gz, inputs._manifest_sha256
-    writer.write_nifti_gz, inputs._manifest_sha256 = legacy_write_nifti_gz, lambda row: ""  # type: ignore[assignment]
+    saved = writer.write_nifti_gz, inputs.manifest_sha256
+    writer.write_nifti_gz, inputs.manifest_sha256 = legacy_write_nifti_gz, lambda row: ""  # type: ignore[assignment]
     try:
         yield
     finally:
-        writer.write_nifti_gz, inputs._manifest_sha256 = saved
+        writer.write_nifti_gz, inputs.manifest_sha256 = saved
 
 
 def prepare(cache: Path, subjects: int, size: int) -> Path:

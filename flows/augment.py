@@ -193,8 +193,10 @@ def _run_stages(params: AugmentParams, cfg: PipelineConfig, out: Path) -> dict[s
         case _:
             raise ValueError(f"pipeline must be one of mri-ct, tumor-patches; got {cfg.pipeline!r}")
 
+    # the gate key by name only ("env" or a Secret block): the tasks read it, Prefect never stores it
+    gate_key_source = f"secret:{rt.gate_key_secret}" if rt.gate_key_secret else "env"
     with stage("gate"):
-        gate = gate_task(real, synthetic, str(out / "gate"), cfg.gate.model_dump(mode="json"))
+        gate = gate_task(real, synthetic, str(out / "gate"), cfg.gate.model_dump(mode="json"), gate_key_source)
         result["gate_report"] = str(out / "gate" / "gate_report.md")
         if gate["verdict"] != "accept":
             raise GateRejected(
@@ -207,7 +209,7 @@ def _run_stages(params: AugmentParams, cfg: PipelineConfig, out: Path) -> dict[s
         # a relative manifests_dir belongs to this run: OUT/data_manifests/<hash>/, not the working directory
         dataset_cfg["manifests_dir"] = str(out / cfg.dataset.manifests_dir)
         written = dataset_task.with_options(retries=rt.retries, retry_delay_seconds=backoff(rt.retry_backoff_s))(
-            real, [synthetic], str(out / "dataset"), dataset_cfg, [gate["out"]], [card]
+            real, [synthetic], str(out / "dataset"), dataset_cfg, [gate["out"]], [card], gate_key_source
         )
     result["dataset"] = written["out"]
     result["dataset_hash"] = written["content_hash"]

@@ -119,6 +119,28 @@ def stage_progress(console: Console) -> Iterator[Progress]:
         logger.removeHandler(handler)
 
 
+@contextmanager
+def demo_gate_key() -> Iterator[None]:
+    """A random MEDAUG_GATE_KEY for this demo run when none is set, removed afterwards.
+
+    The demo's gate report is then signed and build-dataset checks it, as in a deployment
+    with a key. The key lives only in this process (and its children) for the run: the report
+    stays readable later, without the key, with the "not verified" warning.
+    """
+    import secrets
+
+    from pipeline.gate.signing import GATE_KEY_ENV
+
+    if os.environ.get(GATE_KEY_ENV):
+        yield
+        return
+    os.environ[GATE_KEY_ENV] = secrets.token_hex(32)
+    try:
+        yield
+    finally:
+        os.environ.pop(GATE_KEY_ENV, None)
+
+
 def run_demo(out: Path, config: Path, overrides: list[str], verbose: bool = False) -> dict[str, Any]:
     """Run the `augment` flow in this process on `config` with its output under `out`.
 
@@ -128,7 +150,7 @@ def run_demo(out: Path, config: Path, overrides: list[str], verbose: bool = Fals
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     # locked before Prefect starts: its ephemeral server's database lives under OUT/.prefect
-    with output_lock(out, "demo"):
+    with output_lock(out, "demo"), demo_gate_key():
         return _run_locked(out, config, overrides, verbose)
 
 

@@ -214,6 +214,35 @@ def resolve_deid_key(key_source: str) -> bytes | None:
             raise ValueError(f"key_source must be env, demo or secret:NAME; got {key_source!r}")
 
 
+def resolve_gate_key(key_source: str) -> bytes | None:
+    """The gate's signing key named by `key_source`, resolved inside the gate and dataset tasks.
+
+    "secret:NAME": the Prefect Secret block NAME (runtime.gate_key_secret); "env":
+    MEDAUG_GATE_KEY (None when unset: the report is unsigned, build-dataset warns and the
+    datasheet says so). Like the de-identification key, the key never becomes a task
+    parameter and is never logged. Raises ConfigError when the block cannot be loaded or is empty.
+    """
+    from pipeline.gate.signing import gate_key_from_env
+
+    if key_source.startswith("secret:"):
+        from prefect.blocks.system import Secret
+
+        name = key_source.removeprefix("secret:")
+        try:
+            value = Secret.load(name).get()  # type: ignore[union-attr]
+        except ValueError:  # Prefect: no block document of that name (or not a Secret)
+            raise ConfigError(f"the Prefect Secret block {name!r} (runtime.gate_key_secret) does not exist; create it "
+                              f"(Secret(value=...).save({name!r})) or fix the name") from None
+        if not value:
+            raise ConfigError(f"the Prefect Secret block {name!r} (runtime.gate_key_secret) is empty")
+        return str(value).encode("utf-8")
+    match key_source:
+        case "env":
+            return gate_key_from_env()
+        case _:
+            raise ValueError(f"key_source must be env or secret:NAME; got {key_source!r}")
+
+
 def resolve_dicomweb_auth(credentials: str) -> DicomWebAuth:
     """The PACS credentials named by `credentials`, resolved inside the ingest task.
 
@@ -594,10 +623,12 @@ def sample_tumors_task(checkpoint: str, counts: dict[str, int], seed: int, out: 
 
 
 @task(name="gate")
-def gate_task(real: str, synthetic: str, out: str, config: dict[str, Any]) -> dict[str, Any]:
+def gate_task(real: str, synthetic: str, out: str, config: dict[str, Any], key_source: str = "env") -> dict[str, Any]:
     """Score synthetic against real data (pipeline.gate.run_gate); publish the report as artifacts.
 
-    Returns the verdict, failed checks and report id; the flow decides what a reject means.
+    The report is signed with the key `key_source` names (resolve_gate_key, read here: the
+    key is never a parameter). Returns the verdict, failed checks and report id; the flow
+    decides what a reject means.
     """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -606,7 +637,11 @@ def gate_task(real: str, synthetic: str, out: str, config: dict[str, Any]) -> di
     from pipeline.gate.run import run_gate
 
     logger = get_run_logger()
-    report = run_gate(Path(real), Path(synthetic), Path(out), GateConfig.model_validate(config))
+    report = run_gate(Path(real), Path(synthetic), Path(out), GateConfig.model_validate(config), key=resolve_gate_key(key_source))
+    if report.signature is None:
+        from pipeline.gate.signing import NOT_VERIFIED_NOTE
+
+        logger.warning(NOT_VERIFIED_NOTE)
     md = Path(out) / REPORT_MD
     if md.is_file():
         create_markdown_artifact(markdown=md.read_text(encoding="utf-8"), key="gate-report",
@@ -625,15 +660,22 @@ def gate_task(real: str, synthetic: str, out: str, config: dict[str, Any]) -> di
 
 @task(name="build-dataset")
 def dataset_task(real: str, synthetic: list[str], out: str, config: dict[str, Any], gates: list[str],
-                 cards: list[str]) -> dict[str, Any]:
-    """Write the class-balanced dataset (pipeline.dataset.build_dataset); a link artifact points to it."""
+                 cards: list[str], gate_key_source: str = "env") -> dict[str, Any]:
+    """Write the class-balanced dataset (pipeline.dataset.build_dataset); a link artifact points to it.
+
+    The gate reports are checked with the key `gate_key_source` names (resolve_gate_key)."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
     from pipeline.dataset import DatasetConfig, build_dataset
 
     cfg = DatasetConfig.model_validate(config)
     result = build_dataset(Path(real), [Path(s) for s in synthetic], Path(out), cfg, gates=[Path(g) for g in gates],
-                           generator_cards=[Path(c) for c in cards], overwrite=True)
+                           generator_cards=[Path(c) for c in cards], overwrite=True,
+                           gate_key=resolve_gate_key(gate_key_source))
+    if result.unverified_gates:
+        from pipeline.gate.signing import NOT_VERIFIED_NOTE
+
+        get_run_logger().warning("%s (report %s)", NOT_VERIFIED_NOTE, ", ".join(r[:12] for r in result.unverified_gates))
     rows = [
         {"split": split, "class": klass, **counts}
         for split, by_class in sorted(result.counts.items())

@@ -527,6 +527,10 @@ def gate_cmd(
                       "pass" if c.passed else "[red]FAIL[/red]")
     Console().print(table)
     typer.echo(f"per-sample filter: {report.n_accepted} accepted, {report.n_rejected} rejected; report in {out}")
+    if report.signature is None:
+        from pipeline.gate.signing import NOT_VERIFIED_NOTE
+
+        typer.secho(f"warning: {NOT_VERIFIED_NOTE}", fg=typer.colors.YELLOW, err=True)
     if not report.accepted:
         typer.secho(f"REJECT: failed {', '.join(report.failed_checks)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=3)
@@ -578,6 +582,11 @@ def build_dataset_cmd(
     if result.ungated:
         typer.secho(f"warning: {result.ungated} synthetic items are UNGATED (--allow-ungated): no quality gate judged them",
                     fg=typer.colors.YELLOW, err=True)
+    if result.unverified_gates:
+        from pipeline.gate.signing import NOT_VERIFIED_NOTE
+
+        typer.secho(f"warning: {NOT_VERIFIED_NOTE} (report {', '.join(r[:12] for r in result.unverified_gates)}; "
+                    "the datasheet says so)", fg=typer.colors.YELLOW, err=True)
     typer.echo(f"manifest copy: {result.manifests_copy}")
 
 

@@ -169,6 +169,7 @@ class RuntimeConfig(BaseModel):
     retries: int = Field(default=2, ge=0, description="Retries of the I/O tasks (ingest, generation, dataset writing), with exponential backoff.")
     retry_backoff_s: float = Field(default=2.0, ge=0.0, description="First retry delay in seconds; doubles on every retry.")
     train_retries: int = Field(default=1, ge=0, description="Retries of a training task; a retry resumes from RUN_DIR/checkpoints/last.pt.")
+    gate_key_secret: str | None = Field(default=None, description="Name of a Prefect Secret block holding the key that signs the gate report and that build-dataset checks it with; None: the MEDAUG_GATE_KEY environment variable (unset: the report is unsigned and the datasheet says so; medaug demo sets a per-run key).")
     cache: bool = Field(default=True, description="Reuse ingest and preprocessing results while their input files' content hash is unchanged (Prefect result storage: PREFECT_LOCAL_STORAGE_PATH, OUT/.prefect/storage in the demo; the CycleGAN slices are kept there as a pickle).")
 
 

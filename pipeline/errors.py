@@ -83,6 +83,10 @@ class GateMismatchError(MedaugError):
     """A gate report did not judge these synthetic bytes (a report for another set, or files changed since)."""
 
 
+class GateSignatureError(ConfigError):
+    """A gate report fails its HMAC check under MEDAUG_GATE_KEY: unsigned, signed with another key, or edited."""
+
+
 class UngatedError(MedaugError):
     """Synthetic items would enter a dataset without a gate report (pass --gate, or --allow-ungated)."""
 

@@ -12,10 +12,26 @@ import csv
 import hashlib
 import io
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 MANIFEST_NAME = "manifest.csv"
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def manifest_sha256(row: Mapping[str, object], column: str = "sha256") -> str:
+    """The row's `column` when it holds a sha256 (64 hex digits), lower-case; else "".
+
+    A manifest is input: its hash column may hold anything ("n/a", "../x"), so a value is used
+    (as a file's id, or in an output file name) only once it is known to be 64 hex digits.
+
+    >>> manifest_sha256({"sha256": "AB" * 32}) == "ab" * 32, manifest_sha256({"sha256": "../evil"}), manifest_sha256({"sha256": 7})
+    (True, '', '')
+    """
+    value = str(row.get(column) or "").strip().lower()  # a JSON report may hold a number or a list here
+    return value if _SHA256.fullmatch(value) else ""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

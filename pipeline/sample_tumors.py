@@ -4,7 +4,7 @@
 generator of models/train_tumor_gan.py (EMA weights) and writes out/patches/*.nii.gz (image,
 float32 in the normalised [-1, 1] units of the training patches), out/masks/*.nii.gz (lesion
 mask, uint8, generator mask > 0.5), a manifest.csv (synthetic=1, checkpoint sha256, seed,
-index) and provenance.json (each checkpoint's model card, including its train_subjects, and
+index, the sha256 of each patch and of its mask) and provenance.json (each checkpoint's model card, including its train_subjects, and
 each sampling call). Each file's NIfTI `descrip` names class, seed, index and checkpoint. The
 affine is patch-sized with the training spacing (origin 0). Latents come from a CPU generator
 seeded by (seed, class name), so the same call gives byte-identical files, and calls for
@@ -42,6 +42,8 @@ SAMPLE_COLUMNS = (
     "index",
     "patch_size",
     "spacing",
+    "sha256",
+    "label_sha256",
 )
 PROVENANCE_NAME = "provenance.json"
 MASK_THRESHOLD = 0.5
@@ -128,8 +130,10 @@ def sample_tumors(
         m = min(STREAM_BLOCK, n - start)
         x = generate(g, classes.index(class_name), m, block_seed(seed, class_name, start // STREAM_BLOCK), g.latent_dim,
                      torch.device(device), batch_size)
-        for k, name in enumerate(_write_block(out, x, start, class_name, seed, ckpt_sha, patch_affine(card["spacing"]))):
-            rows.append({"path": f"patches/{name}", "label_path": f"masks/{name}", "index": str(start + k), **base})
+        for k, (name, sha, label_sha) in enumerate(_write_block(out, x, start, class_name, seed, ckpt_sha,
+                                                                  patch_affine(card["spacing"]))):
+            rows.append({"path": f"patches/{name}", "label_path": f"masks/{name}", "index": str(start + k), **base,
+                         "sha256": sha, "label_sha256": label_sha})
             files.append(f"patches/{name}")
     written = {r["path"] for r in rows}
     for r in stale:  # a re-run with a smaller n leaves no orphan files behind
@@ -154,9 +158,11 @@ def block_seed(seed: int, class_name: str, block: int) -> int:
     return class_seed(seed, class_name) if block == 0 else class_seed(seed, f"{class_name}#{block}")
 
 
-def _write_block(out: Path, x: Any, start: int, class_name: str, seed: int, ckpt_sha: str, affine: np.ndarray) -> list[str]:
+def _write_block(out: Path, x: Any, start: int, class_name: str, seed: int, ckpt_sha: str,
+                 affine: np.ndarray) -> list[tuple[str, str, str]]:
     """Write a block of generated patches x (m, 2, *S) as patches/ and masks/ NIfTI files
-    (temp file + rename each); returns their file names (indices start, start+1, ...)."""
+    (temp file + rename each); returns (file name, patch sha256, mask sha256) of each (indices
+    start, start+1, ...): the manifest records both hashes, so the mask is bound to its patch."""
     images = x[:, 0].numpy().astype(np.float32)
     masks = (x[:, 1].numpy() > MASK_THRESHOLD).astype(np.uint8)
     names = []
@@ -167,14 +173,16 @@ def _write_block(out: Path, x: Any, start: int, class_name: str, seed: int, ckpt
         if img.ndim == 2:
             img, msk = img[..., None], msk[..., None]
         descrip = f"medaug synthetic {class_name} seed={seed} i={i} ckpt={ckpt_sha[:16]}".encode()[:79]
+        shas = []
         for sub, arr in (("patches", img), ("masks", msk)):
             nii = nib.Nifti1Image(arr, affine)
             nii.header["descrip"] = descrip
             nii.header.set_xyzt_units("mm")
             tmp = out / sub / f".{name}.tmp.nii.gz"
             nib.save(nii, tmp)
+            shas.append(sha256_file(tmp))
             tmp.replace(out / sub / name)
-        names.append(name)
+        names.append((name, shas[0], shas[1]))
     return names
 
 

@@ -16,9 +16,9 @@ anatomy, so it inherits label and class), and out/manifest.csv with synthetic=1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from numpy.typing import NDArray
 
 from pipeline.errors import CheckpointError, DatasetError, InputRejected, OutputWriteError
-from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file, write_manifest
+from pipeline.manifest import MANIFEST_NAME, manifest_sha256, read_manifest, sha256_file, write_manifest
 from pipeline.outputs import atomic_file
 from pipeline.preprocess import (
     DEFAULT_HU_WINDOW,
@@ -55,7 +55,7 @@ SYNTHETIC_DESCRIP = "medaug synthetic"
 
 TRANSLATE_COLUMNS = (
     "path", "label_path", "subject_id", "modality", "shape", "spacing", "sha256", "class", "split",
-    "synthetic", "source_sha256", "checkpoint_sha256", "direction", "seed",
+    "synthetic", "source_sha256", "checkpoint_sha256", "direction", "seed", "label_sha256",
 )
 """Columns of a translate output folder's manifest.csv."""
 
@@ -168,8 +168,9 @@ def translate_volume(
 class SourceVolume:
     """One volume to translate: its file, optional tumour mask, and manifest fields.
 
-    `sha256` is the manifest's hash of the file (lower-case hex), empty for a file with no
-    manifest: the hash travels with the item so the file is not read again to hash it.
+    `sha256` is the manifest's hash of the file (64 lower-case hex digits), empty for a file
+    with no manifest or a manifest whose sha256 is not one ("n/a", "../x": it names output
+    files, so it is checked): the hash travels with the item so the file is not read again.
     """
 
     path: Path
@@ -200,7 +201,7 @@ def find_sources(src: Path, modality: Modality, split: str | None = None) -> lis
                 raise DatasetError(f"{src / MANIFEST_NAME} lists {row['path']} but the file is missing; run `medaug ingest` again")
             out.append(SourceVolume(src / row["path"], src / label if label else None,
                                     row.get("subject_id", ""), row.get("class", ""), row.get("split", ""),
-                                    (row.get("sha256") or "").strip().lower()))
+                                    manifest_sha256(row)))
         if not out:
             raise DatasetError(f"{src / MANIFEST_NAME} lists no {modality} volume" + (f" in split {split!r}" if split else ""))
         return out
@@ -328,7 +329,7 @@ def run_translate(
         vol_path = out / "volumes" / f"{name}.nii.gz"
         label_rel = f"labels/{name}.nii.gz" if source.label_path is not None and source.label_path.is_file() else ""
         try:
-            _write_outputs(data, img, vol_path, source.label_path if label_rel else None, out / label_rel)
+            label_sha = _write_outputs(data, img, vol_path, source.label_path if label_rel else None, out / label_rel)
         except OSError as exc:
             raise _write_failed(out, exc, i, len(sources)) from None
         zooms = img.header.get_zooms()[:3]
@@ -347,6 +348,7 @@ def run_translate(
             "checkpoint_sha256": ckpt_sha,
             "direction": direction,
             "seed": seed,
+            "label_sha256": label_sha,
         }
         sidecar = {
             "synthetic": True,
@@ -378,14 +380,22 @@ def run_translate(
     return rows
 
 
-def _write_outputs(data: NDArray[np.float32], img: Any, vol_path: Path, label_src: Path | None, label_dst: Path) -> None:
-    """Write a translated volume and copy its label, each to a temp file renamed into place."""
+def _write_outputs(data: NDArray[np.float32], img: Any, vol_path: Path, label_src: Path | None, label_dst: Path) -> str:
+    """Write a translated volume and copy its label, each to a temp file renamed into place.
+
+    Returns the sha256 of the label bytes written ("" without a label): read once, hashed and
+    written from the same buffer, it goes into the manifest (label_sha256), the gate judges the
+    mask with the volume, and build-dataset ships only that mask.
+    """
     with atomic_file(vol_path) as tmp:
         write_like(data, img, tmp)
-    if label_src is not None:
-        label_dst.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(label_dst) as tmp:
-            shutil.copyfile(label_src, tmp)
+    if label_src is None:
+        return ""
+    label = label_src.read_bytes()
+    label_dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(label_dst) as tmp:
+        tmp.write_bytes(label)
+    return hashlib.sha256(label).hexdigest()
 
 
 def _write_failed(out: Path, exc: OSError, i: int, n: int) -> OutputWriteError:

@@ -32,6 +32,7 @@ from pipeline.dataset.inputs import content_id
 from pipeline.dataset.splits import Subject, assign_splits
 from pipeline.dataset.writer import build_dataset, plan_dataset
 from pipeline.errors import ConfigError, DatasetExistsError, GateRejected, ProvenanceError
+from pipeline.gate.signing import gate_key_from_env, sign
 from pipeline.manifest import read_manifest, sha256_file, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,12 +118,17 @@ def make_tumor_inputs(
 
 def write_gate_report(gate: Path, syn: Path, srows: list[dict[str, Any]], verdict: str, drop: int) -> Path:
     """A gate folder in `medaug gate`'s format: gate_report.json judging every synthetic item by
-    the sha256 of its bytes (the first `drop` rejected), with a report_id that matches its content."""
+    the sha256 of its bytes and of its mask's (the first `drop` rejected), with a report_id that matches its content,
+    signed with MEDAUG_GATE_KEY when it is set."""
     gate.mkdir(parents=True, exist_ok=True)
-    samples = [{"path": r["path"], "sha256": sha256_file(syn / r["path"]), "decision": "reject" if k < drop else "accept"}
+    samples = [{"path": r["path"], "sha256": sha256_file(syn / r["path"]), "decision": "reject" if k < drop else "accept",
+                "label_sha256": sha256_file(syn / r["label_path"]) if r.get("label_path") else ""}
                for k, r in enumerate(srows)]
-    report: dict[str, Any] = {"verdict": verdict, "failed_checks": ["fid"] if verdict == "reject" else [], "samples": samples}
+    report: dict[str, Any] = {"verdict": verdict, "failed_checks": ["fid"] if verdict == "reject" else [], "samples": samples,
+                              "checks": [{"name": "fid", "value": 1.0, "threshold": 2.0, "op": "<=", "passed": verdict != "reject"}]}
     report["report_id"] = content_id(report)
+    key = gate_key_from_env()  # signed as `medaug gate` signs, when a test sets MEDAUG_GATE_KEY
+    report["signature"] = sign(report, key) if key else None
     (gate / "gate_report.json").write_text(json.dumps(report), encoding="utf-8")
     return gate
 

@@ -8,10 +8,13 @@ trains one tiny CycleGAN and one tiny tumor GAN.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from pipeline.errors import ConfigError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -73,6 +76,11 @@ def test_tiny_mri_ct_pipeline_writes_a_dataset(tiny_run: tuple[Path, dict[str, A
     assert rows and {r["synthetic"] for r in rows} >= {"0"}
     assert all(not Path(r["path"]).is_absolute() for r in rows)
     assert (out / "data_manifests" / result["dataset_hash"] / "manifest.csv").is_file()
+    # no MEDAUG_GATE_KEY in the tests (conftest): the report is unsigned and the datasheet says so
+    from pipeline.gate.signing import NOT_VERIFIED_NOTE
+
+    assert json.loads((out / "gate" / "gate_report.json").read_text())["signature"] is None
+    assert NOT_VERIFIED_NOTE in (out / "dataset" / "datasheet.md").read_text(encoding="utf-8")
 
 
 def test_artifacts_are_published(tiny_run: tuple[Path, dict[str, Any]]) -> None:
@@ -170,6 +178,29 @@ def test_given_checkpoint_on_a_dask_cluster(tiny_run: tuple[Path, dict[str, Any]
     assert (tmp_path / "dask" / "ingest" / "manifest.csv").is_file()
     assert (tmp_path / "dask" / "ingest-dicom" / "manifest.csv").is_file()
     assert (Path(result["dataset"]) / "manifest.csv").is_file()
+
+
+def test_gate_key_from_a_secret_block_signs_and_checks_the_report(tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """runtime.gate_key_secret: the gate task signs with the Secret block's key, the dataset task checks it;
+    the key is in no log, parameter or artifact."""
+    from prefect.blocks.system import Secret
+
+    from pipeline.gate.signing import key_id
+
+    key = "gate-key-4f1c9e: not a real one"
+    Secret(value=key).save("medaug-gate-key-test", overwrite=True)
+    _, first = tiny_run
+    ckpt = Path(first["run_dir"]) / "checkpoints" / "last.pt"
+    out = tmp_path / "signed"
+    state, result = run_flow(out, checkpoint=str(ckpt), overrides=["runtime.gate_key_secret=medaug-gate-key-test"])
+    assert state.is_completed()
+    report = json.loads((out / "gate" / "gate_report.json").read_text())
+    assert report["signature"]["key_id"] == key_id(key.encode())
+    assert f"verified with the gate key (key id `{key_id(key.encode())}`)" in (out / "dataset" / "datasheet.md").read_text()
+    texts = [f"{a.description} {a.data}" for a in artifacts_by_key().values()]
+    assert key not in all_log_text() + "\n".join(texts)
+    with pytest.raises(ConfigError, match="no-such-gate-key"):
+        run_flow(tmp_path / "missing", checkpoint=str(ckpt), overrides=["runtime.gate_key_secret=no-such-gate-key"])
 
 
 def test_gate_reject_stops_before_the_dataset(tiny_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:

@@ -124,13 +124,21 @@ def test_edited_or_old_gate_report_is_refused(tmp_path: Path) -> None:
         read_gate(inputs["gate"])
     del report["samples"]
     path.write_text(json.dumps(report))
-    with pytest.raises(ConfigError, match="lists no judged items by sha256"):
+    with pytest.raises(ConfigError, match="lacks samples"):
         read_gate(inputs["gate"])
 
 
-def test_a_report_written_by_the_gate_verifies(tmp_path: Path) -> None:
-    """pipeline/gate/report.py's report_id equals the id read_gate recomputes from the written JSON."""
-    from pipeline.gate.report import CheckResult, GateReport, SampleDecision, report_id, write_json
+def test_a_report_written_by_the_gate_verifies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pipeline/gate/report.py's report_id equals the id read_gate recomputes from the written JSON;
+    its signature under MEDAUG_GATE_KEY verifies."""
+    from pipeline.gate.report import (
+        CheckResult,
+        GateReport,
+        SampleDecision,
+        report_id,
+        sign_report,
+        write_json,
+    )
 
     rep = GateReport(
         verdict="accept", failed_checks=[], checks=[CheckResult("fid", 0.123456789, 0.5, "<=", True, "x")],
@@ -142,7 +150,198 @@ def test_a_report_written_by_the_gate_verifies(tmp_path: Path) -> None:
     rep.report_id = report_id(rep)
     write_json(rep, tmp_path)
     info = read_gate(tmp_path)
-    assert info.report_id == rep.report_id and info.accepted_sha256 == {"ab" * 32}
+    assert info.report_id == rep.report_id and info.accepted_sha256 == {"ab" * 32} and info.signature == "unsigned"
+    monkeypatch.setenv("MEDAUG_GATE_KEY", "the gate's key")
+    sign_report(rep, b"the gate's key")
+    write_json(rep, tmp_path)
+    info = read_gate(tmp_path)
+    assert info.signature == "verified" and info.report_id == rep.report_id and info.summary["checks"][0]["name"] == "fid"
+
+
+def _swap_mask(synthetic: Path, victim: str) -> None:
+    """Replace the mask of `victim` (an accepted item) with another one (tumour voxels moved): a swap after gating."""
+    path = synthetic / "masks" / victim
+    img: Any = nib.load(str(path))
+    nib.save(nib.Nifti1Image(np.roll(np.asarray(img.dataobj), 2, axis=0), img.affine), str(path))
+
+
+def test_synthetic_mask_swapped_after_gating_is_refused(tmp_path: Path) -> None:
+    """The gate report binds each synthetic mask (label_sha256) with its image; a mask changed after gating is refused."""
+    inputs = B.make_tumor_inputs(tmp_path / "a")
+    report = json.loads((inputs["gate"] / "gate_report.json").read_text())
+    assert all(len(s["label_sha256"]) == 64 for s in report["samples"])
+    _swap_mask(inputs["synthetic"], "sample_0010.nii.gz")
+    out = tmp_path / "ds"
+    res = _invoke([*_dataset_args(inputs, out, tmp_path), "--synthetic", inputs["synthetic"], "--gate", inputs["gate"]])
+    line = _one_line_error(res)
+    assert "the mask of sample_0010.nii.gz" in line and "changed after the gate ran" in line
+    assert not out.exists()
+
+
+def test_mask_swapped_behind_its_manifest_claim_is_refused_when_copied(tmp_path: Path) -> None:
+    """The manifest still names the judged mask's sha256 (label_sha256) but the file is another: the writer
+    checks the bytes it copies."""
+    from pipeline.manifest import sha256_file
+
+    inputs = B.make_tumor_inputs(tmp_path / "a")
+    rows = read_manifest(inputs["synthetic"])
+    for r in rows:
+        r["label_sha256"] = sha256_file(inputs["synthetic"] / r["label_path"])
+    write_manifest(inputs["synthetic"], rows, list(rows[0].keys()))
+    # a mask the dataset ships: build once, then swap the mask of a synthetic item it took
+    res = _invoke([*_dataset_args(inputs, tmp_path / "clean", tmp_path), "--synthetic", inputs["synthetic"], "--gate", inputs["gate"]])
+    assert res.exit_code == 0, res.output
+    shipped = {r["id"][1:] for r in read_manifest(tmp_path / "clean") if r["synthetic"] == "1"}
+    victim = next(Path(r["label_path"]).name for r in rows
+                  if sha256_file(inputs["synthetic"] / r["path"])[:16] in shipped)
+    _swap_mask(inputs["synthetic"], victim)
+    out = tmp_path / "ds"
+    res = _invoke([*_dataset_args(inputs, out, tmp_path), "--synthetic", inputs["synthetic"], "--gate", inputs["gate"]])
+    line = _one_line_error(res)
+    assert f"{victim} changed since the gate judged it with its image" in line
+    assert not out.exists()
+
+
+def test_gate_reads_the_synthetic_masks_it_binds(tmp_path: Path) -> None:
+    """The gate records each synthetic mask's sha256 and refuses one whose bytes differ from its manifest's claim."""
+    from pipeline.errors import DatasetError
+    from pipeline.gate.config import GateConfig
+    from pipeline.gate.images import load_gate_set
+    from pipeline.manifest import sha256_file
+
+    inputs = B.make_tumor_inputs(tmp_path / "a", gate_verdict=None)
+    syn = inputs["synthetic"]
+    gset = load_gate_set(syn, GateConfig(gate_size=16), "synthetic", cap=False)
+    assert all(it.label_sha256 == sha256_file(syn / it.row["label_path"]) for it in gset.items)
+    rows = read_manifest(syn)
+    rows[0]["label_sha256"] = "ab" * 32
+    write_manifest(syn, rows, list(rows[0].keys()))
+    with pytest.raises(DatasetError, match="mask masks/sample_0000.nii.gz changed since its manifest was written"):
+        load_gate_set(syn, GateConfig(gate_size=16), "synthetic", cap=False)
+
+
+def _forge(gate: Path, sha256s: list[tuple[str, str]], key: bytes | None = None) -> None:
+    """What anyone who can write a file can do: a report accepting any bytes, with a report_id that matches
+    its content (and, given a key, signed with it)."""
+    from pipeline.dataset.inputs import content_id
+    from pipeline.gate.signing import sign
+
+    gate.mkdir(parents=True, exist_ok=True)
+    rep: dict[str, Any] = {"verdict": "accept", "checks": [],
+                           "samples": [{"sha256": s, "label_sha256": m, "decision": "accept", "path": "x.nii.gz"}
+                                       for s, m in sha256s]}
+    rep["report_id"] = content_id(rep)
+    rep["signature"] = sign(rep, key) if key else None
+    (gate / "gate_report.json").write_text(json.dumps(rep))
+
+
+def _synthetic_sha256s(inputs: dict[str, Path]) -> list[tuple[str, str]]:
+    """(image sha256, mask sha256) of every synthetic item."""
+    from pipeline.manifest import sha256_file
+
+    syn = inputs["synthetic"]
+    return [(sha256_file(syn / r["path"]), sha256_file(syn / r["label_path"])) for r in read_manifest(syn)]
+
+
+def test_forged_report_is_refused_with_a_gate_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A report written by hand (content id recomputed) is refused under MEDAUG_GATE_KEY: one line, exit 2."""
+    from pipeline.errors import GateSignatureError
+
+    inputs = B.make_tumor_inputs(tmp_path / "a", gate_verdict=None)
+    _forge(tmp_path / "forged", _synthetic_sha256s(inputs))
+    monkeypatch.setenv("MEDAUG_GATE_KEY", "the gate's key")
+    with pytest.raises(GateSignatureError, match="is not signed and MEDAUG_GATE_KEY is set"):
+        read_gate(tmp_path / "forged")
+    out = tmp_path / "ds"
+    res = _invoke([*_dataset_args(inputs, out, tmp_path), "--synthetic", inputs["synthetic"], "--gate", tmp_path / "forged"])
+    line = _one_line_error(res)
+    assert "is not signed" in line and "medaug gate" in line and "the gate's key" not in res.output
+    assert not out.exists()
+
+
+def test_forged_report_without_a_key_is_taken_with_a_warning_and_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without MEDAUG_GATE_KEY a report is bound to its content only: it ships, and the console and datasheet say so."""
+    from pipeline.gate.signing import NOT_VERIFIED_NOTE
+
+    monkeypatch.delenv("MEDAUG_GATE_KEY", raising=False)
+    inputs = B.make_tumor_inputs(tmp_path / "a", gate_verdict=None)
+    _forge(tmp_path / "forged", _synthetic_sha256s(inputs))
+    assert read_gate(tmp_path / "forged").signature == "unsigned"
+    out = tmp_path / "ds"
+    res = _invoke([*_dataset_args(inputs, out, tmp_path), "--synthetic", inputs["synthetic"], "--gate", tmp_path / "forged"])
+    assert res.exit_code == 0, res.output
+    assert f"warning: {NOT_VERIFIED_NOTE}" in res.output
+    assert NOT_VERIFIED_NOTE in (out / "datasheet.md").read_text(encoding="utf-8")
+
+
+def test_report_signed_with_another_key_or_edited_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.dataset.inputs import content_id
+    from pipeline.errors import GateSignatureError
+    from pipeline.gate.signing import key_id
+
+    inputs = B.make_tumor_inputs(tmp_path / "a", gate_verdict=None)
+    shas = _synthetic_sha256s(inputs)
+    _forge(tmp_path / "other", shas, key=b"another key")
+    monkeypatch.setenv("MEDAUG_GATE_KEY", "the gate's key")
+    here = key_id(b"the gate's key")
+    with pytest.raises(GateSignatureError, match=f"signed with another key .*key id {here}"):
+        read_gate(tmp_path / "other")
+    # signed with the right key, then a rejected item flipped to accept and the content id recomputed
+    gate = tmp_path / "signed"
+    _forge(gate, shas, key=b"the gate's key")
+    assert read_gate(gate).signature == "verified"
+    path = gate / "gate_report.json"
+    rep = json.loads(path.read_text())
+    rep["samples"].append({"sha256": "cd" * 32, "decision": "accept"})
+    rep["report_id"] = content_id(rep)
+    path.write_text(json.dumps(rep))
+    with pytest.raises(GateSignatureError, match="changed after the gate signed it"):
+        read_gate(gate)
+    out = tmp_path / "ds"
+    res = _invoke([*_dataset_args(inputs, out, tmp_path), "--synthetic", inputs["synthetic"], "--gate", gate])
+    assert "changed after the gate signed it" in _one_line_error(res)
+    # edited without recomputing the id: the content check says so first
+    rep["verdict"] = "accepted"
+    path.write_text(json.dumps(rep))
+    with pytest.raises(ConfigError, match="changed after the gate wrote it"):
+        read_gate(gate)
+
+
+@pytest.mark.parametrize(("drop", "needle"), [("checks", "lacks checks"), ("verdict", "lacks verdict"),
+                                              ("report_id", "lacks report_id"), ("decision", "has no sha256 of its bytes or no decision"),
+                                              ("sha256", "has no sha256 of its bytes or no decision")])
+def test_report_without_the_fields_read_gate_relies_on_is_refused(tmp_path: Path, drop: str, needle: str) -> None:
+    from pipeline.dataset.inputs import content_id
+
+    _forge(tmp_path / "g", [("ab" * 32, "")])
+    path = tmp_path / "g" / "gate_report.json"
+    rep = json.loads(path.read_text())
+    if drop == "decision":
+        del rep["samples"][0]["decision"]
+    elif drop == "sha256":
+        rep["samples"][0]["sha256"] = 12345  # not even a string
+    else:
+        del rep[drop]
+    if "report_id" in rep:
+        rep["report_id"] = content_id(rep)
+    path.write_text(json.dumps(rep))
+    with pytest.raises(ConfigError, match=needle):
+        read_gate(tmp_path / "g")
+
+
+def test_the_demo_signs_with_a_per_run_key_and_leaves_a_users_key_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.demo import demo_gate_key
+
+    monkeypatch.delenv("MEDAUG_GATE_KEY", raising=False)
+    with demo_gate_key():
+        first = os.environ["MEDAUG_GATE_KEY"]
+    assert "MEDAUG_GATE_KEY" not in os.environ
+    with demo_gate_key():
+        assert os.environ["MEDAUG_GATE_KEY"] != first and len(first) == 64
+    monkeypatch.setenv("MEDAUG_GATE_KEY", "mine")
+    with demo_gate_key():
+        assert os.environ["MEDAUG_GATE_KEY"] == "mine"
+    assert os.environ["MEDAUG_GATE_KEY"] == "mine"
 
 
 def test_gate_mismatch_is_raised_by_the_library_too(tmp_path: Path) -> None:
@@ -632,3 +831,61 @@ def test_two_reports_on_the_same_bytes_a_reject_wins(tmp_path: Path) -> None:
     items = read_synthetic(inputs["synthetic"], "tumor-patches", {})
     kept, n_out = apply_gates(items, [read_gate(inputs["gate"]), read_gate(strict)], inputs["synthetic"])
     assert n_out == 5 and len(kept) == len(items) - 5
+
+
+# --- the gate hashes the bytes it judges (one read) --------------------------------------------------------------
+
+
+def test_gate_hashes_and_judges_the_bytes_of_one_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file replaced between two reads would be judged on one content and bound to another: the gate
+    reads each file once. Here any second open of a file first swaps in other bytes."""
+    import builtins
+    import hashlib
+    import io
+
+    from pipeline.gate.config import GateConfig
+    from pipeline.gate.images import load_gate_set
+
+    rng = np.random.default_rng(0)
+    syn = tmp_path / "syn"
+    syn.mkdir()
+    first = rng.uniform(-1, 1, (16, 16)).astype(np.float32)
+    np.save(syn / "a.npy", first)
+    nib.save(nib.Nifti1Image(rng.uniform(-1, 1, (16, 16, 1)).astype(np.float32), np.eye(4)), str(syn / "b.nii.gz"))
+    originals = {p.name: p.read_bytes() for p in syn.iterdir()}
+    swapped = io.BytesIO()
+    np.save(swapped, np.zeros((16, 16), np.float32))
+    real_open = builtins.open
+    opens: dict[str, int] = {}
+
+    def swapping_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        name = Path(str(file)).name if isinstance(file, str | os.PathLike) else ""
+        if name in originals:
+            opens[name] = opens.get(name, 0) + 1
+            if opens[name] == 2 and name == "a.npy":
+                with real_open(syn / name, "wb") as f:
+                    f.write(swapped.getvalue())
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", swapping_open)
+    monkeypatch.setattr(io, "open", swapping_open)
+    gset = load_gate_set(syn, GateConfig(gate_size=16), "synthetic", cap=False)
+    monkeypatch.undo()
+    by_name = {it.path: k for k, it in enumerate(gset.items)}
+    assert opens == {"a.npy": 1, "b.nii.gz": 1}
+    for name, data in originals.items():
+        assert gset.items[by_name[name]].sha256 == hashlib.sha256(data).hexdigest()
+    judged = gset.images[np.flatnonzero(gset.item_of == by_name["a.npy"])][0, 0].numpy()
+    assert np.allclose(judged, first)
+
+
+def test_gate_refuses_an_undecodable_file_with_one_line(tmp_path: Path) -> None:
+    from pipeline.errors import DatasetError
+    from pipeline.gate.config import GateConfig
+    from pipeline.gate.images import load_gate_set
+
+    syn = tmp_path / "syn"
+    syn.mkdir()
+    (syn / "broken.nii.gz").write_bytes(b"\x1f\x8b not gzip at all")
+    with pytest.raises(DatasetError, match="broken.nii.gz: not a readable NIfTI"):
+        load_gate_set(syn, GateConfig(gate_size=16), "synthetic", cap=False)

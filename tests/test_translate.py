@@ -188,7 +188,7 @@ def test_run_translate_writes_synthetic_folder(tmp_path: Path, tiny_run: Path, i
         assert np.isfinite(hu).all() and hu.min() >= -1000.0 and hu.max() <= 1000.0
         assert row["sha256"] == sha256_file(out / row["path"])
         # the label is the source's, byte for byte
-        assert sha256_file(out / row["label_path"]) == sha256_file(ingest / src["label_path"])
+        assert sha256_file(out / row["label_path"]) == sha256_file(ingest / src["label_path"]) == row["label_sha256"]
         sidecar = json.loads((out / row["path"].replace(".nii.gz", ".json")).read_text())
         assert sidecar["synthetic"] is True and sidecar["source_sha256"] == src["sha256"]
         assert sidecar["checkpoint_sha256"] == row["checkpoint_sha256"] and sidecar["direction"] == "mri2ct"
@@ -251,3 +251,26 @@ def test_sources_are_not_hashed_again(tmp_path: Path, tiny_run: Path, ingest: Pa
     sources = {(ingest / r["path"]).resolve() for r in read_manifest(ingest) if r["modality"] == "MR"}
     assert rows and not sources & set(hashed)
     assert {r["source_sha256"] for r in rows} <= {r["sha256"] for r in read_manifest(ingest)}
+
+
+def test_manifest_sha256_that_is_not_a_hash_never_names_an_output(tmp_path: Path, tiny_run: Path, ingest: Path) -> None:
+    """A sha256 column holding "../evil" or "n/a" is not used in output file names: the file is hashed instead."""
+    src = tmp_path / "ingest"
+    import shutil
+
+    shutil.copytree(ingest, src)
+    rows = read_manifest(src)
+    mr = [r for r in rows if r["modality"] == "MR" and r.get("split") == "test"]
+    assert len(mr) >= 1
+    mr[0]["sha256"] = "../evil"
+    for r in mr[1:]:
+        r["sha256"] = "n/a"
+    from pipeline.manifest import write_manifest
+
+    write_manifest(src, rows, list(rows[0].keys()))
+    out = tmp_path / "out"
+    written = tr.run_translate(tiny_run, "mri2ct", src, out, batch_size=4, device="cpu", split="test")
+    assert not (tmp_path / "evil").exists() and not list(tmp_path.glob("*evil*"))
+    assert {Path(r["path"]).parent.name for r in written} == {"volumes"}
+    assert {r["source_sha256"] for r in written} == {sha256_file(src / r["path"]) for r in mr}
+    assert all(p.resolve().is_relative_to(out.resolve()) for p in out.rglob("*"))

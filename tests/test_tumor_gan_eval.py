@@ -76,6 +76,8 @@ def test_sampled_files_carry_geometry_and_provenance(trained: tuple[Path, Path],
     assert r["synthetic"] == "1" and r["class"] == "necrotic" and r["modality"] == "CT" and r["seed"] == "1"
     assert r["checkpoint_sha256"] == sha256_file(ckpt)
     img, msk = nib.load(tmp_path / r["path"]), nib.load(tmp_path / r["label_path"])
+    # each patch and its mask by content: the gate binds the mask to the patch, build-dataset checks both
+    assert r["sha256"] == sha256_file(tmp_path / r["path"]) and r["label_sha256"] == sha256_file(tmp_path / r["label_path"])
     assert img.shape == (16, 16, 1) and np.allclose(np.diag(img.affine), [2, 2, 4, 1])
     assert set(np.unique(np.asarray(msk.dataobj))) <= {0, 1} and msk.get_data_dtype() == np.uint8
     assert b"seed=1" in img.header["descrip"].tobytes()

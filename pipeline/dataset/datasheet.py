@@ -17,6 +17,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from pipeline.gate.signing import status_note
+
 GRID_NAME = "sample_grid.png"
 DATASHEET_NAME = "datasheet.md"
 TILE = 96  # pixels per grid tile
@@ -106,6 +108,10 @@ def write_datasheet(folder: Path, report: Mapping[str, Any], config: Mapping[str
         for g in report["gates"]:
             counts = f" ({g['n_accepted']} accepted, {g['n_rejected']} rejected by the per-sample filter)" if "n_accepted" in g else ""
             lines.append(f"- report `{g.get('report_id')}`: verdict **{g.get('verdict')}**{counts}")
+            if g.get("signature") == "verified":
+                lines.append(f"  - signature: HMAC-SHA256 verified with the gate key (key id `{g.get('key_id')}`)")
+            else:
+                lines.append(f"  - **{status_note(g.get('signature') or 'unsigned')}**")
             for c in g.get("checks") or []:
                 mark = "pass" if c.get("passed") else "FAIL"
                 lines.append(f"  - {c.get('name')}: {c.get('value')} {c.get('op') or ''} {c.get('threshold')} ({mark})")

@@ -8,10 +8,8 @@ decides splits or balance (pipeline/dataset/splits.py, balance.py); the writer
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +17,14 @@ from typing import Any
 
 from pipeline.dataset.config import Deployment
 from pipeline.errors import ConfigError, GateMismatchError, GateRejected, ProvenanceError
-from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from pipeline.gate.signing import (
+    SignatureStatus,
+    check_signature,
+    content_id,
+    gate_key_from_env,
+    status_note,
+)
+from pipeline.manifest import MANIFEST_NAME, manifest_sha256, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,10 @@ class Item:
     subject; empty for sampled patches). `explicit_split` is the split the input names.
     `sha256` is the sha256 of the input image file (selection key and id): the one its
     manifest gives, else measured here; the writer checks the bytes it copies against it,
-    so the file is hashed once in the dataset stage.
+    so the file is hashed once in the dataset stage. `own_label`: the mask is the synthetic
+    folder's own (not inherited from the source volume), so a gate report must have judged it;
+    `label_sha256` is then the sha256 the report recorded for it (before gating: the manifest's
+    claim, or ""), and the writer checks the mask's bytes against it.
     """
 
     path: Path
@@ -53,6 +61,8 @@ class Item:
     sample_index: str = ""
     gate_report_id: str = ""
     origin: str = ""  # input folder name, for messages
+    label_sha256: str = ""
+    own_label: bool = False
 
 
 @dataclass
@@ -60,13 +70,17 @@ class GateInfo:
     """A gate report: its id, verdict, and the synthetic files it judged, by the sha256 of their bytes.
 
     `judged` maps the sha256 of every synthetic item the report decided on to its decision
-    ("accept" or "reject").
+    ("accept" or "reject"); `judged_labels` maps it to the sha256s of the masks judged with it.
+    `signature` is whether the gate key verified it
+    (pipeline/gate/signing.py SignatureStatus).
     """
 
     folder: Path
     report_id: str
     verdict: str
     judged: dict[str, str] = field(default_factory=dict)
+    judged_labels: dict[str, set[str]] = field(default_factory=dict)
+    signature: SignatureStatus = "unsigned"
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -101,16 +115,6 @@ def _resolve(base: Path, rel: str) -> Path:
     return (p if p.is_absolute() else base / p).resolve()
 
 
-def _manifest_sha256(row: dict[str, str]) -> str:
-    """The row's `sha256` column when it holds a sha256 (64 hex digits), lower-case; else "".
-
-    >>> _manifest_sha256({"sha256": "AB" * 32}) == "ab" * 32, _manifest_sha256({"sha256": "n/a"})
-    (True, '')
-    """
-    value = (row.get("sha256") or "").strip().lower()
-    return value if re.fullmatch(r"[0-9a-f]{64}", value) else ""
-
-
 def _flag(value: str | None) -> bool:
     return str(value or "").strip().lower() in ("1", "true", "yes")
 
@@ -143,7 +147,7 @@ def read_real(manifest: Path) -> list[Item]:
                 modality=(row.get("modality") or "").strip(),
                 synthetic=False,
                 subject_id=(row.get("subject_id") or "").strip(),
-                sha256=_manifest_sha256(row) or sha256_file(image),
+                sha256=manifest_sha256(row) or sha256_file(image),
                 explicit_split=(row.get("split") or "").strip(),
                 origin=base.name,
             )
@@ -170,66 +174,87 @@ def _load_report(folder: Path) -> dict[str, Any]:
     return report
 
 
-def _judged(report: Mapping[str, Any], where: Path) -> dict[str, str]:
-    """sha256 -> decision of every synthetic item the report judged (its `samples` list)."""
+def _require_fields(report: Mapping[str, Any], where: Path) -> None:
+    """ConfigError unless the report has what read_gate relies on: report_id and verdict (strings),
+    checks (a list) and samples (a list of objects, each with a sha256 of 64 hex digits and a
+    decision)."""
+    missing = [k for k, kind in (("report_id", str), ("verdict", str), ("checks", list), ("samples", list))
+               if not isinstance(report.get(k), kind) or (kind is str and not report[k])]
     samples = report.get("samples")
+    bad = [i for i, s in enumerate(samples if isinstance(samples, list) else ())
+           if not isinstance(s, dict) or not manifest_sha256(s) or not str(s.get("decision") or "").strip()]
+    if missing:
+        raise ConfigError(f"gate report {where} lacks {', '.join(missing)} (written by an older medaug, or not by "
+                          "`medaug gate`); run `medaug gate` on the synthetic folder again")
+    if bad:
+        raise ConfigError(f"gate report {where}: judged item {bad[0] + 1} of {len(samples or [])} has no sha256 of its "
+                          "bytes or no decision; run `medaug gate` again")
+
+
+def _judged(report: Mapping[str, Any], where: Path) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """sha256 -> decision of every synthetic item the report judged (its `samples` list, checked by
+    _require_fields), and sha256 -> the sha256s of the masks judged with it."""
     judged: dict[str, str] = {}
-    for s in samples if isinstance(samples, list) else ():
-        sha = str(s.get("sha256") or "").strip().lower() if isinstance(s, dict) else ""
-        if len(sha) != 64:
-            raise ConfigError(f"gate report {where}: a judged item has no sha256 of its bytes; run `medaug gate` again")
-        decision = str(s.get("decision") or "").strip().lower()
+    labels: dict[str, set[str]] = {}
+    for s in report["samples"]:
+        sha = manifest_sha256(s)
+        decision = str(s["decision"]).strip().lower()
         # the same bytes judged twice (a file listed twice) count as accepted only if every copy was
         judged[sha] = decision if judged.get(sha, decision) == decision else "reject"
+        if label := manifest_sha256(s, "label_sha256"):
+            labels.setdefault(sha, set()).add(label)
     if not judged:
         raise ConfigError(
             f"gate report {where} lists no judged items by sha256 (written by an older medaug, or not by `medaug gate`); "
             "run `medaug gate` on the synthetic folder again"
         )
-    return judged
+    return judged, labels
 
 
-def read_gate(folder: Path) -> GateInfo:
+def read_gate(folder: Path, key: bytes | None = None) -> GateInfo:
     """A gate output folder's gate_report.json: report_id, verdict, and each judged item's sha256 and decision.
 
     The report is the only source of truth: an item is accepted only if the report judged its
-    exact bytes (sha256) and accepted them, never by its file name. Raises GateRejected when the
-    verdict is a reject, ConfigError when the report is missing, unreadable, lists no judged
-    items, or was edited after the gate wrote it (its report_id no longer matches its content).
+    exact bytes (sha256) and accepted them, never by its file name. `key` is the gate's signing
+    key (None: MEDAUG_GATE_KEY, pipeline/gate/signing.py). With a key, the report must carry an
+    HMAC under it (GateSignatureError when unsigned, signed with another key, or edited);
+    without one it is taken with a warning (its content id detects accidental edits, not
+    forgery) and `signature` says so. Raises GateRejected when the verdict is a reject,
+    ConfigError when the report is missing, unreadable, lacks a field it relies on (verdict,
+    checks, samples with sha256 and decision), lists no judged items, or was edited after the
+    gate wrote it (its report_id no longer matches its content).
     """
     report = _load_report(folder)
-    report_id = str(report.get("report_id") or "")
-    verdict = str(report.get("verdict") or "").strip().lower()
-    if not report_id:
-        raise ConfigError(f"gate report {folder / GATE_REPORT} has no report_id")
+    where = folder / GATE_REPORT
+    _require_fields(report, where)
+    report_id = str(report["report_id"])
+    if report_id != content_id(report):
+        raise ConfigError(
+            f"gate report {where} was changed after the gate wrote it (its report_id {report_id[:12]} no "
+            "longer matches its content); run `medaug gate` again"
+        )
+    signature = check_signature(report, key if key is not None else gate_key_from_env(), str(where))
+    if signature != "verified":
+        log.warning("gate report %s: %s", report_id[:12], status_note(signature))
+    verdict = str(report["verdict"]).strip().lower()
     if verdict in _FAIL:
         failed = report.get("failed_checks") or report.get("failed") or []
         why = f" (failed: {', '.join(map(str, failed))})" if failed else ""
         raise GateRejected(f"gate report {report_id[:12]} rejected the synthetic data{why}; fix the generator or run the gate again")
     if verdict not in _PASS:
         raise ConfigError(f"gate report {report_id}: unknown verdict {verdict!r}; expected one of {sorted(_PASS | _FAIL)}")
-    judged = _judged(report, folder / GATE_REPORT)
-    if report_id != content_id(report):
-        raise ConfigError(
-            f"gate report {folder / GATE_REPORT} was changed after the gate wrote it (its report_id {report_id[:12]} no "
-            "longer matches its content); run `medaug gate` again"
-        )
-    info = GateInfo(folder=folder, report_id=report_id, verdict=verdict, judged=judged)
+    judged, labels = _judged(report, where)
+    info = GateInfo(folder=folder, report_id=report_id, verdict=verdict, judged=judged, judged_labels=labels, signature=signature)
     info.summary = {k: report[k] for k in ("report_id", "verdict", "failed_checks", "n_accepted", "n_rejected") if k in report}
-    checks = report.get("checks")
-    if isinstance(checks, list):  # pipeline/gate/report.py CheckResult dicts; keep what the datasheet shows
-        info.summary["checks"] = [
-            {k: c.get(k) for k in ("name", "value", "threshold", "op", "passed")} for c in checks if isinstance(c, dict)
-        ]
+    sig = report.get("signature")
+    info.summary["signature"] = signature
+    if isinstance(sig, dict) and signature == "verified":
+        info.summary["key_id"] = str(sig.get("key_id"))
+    # pipeline/gate/report.py CheckResult dicts; keep what the datasheet shows
+    info.summary["checks"] = [
+        {k: c.get(k) for k in ("name", "value", "threshold", "op", "passed")} for c in report["checks"] if isinstance(c, dict)
+    ]
     return info
-
-
-def content_id(report: Mapping[str, Any]) -> str:
-    """The report id a gate report's content gives: sha256 of its canonical JSON without report_id
-    (the same rule as pipeline/gate/report.py `report_id`)."""
-    content = {k: v for k, v in report.items() if k != "report_id"}
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def read_synthetic(
@@ -258,6 +283,7 @@ def read_synthetic(
         if not image.is_file():
             raise ConfigError(f"{where}: image {row['path']} does not exist")
         label = _resolve(base, row["label_path"]) if row.get("label_path") else None
+        own_label = label is not None
         klass = (row.get("class") or "").strip()
         subject = (row.get("subject_id") or "").strip()
         match deployment:
@@ -279,12 +305,14 @@ def read_synthetic(
                 modality=(row.get("modality") or "").strip(),
                 synthetic=True,
                 subject_id=subject,
-                sha256=_manifest_sha256(row) or sha256_file(image),
+                sha256=manifest_sha256(row) or sha256_file(image),
                 explicit_split=(row.get("split") or "").strip(),
                 checkpoint_sha256=ckpt,
                 seed=(row.get("seed") or "").strip(),
                 sample_index=(row.get("index") or "").strip(),
                 origin=base.name,
+                label_sha256=manifest_sha256(row, "label_sha256") if own_label else "",
+                own_label=own_label,
             )
         )
     return items
@@ -313,8 +341,30 @@ def apply_gates(items: Sequence[Item], gates: Sequence[GateInfo], folder: Path) 
         judges = [g for g in gates if it.sha256 in g.judged]
         # two reports that judged the same bytes must both accept them: a reject anywhere wins
         if all(it.sha256 in g.accepted_sha256 for g in judges):
-            kept.append(replace(it, gate_report_id=judges[0].report_id))
+            kept.append(_bind_label(replace(it, gate_report_id=judges[0].report_id), judges, folder))
     return kept, len(items) - len(kept)
+
+
+def _bind_label(it: Item, judges: Sequence[GateInfo], folder: Path) -> Item:
+    """`it` with label_sha256 set to the mask sha256 its reports judged with its image.
+
+    A synthetic item's own mask must be one every report that accepted the image judged with it:
+    the manifest's label_sha256 when it names such a mask (the writer then checks the bytes it
+    copies against it), else the mask's bytes hashed here. Raises GateMismatchError for a mask no
+    report judged (the report predates masks in it, or the mask was swapped after gating).
+    """
+    if it.label_path is None or not it.own_label:
+        return it
+    allowed = set.intersection(*(g.judged_labels.get(it.sha256, set()) for g in judges))
+    label_sha = it.label_sha256 if it.label_sha256 in allowed else sha256_file(it.label_path)
+    if label_sha not in allowed:
+        ids = ", ".join(g.report_id[:12] for g in judges)
+        raise GateMismatchError(
+            f"synthetic folder {folder.name}: the mask of {it.path.name} (sha256 {label_sha[:12]}) is not the one gate report "
+            f"{ids} judged with its image{'' if allowed else ' (the report lists no mask for it)'}; the mask changed after "
+            "the gate ran. Run `medaug gate` on this folder again"
+        )
+    return replace(it, label_sha256=label_sha)
 
 
 def _card_from_file(path: Path) -> tuple[dict[str, Any], str]:

@@ -108,6 +108,8 @@ class BuildResult:
     unchanged: bool = False
     ungated: int = 0
     """Synthetic items in the dataset that no gate judged (built with allow_ungated)."""
+    unverified_gates: tuple[str, ...] = ()
+    """Ids of the gate reports no key verified (no MEDAUG_GATE_KEY): bound to their content only."""
 
 
 def _explicit_split(item: Item) -> str:
@@ -155,12 +157,13 @@ class _Inputs:
 
 
 def _read_inputs(real: Path, synthetic: Sequence[Path], cfg: DatasetConfig, gates: Sequence[Path],
-                 allow_ungated: bool) -> _Inputs:
+                 allow_ungated: bool, gate_key: bytes | None = None) -> _Inputs:
     """Read the real manifest and the synthetic folders; keep the target modality and, for
     synthetic items, only the bytes a gate report accepted.
 
     Raises UngatedError for synthetic items without a gate unless `allow_ungated`,
-    GateMismatchError for items no report judged (pipeline/dataset/inputs.py `apply_gates`).
+    GateMismatchError for items no report judged (pipeline/dataset/inputs.py `apply_gates`),
+    GateSignatureError for a report `gate_key` does not verify (`read_gate`).
     """
     target = cfg.target_modality
 
@@ -172,7 +175,7 @@ def _read_inputs(real: Path, synthetic: Sequence[Path], cfg: DatasetConfig, gate
     real_target = [it for it in real_all if is_target(it)]
     if not real_target:
         raise ConfigError(f"real manifest has no {target} items; check target_modality (found {sorted({i.modality for i in real_all})})")
-    got = _Inputs(real_all, real_target, [], [read_gate(g) for g in gates])
+    got = _Inputs(real_all, real_target, [], [read_gate(g, gate_key) for g in gates])
     real_by_sha = {it.sha256: it for it in real_all}
     for folder in synthetic:
         items = read_synthetic(folder, cfg.deployment, real_by_sha)
@@ -295,6 +298,7 @@ def plan_dataset(
     generator_cards: Sequence[Path] = (),
     runs_dir: Path | None = None,
     allow_ungated: bool = False,
+    gate_key: bytes | None = None,
 ) -> DatasetPlan:
     """Read inputs, split subjects, check provenance, balance the training split.
 
@@ -302,9 +306,10 @@ def plan_dataset(
     gate, synthetic items are refused unless `allow_ungated` (then the report says so).
     Raises GateRejected (a gate said reject), GateMismatchError (a report for other bytes),
     UngatedError (synthetic items, no gate, not allowed), ProvenanceError (a generator without
-    a card, or trained on a validation/test subject), ConfigError (bad inputs).
+    a card, or trained on a validation/test subject), ConfigError (bad inputs),
+    GateSignatureError (a gate report `gate_key` does not verify; None: MEDAUG_GATE_KEY).
     """
-    got = _read_inputs(real, synthetic, cfg, gates, allow_ungated)
+    got = _read_inputs(real, synthetic, cfg, gates, allow_ungated, gate_key)
     classes = _keep_classes(got, cfg)
     cards = find_cards({it.checkpoint_sha256 for it in got.synth}, generator_cards, synthetic, runs_dir)
     assignment, notes = _split_subjects(got, cfg, cards)
@@ -370,7 +375,7 @@ def _check_nifti_header(head: bytes, name: str) -> None:
         raise InputRejected(f"{name} is not a readable NIfTI file ({type(exc).__name__}); the dataset holds NIfTI only") from None
 
 
-def write_nifti_gz(src: Path, dst: Path, sha256: str = "") -> str:
+def write_nifti_gz(src: Path, dst: Path, sha256: str = "", since: str = "its manifest was written") -> str:
     """Write NIfTI `src` (.nii or .nii.gz) to `dst` (.nii.gz), voxels and header unchanged;
     returns the sha256 of the bytes written.
 
@@ -382,14 +387,15 @@ def write_nifti_gz(src: Path, dst: Path, sha256: str = "") -> str:
     reproducible either way. The file is read and hashed once: `sha256`, the input
     manifest's hash of `src` when it has one, is checked against the bytes read (a file
     changed since its manifest was written is refused); without it the whole gzip stream
-    is inflated once to check its CRC. Raises InputRejected for a file that is not NIfTI,
+    is inflated once to check its CRC; `since` says what the hash is from (for the message).
+    Raises InputRejected for a file that is not NIfTI,
     a broken gzip stream or a hash that does not match.
     """
     raw = src.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
     if sha256 and digest != sha256:
-        raise InputRejected(f"{src.name} changed since its manifest was written (sha256 {digest[:12]}, the manifest says "
-                            f"{sha256[:12]}); run the stage that wrote it again")
+        raise InputRejected(f"{src.name} changed since {since} (sha256 {digest[:12]}, expected {sha256[:12]}); run the "
+                            "stage that wrote it again")
     gzipped = raw[:2] == b"\x1f\x8b"
     if gzipped and raw[:8] == CANONICAL_GZIP_HEAD:
         try:
@@ -515,7 +521,9 @@ def write_dataset(plan: DatasetPlan, out: Path, cfg: DatasetConfig, overwrite: b
             rel_label, label_sha = "", ""
             if it.label_path is not None:
                 rel_label = f"labels/{ch.id}.nii.gz"
-                label_sha = write_nifti_gz(it.label_path, tmp / rel_label)
+                # a synthetic mask is shipped only as the gate judged it (Item.label_sha256)
+                label_sha = write_nifti_gz(it.label_path, tmp / rel_label, it.label_sha256,
+                                           since="the gate judged it with its image" if it.synthetic else "its manifest was written")
                 files.append((rel_label, label_sha))
             rows.append(
                 {
@@ -585,8 +593,10 @@ def build_dataset(
     runs_dir: Path | None = None,
     overwrite: bool = False,
     allow_ungated: bool = False,
+    gate_key: bytes | None = None,
 ) -> BuildResult:
     """Plan and write a balanced dataset (`medaug build-dataset`); see `plan_dataset` and `write_dataset`."""
-    plan = plan_dataset(real, synthetic, cfg, gates, generator_cards, runs_dir, allow_ungated)
+    plan = plan_dataset(real, synthetic, cfg, gates, generator_cards, runs_dir, allow_ungated, gate_key)
     result = write_dataset(plan, out, cfg, overwrite=overwrite)
-    return replace(result, ungated=int(plan.report.get("ungated_synthetic", 0)))
+    unverified = tuple(str(g.get("report_id")) for g in plan.report["gates"] if g.get("signature") != "verified")
+    return replace(result, ungated=int(plan.report.get("ungated_synthetic", 0)), unverified_gates=unverified)

@@ -18,6 +18,7 @@ metrics are taken across items only.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,12 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from isal import igzip
 from numpy.typing import NDArray
 
 from pipeline.errors import DatasetError
 from pipeline.gate.config import GateConfig
-from pipeline.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from pipeline.manifest import MANIFEST_NAME, manifest_sha256, read_manifest, sha256_file
 from pipeline.preprocess import body_mask, foreground_fraction, to_unit
 from pipeline.slices import volume_to_slices
 from pipeline.types import Modality
@@ -54,6 +56,9 @@ Role = Literal["real", "synthetic"]
 class GateItem:
     """One file of a folder: its manifest path (relative to the folder), sha256, class and modality.
 
+    `label_sha256` is the sha256 of its mask's bytes (a synthetic item with a label_path; "" else):
+    the gate report binds the mask to the image so that a mask swapped after gating is refused.
+
     `kind` is "volume" (scored as axial slices) or "patch" (one 2-D image). `skipped` says
     why no slice of it is scored ("" when some are).
     """
@@ -66,6 +71,7 @@ class GateItem:
     kind: str
     row: dict[str, str]
     skipped: str = ""
+    label_sha256: str = ""
 
 
 @dataclass
@@ -140,12 +146,29 @@ def _rows(folder: Path) -> tuple[list[dict[str, str]], list[str]]:
     return [{"path": p.relative_to(folder).as_posix()} for p in files], ["path"]
 
 
-def _read_array(path: Path) -> NDArray[np.float32]:
-    if path.name.endswith(".npy"):
-        arr = np.load(path, allow_pickle=False)
-    else:
-        arr = np.asarray(nib.as_closest_canonical(nib.load(str(path))).dataobj)
-    arr = np.asarray(arr, dtype=np.float32)
+def _decode(data: bytes, name: str) -> NDArray[np.float32]:
+    """The array in the bytes of a .npy, .nii or .nii.gz file (NIfTI turned to RAS+, nibabel's closest canonical)."""
+    if name.endswith(".npy"):
+        return np.asarray(np.load(io.BytesIO(data), allow_pickle=False), dtype=np.float32)
+    raw = igzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    # NIfTI-1's header says 348 (either byte order) in its first 4 bytes; anything else is tried as NIfTI-2
+    klass = nib.Nifti1Image if int.from_bytes(raw[:4], "little") in (348, 348 << 24) else nib.Nifti2Image
+    return np.asarray(nib.as_closest_canonical(klass.from_bytes(raw)).dataobj, dtype=np.float32)
+
+
+def _read_item(path: Path) -> tuple[NDArray[np.float32], str]:
+    """A file's array and the sha256 of its bytes, both from one read.
+
+    The bytes are read once, hashed, and decoded from the same buffer: a file replaced while
+    the gate reads it cannot be judged on some bytes and bound (by its sha256) to others.
+    Raises DatasetError for a file that cannot be decoded, is not 2-D/3-D, or holds NaN/inf.
+    """
+    data = path.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        arr = _decode(data, path.name)
+    except Exception as exc:  # numpy, nibabel and gzip raise several types for a bad file
+        raise DatasetError(f"{path.name}: not a readable NIfTI or .npy file ({type(exc).__name__}); fix or leave it out") from None
     while arr.ndim > 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim == 3 and arr.shape[2] == 1:
@@ -154,7 +177,27 @@ def _read_array(path: Path) -> NDArray[np.float32]:
         raise DatasetError(f"{path.name}: expected a 2-D patch or a 3-D volume, got shape {arr.shape}")
     if not np.isfinite(arr).all():
         raise DatasetError(f"{path.name}: holds NaN or infinite values")
-    return arr
+    return arr, sha
+
+
+def _label_sha256(folder: Path, row: dict[str, str]) -> str:
+    """sha256 of the bytes of a synthetic row's mask (label_path), "" when it has none.
+
+    Raises DatasetError when the mask is missing, or its bytes differ from the sha256 the
+    manifest records for it (label_sha256): the mask changed after its generator wrote it.
+    """
+    rel = (row.get("label_path") or "").strip()
+    if not rel:
+        return ""
+    path = folder / rel
+    if not path.is_file():
+        raise DatasetError(f"{folder.name}/{MANIFEST_NAME} lists the mask {rel} but the file is missing")
+    sha = sha256_file(path)
+    claimed = manifest_sha256(row, "label_sha256")
+    if claimed and claimed != sha:
+        raise DatasetError(f"{folder.name}: mask {rel} changed since its manifest was written (sha256 {sha[:12]}, the "
+                           f"manifest says {claimed[:12]}); run the stage that wrote it again")
+    return sha
 
 
 def _modality(row: dict[str, str], raw: NDArray[np.float32], cfg: GateConfig) -> Modality:
@@ -228,7 +271,7 @@ def load_gate_set(folder: Path, cfg: GateConfig, role: Role, modalities: set[str
     `modalities` is given and some rows match it, only rows of those modalities (the
     synthetic set's). With `cap`, at most `cfg.max_slices` slices are kept (seeded subset);
     run_gate loads the synthetic set uncapped so that every item gets a per-sample decision.
-    Each file is decoded once; its sha256 is the manifest's when it has one.
+    Each file is read once: its sha256 is that of the bytes decoded (never the manifest's claim).
     Raises DatasetError for unreadable folders or files.
     """
     rows, columns = _rows(folder)
@@ -243,10 +286,11 @@ def load_gate_set(folder: Path, cfg: GateConfig, role: Role, modalities: set[str
         path = folder / rel
         if not path.is_file():
             raise DatasetError(f"{folder.name}/{MANIFEST_NAME} lists {rel} but the file is missing")
-        raw = _read_array(path)
-        # the sha256 of the bytes read here, never a manifest's claim: build-dataset ships exactly these bytes
-        item = GateItem(rel, path, sha256_file(path),
-                        (row.get("class") or "").strip(), _modality(row, raw, cfg), "patch" if raw.ndim == 2 else "volume", dict(row))
+        # the sha256 of the bytes decoded here (one read), never a manifest's claim: build-dataset ships exactly these bytes
+        raw, sha = _read_item(path)
+        item = GateItem(rel, path, sha,
+                        (row.get("class") or "").strip(), _modality(row, raw, cfg), "patch" if raw.ndim == 2 else "volume", dict(row),
+                        label_sha256=_label_sha256(folder, row) if role == "synthetic" else "")
         items.append(item)
         stack, slices = _scored_slices(raw, item, cfg)
         if item.skipped:

@@ -3,16 +3,15 @@
 gate_report.json holds the verdict, the failed checks by name, every check with its value
 and threshold, the metrics with bootstrap confidence intervals, per-class metrics, one
 decision per synthetic item (with the reasons for a reject), the feature extractor's name
-and sha256, the inputs by content hash, the config, and a report id: the sha256 of the
+and sha256, the inputs by content hash, the config, a report id: the sha256 of the
 canonical JSON of everything else, so the same inputs, config and weights give the same
-id. Floats are rounded to 6 significant digits before hashing; NaN is written as null.
+id, and a signature: the HMAC of that JSON under the gate key (pipeline/gate/signing.py). Floats are rounded to 6 significant digits before hashing; NaN is written as null.
 Figures are drawn with Pillow (no matplotlib): random accepted samples, rejected samples,
 and each near-copy beside its nearest training image.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from pipeline.gate.signing import NOT_VERIFIED_NOTE, content_id, sign
 from pipeline.manifest import write_manifest
 from pipeline.outputs import atomic_file
 
@@ -54,7 +54,8 @@ class SampleDecision:
     training image divided by the median real-to-real nearest-neighbour distance;
     `outlier_share`: share of its slices farther than the outlier threshold;
     `nearest_real` / `nearest_real_feature`: the training slice (`<path>#z<slice>`) nearest in
-    pixel / feature space to its closest slice.
+    pixel / feature space to its closest slice. `label_sha256`: sha256 of its mask's bytes ("" when
+    it has none): the decision covers image and mask together, and build-dataset ships only this mask.
     """
 
     path: str
@@ -68,11 +69,13 @@ class SampleDecision:
     outlier_share: float | None = None
     nearest_real: str = ""
     nearest_real_feature: str = ""
+    label_sha256: str = ""
 
 
 @dataclass
 class GateReport:
-    """Everything the gate decided; `report_id` is the sha256 of the canonical content."""
+    """Everything the gate decided; `report_id` is the sha256 of the canonical content, `signature`
+    its HMAC under the gate key (None when no key was set; pipeline/gate/signing.py)."""
 
     verdict: str
     failed_checks: list[str]
@@ -86,6 +89,7 @@ class GateReport:
     n_accepted: int
     n_rejected: int
     report_id: str = ""
+    signature: dict[str, str] | None = None
     out: Path | None = field(default=None, compare=False)
 
     @property
@@ -94,16 +98,16 @@ class GateReport:
         return self.verdict == "accept"
 
     def content(self) -> dict[str, Any]:
-        """The canonical content (JSON-ready, floats rounded, NaN as None), without report_id and out."""
+        """The canonical content (JSON-ready, floats rounded, NaN as None), without report_id, signature and out."""
         d = asdict(self)
-        d.pop("report_id")
-        d.pop("out")
+        for k in ("report_id", "signature", "out"):
+            d.pop(k)
         clean: dict[str, Any] = _clean(d)
         return clean
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON document: report_id first, then the content."""
-        return {"report_id": self.report_id, **self.content()}
+        """The JSON document: report_id and signature, then the content."""
+        return {"report_id": self.report_id, "signature": self.signature, **self.content()}
 
 
 def _clean(x: Any) -> Any:
@@ -124,9 +128,14 @@ def _clean(x: Any) -> Any:
 
 
 def report_id(report: GateReport) -> str:
-    """sha256 of the canonical JSON of the report's content (sorted keys, no whitespace)."""
-    text = json.dumps(report.content(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """sha256 of the canonical JSON of the report's content (sorted keys, no whitespace;
+    pipeline/gate/signing.py `content_id`, the rule build-dataset checks)."""
+    return content_id(report.content())
+
+
+def sign_report(report: GateReport, key: bytes | None) -> None:
+    """Set `report.signature` to the HMAC of its content under `key`; None when there is no key."""
+    report.signature = sign(report.content(), key) if key else None
 
 
 # --- files ---------------------------------------------------------------------------------
@@ -170,7 +179,8 @@ def write_markdown(report: GateReport, out: Path, figures: list[str]) -> Path:
         "",
         f"**Verdict: {report.verdict.upper()}**" + (f" (failed: {', '.join(report.failed_checks)})" if report.failed_checks else ""),
         "",
-        f"- report id: `{report.report_id}`",
+        f"- report id: `{report.report_id}`; "
+        + (f"signed (HMAC-SHA256, key id `{report.signature['key_id']}`)" if report.signature else NOT_VERIFIED_NOTE),
         f"- feature extractor: {report.feature_extractor.get('name')} (sha256 `{report.feature_extractor.get('sha256')}`, "
         f"{report.feature_extractor.get('dim')}-d)"
         + (f"; weights: {report.feature_extractor['weights']}" if report.feature_extractor.get("weights") else ""),

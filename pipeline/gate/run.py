@@ -52,10 +52,12 @@ from pipeline.gate.report import (
     SampleDecision,
     image_grid,
     report_id,
+    sign_report,
     write_accepted,
     write_json,
     write_markdown,
 )
+from pipeline.gate.signing import NOT_VERIFIED_NOTE, gate_key_from_env
 
 log = logging.getLogger(__name__)
 
@@ -337,10 +339,12 @@ def _check(name: str, value: float | None, threshold: float | None, op: str, det
     return CheckResult(name, float(value), float(threshold), op, bool(passed), detail)
 
 
-def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = None) -> GateReport:
+def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = None, key: bytes | None = None) -> GateReport:
     """Score `synthetic` against `real` (folders; see pipeline/gate/images.py), write the report under `out`.
 
-    Returns the GateReport (verdict "accept" or "reject", failed checks named). Raises
+    `key` signs the report (HMAC-SHA256; None: MEDAUG_GATE_KEY, unsigned with a warning when
+    that is unset; pipeline/gate/signing.py). Returns the GateReport (verdict "accept" or
+    "reject", failed checks named). Raises
     DatasetError for unusable folders or too few samples, WeightsMissingError for missing
     weights, ConfigError for a bad extractor plug-in or a device torch cannot use.
     """
@@ -486,6 +490,10 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
         out=out,
     )
     report.report_id = report_id(report)
+    key = key if key is not None else gate_key_from_env()
+    sign_report(report, key)
+    if key is None:
+        log.warning("%s (the report is bound to its content only)", NOT_VERIFIED_NOTE)
 
     # files
     figures = _write_figures(report, ref_all, syn_all, mem, copies, cfg, out)
@@ -509,7 +517,8 @@ def _decide_samples(ref: GateSet, syn: GateSet, mem: dict[str, F64], copies: NDA
     for idx, item in enumerate(syn.items):
         sl = np.flatnonzero(syn.item_of == idx)
         if item.skipped or len(sl) == 0:
-            decisions.append(SampleDecision(item.path, item.sha256, item.klass, "reject", [item.skipped or "no scored slice"], 0))
+            decisions.append(SampleDecision(item.path, item.sha256, item.klass, "reject", [item.skipped or "no scored slice"], 0,
+                                            label_sha256=item.label_sha256))
             continue
         reasons = []
         copy_share, out_share = float(copies[sl].mean()), float(outliers[sl].mean())
@@ -527,7 +536,7 @@ def _decide_samples(ref: GateSet, syn: GateSet, mem: dict[str, F64], copies: NDA
         decisions.append(SampleDecision(
             item.path, item.sha256, item.klass, "reject" if reasons else "accept", reasons, len(sl),
             pixel_ratio=float(mem["pixel_ratio"][sl].min()), feature_ratio=float(mem["feature_ratio"][sl].min()),
-            outlier_share=out_share, nearest_real=nearest, nearest_real_feature=nearest_feature,
+            outlier_share=out_share, nearest_real=nearest, nearest_real_feature=nearest_feature, label_sha256=item.label_sha256,
         ))
     return decisions
 

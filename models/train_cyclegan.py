@@ -73,10 +73,12 @@ from models.cyclegan import PatchGANDiscriminator, ResnetGenerator
 from models.diffaug import AdaptiveAugment, Augmentation, diff_augment
 from models.losses import (
     AdversarialLoss,
+    StructureLoss,
     discriminator_loss,
     generator_loss,
     health_gap_max,
     real_fake_midpoint,
+    structure_loss,
 )
 from models.training import (
     Run,
@@ -128,6 +130,11 @@ class CycleGANConfig(BaseModel):
     """Weight of each cycle-consistency L1 term."""
     lambda_identity: float = 0.5
     """Identity L1 weight relative to lambda_cycle (paper 0.5); keeps intensities when a slice is already in the target domain; 0 disables."""
+    structure_loss: StructureLoss = "none"
+    """Structure term between each input and its translation, both directions: mind (MIND descriptors, Yang et al.
+    2018) or gradcorr (gradient correlation, Hiasa et al. 2018); none = the paper. Against broken bone in MR->CT."""
+    lambda_structure: float = 5.0
+    """Weight of each structure term when structure_loss is not none."""
     pool_size: int = 50
     """Generated images kept in each image pool for the discriminator (Shrivastava et al. 2017); 0 disables."""
 
@@ -208,6 +215,8 @@ class CycleGANConfig(BaseModel):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_steps_constant < 0 or self.n_steps_decay < 0 or (self.steps is not None and self.steps < 0):
             raise ValueError("n_steps_constant, n_steps_decay and steps must be >= 0")
+        if self.lambda_cycle < 0 or self.lambda_identity < 0 or self.lambda_structure < 0:
+            raise ValueError("lambda_cycle, lambda_identity and lambda_structure must be >= 0")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay}")
         if self.ada_target is not None and not self.diffaug:
@@ -460,10 +469,21 @@ def d_view(x: torch.Tensor, s: RunState) -> torch.Tensor:
     return diff_augment(x, s.cfg.diffaug, p=s.ada.p if s.ada is not None else 1.0)
 
 
+def generator_objective(cfg: CycleGANConfig, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The generators' loss from generator_step's terms: adversarial + lambda_cycle * (cycle
+    + lambda_identity * identity) + lambda_structure * structure, each over both directions."""
+    loss = terms["g_adv_ct"] + terms["g_adv_mri"] + cfg.lambda_cycle * (terms["cycle_mri"] + terms["cycle_ct"])
+    if "identity_ct" in terms:
+        loss = loss + cfg.lambda_cycle * cfg.lambda_identity * (terms["identity_ct"] + terms["identity_mri"])
+    if "structure_mri2ct" in terms:
+        loss = loss + cfg.lambda_structure * (terms["structure_mri2ct"] + terms["structure_ct2mri"])
+    return loss
+
+
 def generator_step(
     s: RunState, real_mri: torch.Tensor, real_ct: torch.Tensor
 ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, bool]:
-    """One Adam step of both generators on the adversarial, cycle and identity losses.
+    """One Adam step of both generators on the adversarial, cycle, identity (and structure) losses.
 
     real_mri, real_ct: (B, C, H, W) in [-1, 1] on the device. Returns (metrics, fake_mri,
     fake_ct, stepped): the loss terms as floats, the detached translations for the
@@ -490,9 +510,10 @@ def generator_step(
         if cfg.lambda_identity > 0:
             terms["identity_ct"] = F.l1_loss(f.g_mri2ct(real_ct).float(), real_ct.float())
             terms["identity_mri"] = F.l1_loss(f.g_ct2mri(real_mri).float(), real_mri.float())
-    loss = terms["g_adv_ct"] + terms["g_adv_mri"] + cfg.lambda_cycle * (terms["cycle_mri"] + terms["cycle_ct"])
-    if cfg.lambda_identity > 0:
-        loss = loss + cfg.lambda_cycle * cfg.lambda_identity * (terms["identity_ct"] + terms["identity_mri"])
+        if cfg.structure_loss != "none":
+            terms["structure_mri2ct"] = structure_loss(cfg.structure_loss, real_mri, fake_ct)
+            terms["structure_ct2mri"] = structure_loss(cfg.structure_loss, real_ct, fake_mri)
+    loss = generator_objective(cfg, terms)
     stepped = all_ranks_finite(loss, s.info)
     if stepped:
         loss.backward()

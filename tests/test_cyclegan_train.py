@@ -86,6 +86,7 @@ def test_defaults_are_the_published_recipe() -> None:
         ({"ema_decay": 1.5}, "ema_decay"),
         ({"structure_loss": "ssim"}, "mind"),
         ({"lambda_structure": -1.0}, "lambda_structure"),
+        ({"cycle_noise": -0.1}, "cycle_noise"),
         ({"learning_rate": 1e-3}, "learning_rate"),
     ],
 )
@@ -124,6 +125,13 @@ def test_structure_loss_adds_its_terms(kind: str) -> None:
     # the same initial weights and batch, a different update
     w_off, w = (next(x.nets.g_mri2ct.parameters()) for x in (s_off, s))  # type: ignore[attr-defined]
     assert not torch.equal(w_off, w)
+
+
+def test_cycle_noise_changes_the_reconstruction_only() -> None:
+    g_off, _, _ = one_step(tiny())
+    g, _, _ = one_step(tiny(cycle_noise=0.5))
+    assert g["g_adv_ct"] == pytest.approx(g_off["g_adv_ct"]) and g["identity_ct"] == pytest.approx(g_off["identity_ct"])
+    assert g["cycle_mri"] != pytest.approx(g_off["cycle_mri"]) and g["cycle_ct"] != pytest.approx(g_off["cycle_ct"])
 
 
 def test_spectral_norm_option() -> None:

@@ -369,3 +369,11 @@ def test_metrics_writer_and_image_grid(tmp_path: Path) -> None:
     img = Image.open(tmp_path / "g.png")
     assert img.size == (24, 16) and img.mode == "L"
     assert img.getpixel((0, 0)) == 0 and img.getpixel((23, 15)) == 255
+
+
+def test_losses_doctests() -> None:
+    import doctest
+
+    import models.losses
+
+    assert doctest.testmod(models.losses, raise_on_error=False).failed == 0

@@ -6,6 +6,12 @@ logistic loss of Goodfellow et al. 2014), "hinge" (Lim & Ye 2017; Miyato et al. 
 "wgan" (Arjovsky et al. 2017; pair with a gradient penalty). Losses are computed in float32
 whatever the autocast dtype of the discriminator outputs, and averaged over every element of
 the output (a PatchGAN map or one score per sample).
+
+The structure losses at the end compare an input with its translation across modalities,
+so they must not care that bone is dark in MR and bright in CT: "mind" (L1 between MIND
+self-similarity descriptors, Heinrich et al. 2012; the structure-constrained MR->CT CycleGAN
+of Yang et al. 2018) and "gradcorr" (1 - gradient correlation, Penney et al. 1998; used as a
+CycleGAN term by Hiasa et al. 2018).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import torch.nn.functional as F
 
 AdversarialLoss = Literal["lsgan", "vanilla", "hinge", "wgan"]
 ADVERSARIAL_LOSSES: tuple[str, ...] = get_args(AdversarialLoss)
+StructureLoss = Literal["none", "mind", "gradcorr"]
+STRUCTURE_LOSSES: tuple[str, ...] = get_args(StructureLoss)
 
 
 def _unknown(kind: str) -> ValueError:
@@ -92,3 +100,88 @@ def health_gap_max(kind: AdversarialLoss) -> float | None:
             return None
         case _:
             raise _unknown(kind)
+
+
+# --- structure losses (input vs translation, across modalities) ------------------------------
+
+MIND_OFFSETS = ((0, 1), (0, -1), (1, 0), (-1, 0))
+"""The 2-D four-neighbourhood of MIND's search region (in units of `dilation` pixels)."""
+
+
+def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """x moved so that out[..., i, j] = x[..., i + dy, j + dx], edges replicated; (N, 1, H, W) -> same."""
+    p = max(abs(dy), abs(dx))
+    padded = F.pad(x, (p, p, p, p), mode="replicate")
+    h, w = x.shape[-2:]
+    return padded[..., p + dy : p + dy + h, p + dx : p + dx + w]
+
+
+def mind_descriptor(x: torch.Tensor, patch_radius: int = 1, dilation: int = 2, eps: float = 1e-6) -> torch.Tensor:
+    """MIND (modality independent neighbourhood descriptor, Heinrich et al. 2012) of each channel.
+
+    x: (B, C, H, W). For each offset r of `MIND_OFFSETS` (times `dilation` pixels) the patch
+    distance D_r = box mean over a (2 patch_radius + 1)^2 patch of (x - x shifted by r)^2; the
+    local variance V = mean_r D_r, clamped to [0.001, 1000] x its image mean (Heinrich's guard
+    against flat regions); MIND_r = exp(-D_r / V), divided by its maximum over r. Returns
+    (B, 4 C, H, W) in (0, 1]. Unchanged by x -> a x + b for any a != 0 (up to eps): a contrast
+    inversion, as bone between MR and CT, leaves it as it is.
+
+    >>> x = torch.rand(1, 1, 16, 16)
+    >>> torch.allclose(mind_descriptor(x), mind_descriptor(3 - 2 * x), atol=1e-4)
+    True
+    """
+    b, c, h, w = x.shape
+    flat = x.float().reshape(b * c, 1, h, w)
+    k = 2 * patch_radius + 1
+    dists = []
+    for dy, dx in MIND_OFFSETS:
+        sq = (flat - _shift(flat, dy * dilation, dx * dilation)) ** 2
+        dists.append(F.avg_pool2d(F.pad(sq, (patch_radius,) * 4, mode="replicate"), k, stride=1))
+    d = torch.cat(dists, dim=1)  # (B C, 4, H, W)
+    v = d.mean(dim=1, keepdim=True)
+    v_mean = v.mean(dim=(2, 3), keepdim=True)
+    v = torch.minimum(torch.maximum(v, 0.001 * v_mean), 1000.0 * v_mean) + eps
+    mind = torch.exp(-d / v)
+    mind = mind / mind.amax(dim=1, keepdim=True)
+    return mind.reshape(b, c * len(MIND_OFFSETS), h, w)
+
+
+def gradient_correlation(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Gradient correlation (Penney et al. 1998) per sample: (B,) in [-1, 1].
+
+    The mean of the normalised cross-correlations of the horizontal and of the vertical
+    finite differences of a and b, (B, C, H, W) each. 1 for b = s a + t with s > 0, -1 with
+    s < 0; invariant to brightness and contrast, not to polarity.
+
+    >>> a = torch.rand(2, 1, 8, 8)
+    >>> gradient_correlation(a, 2 * a + 1).round(decimals=4).tolist()
+    [1.0, 1.0]
+    """
+
+    def ncc(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        u = u.flatten(1) - u.flatten(1).mean(dim=1, keepdim=True)
+        v = v.flatten(1) - v.flatten(1).mean(dim=1, keepdim=True)
+        return (u * v).sum(dim=1) / torch.sqrt((u * u).sum(dim=1) * (v * v).sum(dim=1) + eps)
+
+    a, b = a.float(), b.float()
+    gx = ncc(a[..., :, 1:] - a[..., :, :-1], b[..., :, 1:] - b[..., :, :-1])
+    gy = ncc(a[..., 1:, :] - a[..., :-1, :], b[..., 1:, :] - b[..., :-1, :])
+    return 0.5 * (gx + gy)
+
+
+def structure_loss(kind: StructureLoss, source: torch.Tensor, translation: torch.Tensor) -> torch.Tensor:
+    """How much a translation (B, C, H, W) lost of its source's structure; 0-dim float32, 0 for a copy.
+
+    mind: mean |MIND(source) - MIND(translation)| (in [0, 1]; 0 for any affine intensity map,
+    inversions included); gradcorr: mean over the batch of 1 - gradient correlation (in [0, 2]);
+    none: 0.
+    """
+    match kind:
+        case "none":
+            return torch.zeros((), device=source.device)
+        case "mind":
+            return (mind_descriptor(source) - mind_descriptor(translation)).abs().mean()
+        case "gradcorr":
+            return (1.0 - gradient_correlation(source, translation)).mean()
+        case _:
+            raise ValueError(f"structure loss must be one of {', '.join(STRUCTURE_LOSSES)}; got {kind!r}")

@@ -73,10 +73,12 @@ from models.cyclegan import PatchGANDiscriminator, ResnetGenerator
 from models.diffaug import AdaptiveAugment, Augmentation, diff_augment
 from models.losses import (
     AdversarialLoss,
+    StructureLoss,
     discriminator_loss,
     generator_loss,
     health_gap_max,
     real_fake_midpoint,
+    structure_loss,
 )
 from models.training import (
     Run,
@@ -128,6 +130,14 @@ class CycleGANConfig(BaseModel):
     """Weight of each cycle-consistency L1 term."""
     lambda_identity: float = 0.5
     """Identity L1 weight relative to lambda_cycle (paper 0.5); keeps intensities when a slice is already in the target domain; 0 disables."""
+    structure_loss: StructureLoss = "none"
+    """Structure term between each input and its translation, both directions: mind (MIND descriptors, Yang et al.
+    2018) or gradcorr (gradient correlation, Hiasa et al. 2018); none = the paper. Against broken bone in MR->CT."""
+    lambda_structure: float = 5.0
+    """Weight of each structure term when structure_loss is not none."""
+    cycle_noise: float = 0.0
+    """Std of Gaussian noise added to each translation before the reverse generator reconstructs it (Bashkirova et
+    al. 2019): stops a generator from hiding its input's noise in low-amplitude texture to pass the cycle; 0 = paper."""
     pool_size: int = 50
     """Generated images kept in each image pool for the discriminator (Shrivastava et al. 2017); 0 disables."""
 
@@ -208,6 +218,8 @@ class CycleGANConfig(BaseModel):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_steps_constant < 0 or self.n_steps_decay < 0 or (self.steps is not None and self.steps < 0):
             raise ValueError("n_steps_constant, n_steps_decay and steps must be >= 0")
+        if min(self.lambda_cycle, self.lambda_identity, self.lambda_structure, self.cycle_noise) < 0:
+            raise ValueError("lambda_cycle, lambda_identity, lambda_structure and cycle_noise must be >= 0")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay}")
         if self.ada_target is not None and not self.diffaug:
@@ -460,10 +472,28 @@ def d_view(x: torch.Tensor, s: RunState) -> torch.Tensor:
     return diff_augment(x, s.cfg.diffaug, p=s.ada.p if s.ada is not None else 1.0)
 
 
+def cycle_view(fake: torch.Tensor, cfg: CycleGANConfig) -> torch.Tensor:
+    """What the reverse generator reconstructs from: the translation, plus N(0, cycle_noise^2) when set."""
+    if cfg.cycle_noise <= 0:
+        return fake
+    return fake + cfg.cycle_noise * torch.randn_like(fake)
+
+
+def generator_objective(cfg: CycleGANConfig, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The generators' loss from generator_step's terms: adversarial + lambda_cycle * (cycle
+    + lambda_identity * identity) + lambda_structure * structure, each over both directions."""
+    loss = terms["g_adv_ct"] + terms["g_adv_mri"] + cfg.lambda_cycle * (terms["cycle_mri"] + terms["cycle_ct"])
+    if "identity_ct" in terms:
+        loss = loss + cfg.lambda_cycle * cfg.lambda_identity * (terms["identity_ct"] + terms["identity_mri"])
+    if "structure_mri2ct" in terms:
+        loss = loss + cfg.lambda_structure * (terms["structure_mri2ct"] + terms["structure_ct2mri"])
+    return loss
+
+
 def generator_step(
     s: RunState, real_mri: torch.Tensor, real_ct: torch.Tensor
 ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, bool]:
-    """One Adam step of both generators on the adversarial, cycle and identity losses.
+    """One Adam step of both generators on the adversarial, cycle, identity (and structure) losses.
 
     real_mri, real_ct: (B, C, H, W) in [-1, 1] on the device. Returns (metrics, fake_mri,
     fake_ct, stepped): the loss terms as floats, the detached translations for the
@@ -476,9 +506,9 @@ def generator_step(
     s.opt_g.zero_grad(set_to_none=True)
     with autocast(s.device, s.use_autocast):
         fake_ct = f.g_mri2ct(real_mri)
-        rec_mri = f.g_ct2mri(fake_ct)
+        rec_mri = f.g_ct2mri(cycle_view(fake_ct, cfg))
         fake_mri = f.g_ct2mri(real_ct)
-        rec_ct = f.g_mri2ct(fake_mri)
+        rec_ct = f.g_mri2ct(cycle_view(fake_mri, cfg))
         adv_ct = generator_loss(cfg.loss, f.d_ct(d_view(fake_ct, s)))
         adv_mri = generator_loss(cfg.loss, f.d_mri(d_view(fake_mri, s)))
         terms: dict[str, torch.Tensor] = {
@@ -490,9 +520,10 @@ def generator_step(
         if cfg.lambda_identity > 0:
             terms["identity_ct"] = F.l1_loss(f.g_mri2ct(real_ct).float(), real_ct.float())
             terms["identity_mri"] = F.l1_loss(f.g_ct2mri(real_mri).float(), real_mri.float())
-    loss = terms["g_adv_ct"] + terms["g_adv_mri"] + cfg.lambda_cycle * (terms["cycle_mri"] + terms["cycle_ct"])
-    if cfg.lambda_identity > 0:
-        loss = loss + cfg.lambda_cycle * cfg.lambda_identity * (terms["identity_ct"] + terms["identity_mri"])
+        if cfg.structure_loss != "none":
+            terms["structure_mri2ct"] = structure_loss(cfg.structure_loss, real_mri, fake_ct)
+            terms["structure_ct2mri"] = structure_loss(cfg.structure_loss, real_ct, fake_mri)
+    loss = generator_objective(cfg, terms)
     stepped = all_ranks_finite(loss, s.info)
     if stepped:
         loss.backward()

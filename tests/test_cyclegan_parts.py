@@ -36,7 +36,13 @@ from models.common import (
 )
 from models.cyclegan import PatchGANDiscriminator, ResnetGenerator
 from models.diffaug import AdaptiveAugment, cutout, diff_augment, translation
-from models.losses import discriminator_loss, generator_loss
+from models.losses import (
+    discriminator_loss,
+    generator_loss,
+    gradient_correlation,
+    mind_descriptor,
+    structure_loss,
+)
 
 torch.set_num_threads(1)
 
@@ -118,6 +124,43 @@ def test_vanilla_loss_is_non_saturating() -> None:
 def test_unknown_loss_lists_the_allowed_ones() -> None:
     with pytest.raises(ValueError, match="lsgan, vanilla, hinge, wgan"):
         generator_loss("bce", torch.zeros(1))  # type: ignore[arg-type]
+
+
+def _blob(shift: int = 0) -> torch.Tensor:
+    """(1, 1, 32, 32): a bright disc with a dark ring (a skull-like edge), moved `shift` pixels right."""
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    r = torch.sqrt((yy - 16) ** 2 + (xx - 16 - shift) ** 2)
+    return (torch.where(r < 10, 0.6, -1.0) - 1.2 * ((r > 7) & (r < 10)).float())[None, None]
+
+
+def test_mind_known_answers() -> None:
+    x = _blob() + 0.05 * torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    m = mind_descriptor(x)
+    assert m.shape == (1, 4, 32, 32) and float(m.min()) > 0 and float(m.amax(dim=1).min()) == pytest.approx(1.0)
+    # MIND ignores any affine intensity map, contrast inversion included (bone: dark in MR, bright in CT)
+    assert float(structure_loss("mind", x, x)) == 0.0
+    assert float(structure_loss("mind", x, 0.3 - 0.5 * x)) < 1e-4
+    # ...but not moved anatomy
+    assert float(structure_loss("mind", _blob(), _blob(3))) > 0.05
+    assert torch.allclose(mind_descriptor(torch.zeros(2, 3, 8, 8)), torch.ones(2, 12, 8, 8))  # flat: all alike
+
+
+def test_gradient_correlation_known_answers() -> None:
+    a = _blob() + 0.05 * torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    assert float(gradient_correlation(a, 3 * a - 1)) == pytest.approx(1.0, abs=1e-5)
+    assert float(gradient_correlation(a, -a)) == pytest.approx(-1.0, abs=1e-5)
+    assert float(structure_loss("gradcorr", a, a)) == pytest.approx(0.0, abs=1e-5)
+    assert 0.3 < float(structure_loss("gradcorr", _blob(), _blob(3))) < 2.0
+    assert float(structure_loss("none", a, -a)) == 0.0
+    with pytest.raises(ValueError, match="none, mind, gradcorr"):
+        structure_loss("ssim", a, a)  # type: ignore[arg-type]
+
+
+def test_structure_losses_pass_gradients() -> None:
+    for kind in ("mind", "gradcorr"):
+        y = (_blob(2) * 0.5).requires_grad_(True)
+        structure_loss(kind, _blob(), y).backward()  # type: ignore[arg-type]
+        assert y.grad is not None and float(y.grad.abs().sum()) > 0
 
 
 # --- diffaug -----------------------------------------------------------------------------------
@@ -326,3 +369,11 @@ def test_metrics_writer_and_image_grid(tmp_path: Path) -> None:
     img = Image.open(tmp_path / "g.png")
     assert img.size == (24, 16) and img.mode == "L"
     assert img.getpixel((0, 0)) == 0 and img.getpixel((23, 15)) == 255
+
+
+def test_losses_doctests() -> None:
+    import doctest
+
+    import models.losses
+
+    assert doctest.testmod(models.losses, raise_on_error=False).failed == 0

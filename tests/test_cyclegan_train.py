@@ -70,6 +70,7 @@ def test_defaults_are_the_published_recipe() -> None:
     assert (cfg.lr, cfg.lr_d, cfg.beta1, cfg.beta2, cfg.batch_size) == (2e-4, None, 0.5, 0.999, 1)
     assert (cfg.ngf, cfg.ndf, cfg.n_res_blocks, cfg.n_layers_d, cfg.image_size) == (64, 64, 9, 3, 256)
     assert not cfg.spectral_norm and cfg.r1_gamma == 0 and cfg.ema_decay is None and cfg.diffaug == []
+    assert cfg.structure_loss == "none"
     assert cfg.total_steps == 200_000
     assert lr_factor(100_000, cfg) == 1.0 and lr_factor(200_000, cfg) == pytest.approx(1 / 100_001)
     assert all(f.description for f in CycleGANConfig.model_fields.values())  # every option documented
@@ -83,6 +84,9 @@ def test_defaults_are_the_published_recipe() -> None:
         ({"diffaug": ["blur"]}, "translation"),
         ({"ada_target": 0.6}, "diffaug"),
         ({"ema_decay": 1.5}, "ema_decay"),
+        ({"structure_loss": "ssim"}, "mind"),
+        ({"lambda_structure": -1.0}, "lambda_structure"),
+        ({"cycle_noise": -0.1}, "cycle_noise"),
         ({"learning_rate": 1e-3}, "learning_rate"),
     ],
 )
@@ -109,6 +113,25 @@ def test_recipe_step_reports_every_term() -> None:
     expected = g["g_adv_ct"] + g["g_adv_mri"] + 10 * (g["cycle_mri"] + g["cycle_ct"]) + 5 * (g["identity_ct"] + g["identity_mri"])
     assert g["loss_g"] == pytest.approx(expected, rel=1e-5)
     assert "identity_ct" not in one_step(tiny(lambda_identity=0.0))[0]
+
+
+@pytest.mark.parametrize("kind", ["mind", "gradcorr"])
+def test_structure_loss_adds_its_terms(kind: str) -> None:
+    g_off, _, s_off = one_step(tiny())
+    g, _, s = one_step(tiny(structure_loss=kind, lambda_structure=2.0))
+    assert "structure_mri2ct" not in g_off
+    assert g["structure_mri2ct"] > 0 and g["structure_ct2mri"] > 0
+    assert g["loss_g"] == pytest.approx(g_off["loss_g"] + 2.0 * (g["structure_mri2ct"] + g["structure_ct2mri"]), rel=1e-5)
+    # the same initial weights and batch, a different update
+    w_off, w = (next(x.nets.g_mri2ct.parameters()) for x in (s_off, s))  # type: ignore[attr-defined]
+    assert not torch.equal(w_off, w)
+
+
+def test_cycle_noise_changes_the_reconstruction_only() -> None:
+    g_off, _, _ = one_step(tiny())
+    g, _, _ = one_step(tiny(cycle_noise=0.5))
+    assert g["g_adv_ct"] == pytest.approx(g_off["g_adv_ct"]) and g["identity_ct"] == pytest.approx(g_off["identity_ct"])
+    assert g["cycle_mri"] != pytest.approx(g_off["cycle_mri"]) and g["cycle_ct"] != pytest.approx(g_off["cycle_ct"])
 
 
 def test_spectral_norm_option() -> None:

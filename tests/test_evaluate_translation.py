@@ -300,3 +300,28 @@ def test_cli_train_refuses_data_without_ct(tmp_path: Path, ingest: Path) -> None
     res = CliRunner().invoke(app, ["train", "cyclegan", "--data", str(ingest), "--out", str(tmp_path / "r"),
                                    "--image-size", "30"])
     assert res.exit_code == 2 and "image_size" in res.output
+
+
+def test_bench_per_subject_scores_average_to_the_report(tmp_path: Path, ingest: Path, tiny_run: Path) -> None:
+    """bench/cyclegan_quality.py scores each paired subject with evaluate-translation's code: their mean is the report's."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_cyclegan_quality", Path(__file__).resolve().parents[1] / "bench" / "cyclegan_quality.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = ev.run_evaluate_translation(tiny_run, [ingest], tmp_path / "eval", device="cpu")
+    rows, preds = bench.score(tiny_run, [ingest])
+    assert len(rows) == 2 and set(preds) == {r["subject"] for r in rows}
+    for key in ("mae", "mae_bone", "psnr"):
+        assert np.mean([r[key] for r in rows]) == pytest.approx(report["paired"]["mri2ct"]["cyclegan"][key], rel=1e-6)
+    argv = sys.argv
+    try:
+        sys.argv = ["cyclegan_quality.py", "--data", str(ingest), "--run", f"a={tiny_run}", "--run", f"b={tiny_run}",
+                    "--png", str(tmp_path / "fig.png"), "--live"]
+        bench.main()
+    finally:
+        sys.argv = argv
+    with Image.open(tmp_path / "fig.png") as im:
+        assert im.size[0] > im.size[1] // 2  # 4 columns: MR, truth, a, b

@@ -56,6 +56,7 @@ from pipeline.gate.report import (
     write_json,
     write_markdown,
 )
+from pipeline.gate.seam import seam_gate
 
 log = logging.getLogger(__name__)
 
@@ -430,6 +431,11 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
         "nearest_k": k,
     }
 
+    # seam (inserted lesions; off unless cfg.seam_max_ratio): pipeline/gate/seam.py
+    seam_check, seam_metric, seam_reasons = seam_gate(ref_all, syn_all, cfg.seam_max_ratio, cfg.seam_item_ratio)
+    if seam_metric:
+        metrics["seam_ratio"] = seam_metric
+
     # batch checks
     missing = sorted(set(syn_all.modalities) - set(ref_all.modalities))
     checks = [
@@ -451,6 +457,7 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
         _check("memorization", float(copies.mean()), cfg.max_copy_fraction, "<=",
                f"share of slices nearer a training image than {cfg.copy_ratio_pixel} x (pixels) or "
                f"{cfg.copy_ratio_feature} x (features) the typical real-to-real distance"),
+        seam_check,
     ]
     done = [c for c in checks if c is not None]
     done.sort(key=lambda c: CHECKS.index(c.name))
@@ -459,6 +466,8 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
 
     # per-sample filtering
     samples = _decide_samples(ref_all, syn_all, mem, copies, outliers, cfg)
+    for i, why in seam_reasons.items():
+        samples[i].decision, samples[i].reasons = "reject", [*samples[i].reasons, why]
     n_acc = sum(s.decision == "accept" for s in samples)
     report = GateReport(
         verdict=verdict,

@@ -81,6 +81,8 @@ INSERTION_COLUMNS = (
     "sha256",
 )
 PROVENANCE_NAME = "provenance.json"
+MIN_LESION_PX = 4
+"""A lesion patch with fewer mask pixels than this is not inserted (a phantom lesion has 14-70 on its largest slice)."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,7 @@ def insert_lesion(
     lesion = np.asarray(host_lesion) > 0
     img, msk, centre = _lesion_window(np.squeeze(patch), np.squeeze(patch_mask), 3)
     area, half_z = stats.draw(rng)
-    zoom = float(np.clip(math.sqrt(area / float(msk.sum())), 0.6, 1.6))
+    zoom = float(np.clip(math.sqrt(area / float(msk.sum())), 0.25, 4.0))
     radius_px = zoom * math.sqrt(float(msk.sum()) / math.pi)
     radius_mm = radius_px * float(spacing[0])
     cands = _candidates(hu, lesion, spacing, radius_mm, half_z, opts)
@@ -347,6 +349,10 @@ def insert_lesions(
         raise PatchError(f"n must be at least 1, got {n}")
     hosts = _hosts(real)
     lesion_rows = _patches(patches, klass, patch_gate)
+    # a generated patch whose mask came out empty (or a speck) has no lesion to insert
+    lesion_rows = [r for r in lesion_rows if int((np.asarray(_load(patches / r["label_path"]).dataobj) > 0).sum()) >= MIN_LESION_PX]
+    if not lesion_rows:
+        raise PatchError(f"{patches}: every {klass} lesion patch has an empty mask (under {MIN_LESION_PX} pixels); nothing to insert")
     ckpt = {r.get("checkpoint_sha256", "") for r in lesion_rows}
     masks = [np.asarray(_load(real / h["label_path"]).dataobj) for h in hosts]
     stats = lesion_stats(masks)
@@ -354,14 +360,22 @@ def insert_lesions(
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
     for i in range(n):
-        h = hosts[int(order[i % len(hosts)])]
         p = lesion_rows[int(np.random.default_rng([seed, 0x9A7, i]).integers(len(lesion_rows)))]
-        host_img = _load(real / h["path"])
-        rng = np.random.default_rng([seed, int((h.get("sha256") or "0")[:15] or "0", 16), i])
         patch = np.asarray(_load(patches / p["path"]).dataobj, np.float32)
         pmask = np.asarray(_load(patches / p["label_path"]).dataobj)
-        spacing = [float(z) for z in host_img.header.get_zooms()[:3]]
-        ins = insert_lesion(np.asarray(host_img.dataobj, np.float32), masks[hosts.index(h)], spacing, patch, pmask, stats, rng, opts)
+        # the i-th host in seeded order; one without room for this lesion passes it to the next
+        for step in range(len(hosts)):
+            h = hosts[int(order[(i + step) % len(hosts)])]
+            host_img = _load(real / h["path"])
+            rng = np.random.default_rng([seed, int((h.get("sha256") or "0")[:15] or "0", 16), i])
+            spacing = [float(z) for z in host_img.header.get_zooms()[:3]]
+            try:
+                ins = insert_lesion(np.asarray(host_img.dataobj, np.float32), masks[hosts.index(h)], spacing, patch, pmask, stats, rng, opts)
+                break
+            except PatchError as exc:
+                log.info("insertion %d: host %s has no room (%s); next host", i, (h.get("sha256") or "")[:12], exc)
+        else:
+            raise PatchError(f"insertion {i}: no training volume has room for lesion patch {p['path']}")
         name = f"ins_{klass}_s{seed}_{i:05d}.nii.gz"
         for sub, arr in (("volumes", ins.volume), ("labels", ins.label)):
             _write_nifti(arr, np.asarray(host_img.affine, np.float64), out / sub / name)

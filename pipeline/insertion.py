@@ -387,16 +387,35 @@ def insert_lesions(
             "half_z": str(ins.placement["half_z"]), "zoom": f"{ins.placement['zoom']:g}", "blend": opts.blend,
             "sha256": sha256_file(out / "volumes" / name),
         })
-    write_manifest(out, rows, INSERTION_COLUMNS)
-    prov = {"kind": "lesion_insertion", "class": klass, "seed": seed, "n": n, "options": opts.__dict__,
-            "patch_checkpoints": sorted(ckpt), "patch_gate": (json.loads((patch_gate / "gate_report.json").read_text())
-                                                              .get("report_id") if patch_gate is not None else None),
-            "labels": {"0": "background", str(HOST_LABEL): "host lesion (real)", str(INSERTED_LABEL): "inserted lesion (synthetic)"},
-            "lesion_sizes": {"n_real_lesions": len(stats.areas), "area_voxels": [min(stats.areas), max(stats.areas)],
-                             "slices": [min(stats.slices), max(stats.slices)]}}
-    (out / PROVENANCE_NAME).write_text(json.dumps(prov, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    # calls for several classes into one folder merge, as sample-tumors does
+    kept = [r for r in read_manifest(out) if r["class"] != klass] if (out / "manifest.csv").is_file() else []
+    write_manifest(out, sorted(kept + rows, key=lambda r: str(r["path"])), INSERTION_COLUMNS)
+    path = out / PROVENANCE_NAME
+    prov: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {
+        "kind": "lesion_insertion", "calls": {},
+        "labels": {"0": "background", str(HOST_LABEL): "host lesion (real)", str(INSERTED_LABEL): "inserted lesion (synthetic)"}}
+    prov["calls"][klass] = {
+        "seed": seed, "n": n, "options": opts.__dict__, "patch_checkpoints": sorted(ckpt),
+        "patch_gate": json.loads((patch_gate / "gate_report.json").read_text()).get("report_id") if patch_gate is not None else None,
+        "lesion_sizes": {"n_real_lesions": len(stats.areas), "area_voxels": [min(stats.areas), max(stats.areas)],
+                         "slices": [min(stats.slices), max(stats.slices)]}}
+    path.write_text(json.dumps(prov, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     log.info("inserted %d %s lesions into %d host volumes -> %s", n, klass, min(n, len(hosts)), out)
     return rows
+
+
+def insertion_counts(real: Path, oversample: float = 1.25, modality: str = "CT") -> dict[str, int]:
+    """Lesions to insert per class so every class of the training volumes reaches the largest:
+    the gap to the largest class times `oversample` (the gate drops some), rounded up; classes
+    without a gap are left out.
+
+    The counts are of the real `modality` training volumes with a mask in an ingest manifest.
+    """
+    counts: dict[str, int] = {}
+    for r in _hosts(real, modality):
+        counts[r["class"]] = counts.get(r["class"], 0) + 1
+    top = max(counts.values())
+    return {c: math.ceil((top - k) * oversample) for c, k in sorted(counts.items()) if k < top}
 
 
 def _load(path: Path) -> nib.Nifti1Image:
@@ -460,8 +479,8 @@ def write_inserted_patch_folder(folder: Path, out: Path, patch_size: int, neighb
 def gate_insertions(real_patches: Path, folder: Path, out: Path, cfg: Any, patch_size: int = 32) -> dict[str, Any]:
     """Gate an insertion folder: its lesion patches against real lesion patches, then per volume.
 
-    `real_patches` is a patch folder of the real training lesions (pipeline.patches, the
-    same size, window and slices). Runs pipeline.gate.run.run_gate on out/patches_gate with
+    `real_patches` is a patch folder of the real training volumes (pipeline.patches, the
+    same size, window and slices); its lesion patches (not "healthy") are the reference. Runs pipeline.gate.run.run_gate on out/patches_gate with
     `cfg` (its seam check is switched on at SEAM_MAX_RATIO when the config leaves it off);
     writes out/gate_report.json (report_id, verdict, failed checks, checks, per-volume
     decisions) and out/accepted.csv (the insertion manifest's rows of accepted volumes),
@@ -473,7 +492,12 @@ def gate_insertions(real_patches: Path, folder: Path, out: Path, cfg: Any, patch
     if getattr(cfg, "seam_max_ratio", None) is None:
         cfg = cfg.model_copy(update={"seam_max_ratio": SEAM_MAX_RATIO})
     syn = write_inserted_patch_folder(folder, out / "inserted_patches", patch_size)
-    report = run_gate(real_patches, syn, out / "patches_gate", cfg)
+    # the reference is the real lesions: a patch folder's healthy-tissue patches are left out
+    real_rows = [r | {"path": str((real_patches / r["path"]).resolve()),
+                      "label_path": str((real_patches / r["label_path"]).resolve()) if r.get("label_path") else ""}
+                 for r in read_manifest(real_patches) if r.get("class") != "healthy"]
+    lesions = write_manifest(out / "real_lesions", real_rows, list(real_rows[0]) if real_rows else ["path"]).parent
+    report = run_gate(lesions, syn, out / "patches_gate", cfg)
     by_volume: dict[str, list[Any]] = {}
     src = {r["path"]: r["source_sha256"] for r in read_manifest(syn)}
     for s in report.samples:

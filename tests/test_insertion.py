@@ -147,3 +147,36 @@ def test_insert_lesions_writes_marked_training_volumes(cohort: dict, tmp_path: P
         assert sha256_file(tmp_path / "ins_a" / r["path"]) == r["sha256"]
     with pytest.raises(PatchError, match="no round lesion patch"):
         I.insert_lesions(real, lesions, tmp_path / "ins_c", 1, "round")
+
+
+def test_insertion_counts_fill_the_gap_and_classes_merge(cohort: dict, tmp_path: Path) -> None:
+    real = tmp_path / "ingest"
+    rows = []
+    for i, (s, h) in enumerate(zip(cohort["subs"], cohort["cts"], strict=True)):
+        write_nifti(h.astype(np.int16), s.affine, real / "volumes" / f"v{i}.nii.gz")
+        write_nifti(s.tumor_mask, s.affine, real / "labels" / f"v{i}.nii.gz")
+        rows.append({"path": f"volumes/v{i}.nii.gz", "label_path": f"labels/v{i}.nii.gz", "subject_id": f"anon{i:02d}",
+                     "modality": "CT", "split": "train", "class": s.tumor_class, "sha256": sha256_file(real / "volumes" / f"v{i}.nii.gz")})
+    write_manifest(real, rows, list(rows[0]))
+    # 3 necrotic (i = 0, 3, 6) and 6 round training volumes: a gap of 3, times 1.25, rounded up
+    assert I.insertion_counts(real, 1.25) == {"necrotic": 4}
+    lesions = _patch_folder(tmp_path / "samples", cohort["real"][:4], synthetic=True)
+    _patch_folder(tmp_path / "round_samples", cohort["real"][4:8], synthetic=True, klass="round")
+    rows_r = read_manifest(tmp_path / "round_samples")
+    write_manifest(lesions, read_manifest(lesions) + [r | {"path": "../round_samples/" + r["path"],
+                                                           "label_path": "../round_samples/" + r["label_path"]} for r in rows_r],
+                   list(rows_r[0]))
+    I.insert_lesions(real, lesions, tmp_path / "ins", 2, "necrotic", seed=0)
+    I.insert_lesions(real, lesions, tmp_path / "ins", 1, "round", seed=0)
+    assert sorted(r["class"] for r in read_manifest(tmp_path / "ins")) == ["necrotic", "necrotic", "round"]
+
+
+def test_dataset_config_synthesis_is_patches_or_insertion() -> None:
+    from pydantic import ValidationError
+
+    from pipeline.dataset.config import DatasetConfig
+
+    assert DatasetConfig().synthesis == "patches"
+    assert DatasetConfig(synthesis="insertion").synthesis == "insertion"
+    with pytest.raises(ValidationError, match="patches"):
+        DatasetConfig(synthesis="paste")  # type: ignore[arg-type]

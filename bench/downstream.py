@@ -420,11 +420,11 @@ def build_insertion_inputs(work: Path, inputs: dict[str, Any], seed: int, patch_
 
 def build_insertion_balanced(work: Path, inputs: dict[str, Any], seed: int, max_share: float, gated: bool = True) -> Path:
     """The medaug dataset of the insertion mode: real CT volumes (ingest splits) plus gated inserted
-    volumes in training (volumes, like mri-ct; each inserted row carries its class)."""
+    volumes in training (as the flow's dataset.synthesis: insertion builds it; each inserted row carries its class)."""
     from pipeline.dataset import DatasetConfig
 
     cfg = DatasetConfig(
-        deployment="mri-ct", target_modality="CT", classes=TUMOR_CLASSES, strategy="equalise",
+        deployment="tumor-patches", synthesis="insertion", target_modality="CT", classes=TUMOR_CLASSES, strategy="equalise",
         max_synthetic_share=max_share, seed=seed, fractions={"train": 1.0, "val": 0.0, "test": 0.0},  # type: ignore[arg-type]
         manifests_dir=work / "data_manifests",
     )

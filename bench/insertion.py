@@ -54,7 +54,7 @@ def blend_scores(work: Path, n_hosts: int, seed: int) -> dict[str, Any]:
     base = float(np.median(real))
     item_ratio = GateConfig().seam_item_ratio
     out: dict[str, Any] = {"real": {"n": len(real), "median": base, "q05_q95": np.quantile(real / base, [0.05, 0.95]).round(2).tolist()}}
-    for name, opts in (("feathered (recipe, sigma 0.8 px)", ins.InsertionOptions()),
+    for name, opts in (("feathered (recipe, sigma 0.5 px)", ins.InsertionOptions()),
                        ("hard mask paste (feather 0)", ins.InsertionOptions(feather_px=0.0)),
                        ("lesion box pasted with GAN background", ins.InsertionOptions(blend="box"))):
         scores = []

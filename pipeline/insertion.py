@@ -499,7 +499,7 @@ def gate_insertions(real_patches: Path, folder: Path, out: Path, cfg: Any, patch
     """Gate an insertion folder: its lesion patches against real lesion patches, then per volume.
 
     `real_patches` is a patch folder of the real training volumes (pipeline.patches, the
-    same size, window and slices); its lesion patches (not "healthy") are the reference. Runs pipeline.gate.run.run_gate on out/patches_gate with
+    same size, window and slices); its lesion patches of the classes inserted are the reference. Runs pipeline.gate.run.run_gate on out/patches_gate with
     `cfg` (its seam check is switched on at SEAM_MAX_RATIO when the config leaves it off);
     writes out/gate_report.json (report_id, verdict, failed checks, checks, per-volume
     decisions) and out/accepted.csv (the insertion manifest's rows of accepted volumes),
@@ -511,10 +511,13 @@ def gate_insertions(real_patches: Path, folder: Path, out: Path, cfg: Any, patch
     if getattr(cfg, "seam_max_ratio", None) is None:
         cfg = cfg.model_copy(update={"seam_max_ratio": SEAM_MAX_RATIO})
     syn = write_inserted_patch_folder(folder, out / "inserted_patches", patch_size)
-    # the reference is the real lesions: a patch folder's healthy-tissue patches are left out
+    # the reference is the real lesions of the inserted classes: a fill of the minority is
+    # compared with the real minority lesions (coverage of the other classes' lesions is not
+    # its job), and healthy-tissue patches are left out
+    classes = {r["class"] for r in read_manifest(folder)}
     real_rows = [r | {"path": str((real_patches / r["path"]).resolve()),
                       "label_path": str((real_patches / r["label_path"]).resolve()) if r.get("label_path") else ""}
-                 for r in read_manifest(real_patches) if r.get("class") != "healthy"]
+                 for r in read_manifest(real_patches) if r.get("class") in classes]
     lesions = write_manifest(out / "real_lesions", real_rows, list(real_rows[0]) if real_rows else ["path"]).parent
     report = run_gate(lesions, syn, out / "patches_gate", cfg)
     by_volume: dict[str, list[Any]] = {}

@@ -499,7 +499,8 @@ def gate_insertions(real_patches: Path, folder: Path, out: Path, cfg: Any, patch
     """Gate an insertion folder: its lesion patches against real lesion patches, then per volume.
 
     `real_patches` is a patch folder of the real training volumes (pipeline.patches, the
-    same size, window and slices); its lesion patches of the classes inserted are the reference. Runs pipeline.gate.run.run_gate on out/patches_gate with
+    same size, window and slices); its lesion patches of the classes inserted are the reference
+    (all its lesion patches when those are fewer than gate.min_samples). Runs pipeline.gate.run.run_gate on out/patches_gate with
     `cfg` (its seam check is switched on at SEAM_MAX_RATIO when the config leaves it off);
     writes out/gate_report.json (report_id, verdict, failed checks, checks, per-volume
     decisions) and out/accepted.csv (the insertion manifest's rows of accepted volumes),
@@ -517,7 +518,13 @@ def gate_insertions(real_patches: Path, folder: Path, out: Path, cfg: Any, patch
     classes = {r["class"] for r in read_manifest(folder)}
     real_rows = [r | {"path": str((real_patches / r["path"]).resolve()),
                       "label_path": str((real_patches / r["label_path"]).resolve()) if r.get("label_path") else ""}
-                 for r in read_manifest(real_patches) if r.get("class") in classes]
+                 for r in read_manifest(real_patches) if r.get("class") not in ("healthy", "")]
+    same = [r for r in real_rows if r["class"] in classes and r.get("split", "train") in ("train", "")]
+    if len(same) >= cfg.min_samples:
+        real_rows = same
+    else:  # too few real lesions of these classes to score: every real lesion is the reference
+        log.warning("insertion gate: %d real %s lesion patches (under gate.min_samples %d); the reference is all %d real lesion patches",
+                    len(same), "/".join(sorted(classes)), cfg.min_samples, len(real_rows))
     lesions = write_manifest(out / "real_lesions", real_rows, list(real_rows[0]) if real_rows else ["path"]).parent
     report = run_gate(lesions, syn, out / "patches_gate", cfg)
     by_volume: dict[str, list[Any]] = {}

@@ -8,8 +8,11 @@ minority) three ways and tested on the real-only test split (held-out subjects):
                    (class_balanced_sampler) and classical MONAI augmentation
                    (random affine, intensity scale/shift, Gaussian noise);
   (c) medaug:      the balanced dataset written by `medaug build-dataset` (real + gated
-                   synthetic items: tumor GAN patches, or CycleGAN MRI->CT translations),
-                   shuffled, no augmentation.
+                   synthetic items: tumor GAN patches, lesions inserted into real CTs, or
+                   CycleGAN MRI->CT translations), shuffled, no augmentation;
+  (d) medaug+aug:  the same dataset with the oversampling and MONAI augmentation of (b): the
+                   comparison a researcher makes, since synthetic data is used together with
+                   classical augmentation. The claim is (d) - (b).
 
 When the gate rejects the synthetic batch, medaug refuses to add it and (c) is real-only; the
 bench then also trains a diagnostic arm (c') on the same fill built without the gate, to show
@@ -17,12 +20,19 @@ what was refused (outside the product's rules, reported as such).
 
 Every arm takes the same number of optimiser steps with the same batch size, for several
 seeds; balanced accuracy and minority-class (necrotic) recall are reported per seed, as a
-mean with a 95% t-interval over seeds, and as paired differences (c - a), (c - b).
+mean with a 95% t-interval over seeds, and as paired differences (c - a), (c - b), (d - b);
+(d) - (b) and (c) - (b) also get a paired bootstrap interval over seeds AND test subjects
+(`paired_bootstrap`), which holds the test-set sampling uncertainty. A cohort of 280 subjects
+puts 10 necrotic subjects in the test split.
 
 Two deployments (`--deployment`):
 
   tumor-patches (default): phantom cohort -> ingest (CT) -> real patches -> tumor GAN ->
       sample tumors -> gate -> build-dataset -> classifiers (all real stages, CPU, minutes);
+      with `--synthesis insertion` the necrotic samples are inserted into real CT training
+      volumes (pipeline/insertion.py, the class gap plus a quarter), gated as lesion patches
+      against the real necrotic training lesions (seam check on), and the dataset is of
+      volumes, cut into lesion-centred patches like mri-ct's (inserted volumes: the inserted lesion);
   mri-ct: phantom cohort -> ingest (CT and MR) -> CycleGAN (configs/cyclegan.yaml) -> translate
       the MR training split to CT with the EMA weights of best.pt (else last.pt), as the augment
       flow does -> gate (configs/gate.yaml; reference: the real CT training volumes) ->
@@ -35,6 +45,8 @@ Two deployments (`--deployment`):
       under a hash of its config and data, so a rerun with the same inputs does not retrain.
 
     .venv/bin/python bench/downstream.py --subjects 40 --size 64 --seeds 5 --record
+    OMP_NUM_THREADS=1 .venv/bin/python bench/downstream.py --synthesis insertion --subjects 280 --gan-steps 2000 \
+        --seeds 10 --work bench/_work/ins280
     OMP_NUM_THREADS=1 .venv/bin/python bench/downstream.py --deployment mri-ct --subjects 80 --seeds 10 \
         --work bench/_work/downstream-mrict --record
 """

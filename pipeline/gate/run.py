@@ -18,7 +18,9 @@ The checks (thresholds in GateConfig):
   recall, coverage  the real distribution is covered (mode collapse fails);
   diversity     mean pairwise MS-SSIM of synthetic minus real (mode collapse raises it);
   duplicates    share of synthetic slices with a near-copy in another synthetic item (collapse);
-  memorization  share of synthetic slices that are near-copies of training slices.
+  memorization  share of synthetic slices that are near-copies of training slices;
+  seam          (off unless gate.seam_max_ratio; on for inserted lesions) gradient energy just
+                outside the lesion masks, synthetic over real (pipeline/gate/seam.py).
 
 Distances are normalised by the median real-to-real nearest-neighbour distance between
 different items (subjects), so "near" means "much nearer than two real subjects are".

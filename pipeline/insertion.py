@@ -550,5 +550,24 @@ def gate_insertions(real_patches: Path, folder: Path, out: Path, cfg: Any, patch
     (out / "gate_report.json").write_text(json.dumps(content, indent=2, default=str) + "\n", encoding="utf-8")
     keep = {s["path"] for s in samples if s["decision"] == "accept"}
     write_manifest(out, [r for r in rows if r["path"] in keep], list(INSERTION_COLUMNS), name="accepted.csv")
+    _write_markdown(content, out)
     log.info("insertion gate %s: %d of %d volumes accepted", report.verdict, content["n_accepted"], len(samples))
     return content
+
+
+def _write_markdown(content: dict[str, Any], out: Path) -> Path:
+    """OUT/gate_report.md of an insertion gate: verdict, checks, per-volume decisions (the patch gate's own report is under patches_gate/)."""
+    lines = [f"# Insertion gate: **{content['verdict'].upper()}**"
+             + (f" (failed: {', '.join(content['failed_checks'])})" if content["failed_checks"] else ""), "",
+             f"Report {content['report_id'][:12]}; inserted volumes accepted {content['n_accepted']}, rejected {content['n_rejected']}. "
+             "The inserted lesions were scored as lesion-centred patches against the real lesion patches "
+             f"(patches_gate/gate_report.md, report {content['patch_gate_report_id'][:12]}).", "",
+             "| check | value | threshold | passed |", "|---|---|---|---|"]
+    for c in content["checks"]:
+        value = "n/a" if c.get("value") is None else f"{c['value']:.4g}"
+        lines.append(f"| {c['name']} | {value} | {c['op']} {c['threshold']} | {'yes' if c['passed'] else 'NO'} |")
+    lines += ["", "| volume | class | decision | reasons |", "|---|---|---|---|"]
+    lines += [f"| {s['path']} | {s['class']} | {s['decision']} | {'; '.join(s['reasons'])} |" for s in content["samples"]]
+    path = out / "gate_report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

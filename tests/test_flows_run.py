@@ -216,3 +216,4 @@ def test_tiny_tumor_insertion_pipeline(tmp_path: Path) -> None:
     assert inserted and {r["split"] for r in inserted} == {"train"} and {r["class"] for r in inserted} == {"necrotic"}
     report = (Path(result["out"]) / "gate" / "gate_report.json").read_text()
     assert '"seam"' in report
+    assert "| seam |" in (Path(result["out"]) / "gate" / "gate_report.md").read_text()

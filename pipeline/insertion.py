@@ -50,6 +50,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from pipeline.errors import PatchError
+from pipeline.gate.seam import seam_score as seam_score  # re-exported: the metric lives with the gate
 from pipeline.manifest import read_manifest, sha256_file, write_manifest
 from pipeline.preprocess import fill_holes_per_slice, unit_to_ct
 
@@ -292,29 +293,6 @@ def insert_lesion(
     placement = {"centre": [cx, cy, cz], "half_z": half_z, "zoom": round(zoom, 4), "area_drawn": area, "blend": opts.blend,
                  "feather_px": opts.feather_px}
     return Inserted(np.clip(np.rint(out), -1024, 3071).astype(np.int16), label, placement)
-
-
-def seam_score(image: NDArray[Any], mask: NDArray[Any], inner: int = 1, outer: int = 4) -> float:
-    """Mean gradient energy |grad I|^2 in the ring `inner`..`outer` pixels outside a lesion mask (2-D).
-
-    A seam left by pasting (a lesion's box pasted with a background that differs from the
-    host's) is a contour of steps just outside the lesion; squaring weights those steps over
-    the tissue's noise. The lesion's own edge (the first pixel, blurred by the scanner's PSF)
-    is left out. Measured on phantom CT patches in [-1, 1] (bench/RESULTS.md, Lesion
-    insertion): real lesions 0.6-1.9 x their median (5th-95th percentile), feathered
-    insertions ~0.8 x, a pasted box with a 22 HU background offset 1.8-2.1 x and more.
-    NaN for an empty mask.
-
-    >>> im = np.zeros((16, 16)); m = np.zeros((16, 16)); m[7:9, 7:9] = 1
-    >>> seam_score(im, m)
-    0.0
-    """
-    m = np.asarray(mask) > 0
-    if not m.any():
-        return float("nan")
-    ring = ndimage.binary_dilation(m, iterations=outer) & ~ndimage.binary_dilation(m, iterations=inner)
-    g0, g1 = (np.asarray(g) for g in np.gradient(np.asarray(image, np.float64)))
-    return float((g0**2 + g1**2)[ring].mean())
 
 
 # --- folders: insert into an ingest folder's training volumes, cut patches, gate ----------------

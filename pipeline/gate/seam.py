@@ -4,7 +4,7 @@ Lesion insertion (pipeline/insertion.py) writes a synthetic lesion into a real v
 bad blend shows as extra edges just outside the lesion (a step where the mask was pasted
 hard, a square where a lesion's box was pasted with its background). For every item with a
 mask (the manifest's label_path) the score is the mean gradient energy of its image in
-the ring 1..4 pixels outside the lesion (pipeline.insertion.seam_score, on the 2-D patch in
+the ring 1..4 pixels outside the lesion (`seam_score`, on the 2-D patch in
 [-1, 1], or each masked axial slice of a volume); the check compares the synthetic items'
 median with the real items' median (`seam_max_ratio`), and the per-sample filter drops an
 item whose own score is above `seam_item_ratio` times the real median (real lesions spread
@@ -15,20 +15,42 @@ no scored item on either side the check is skipped (reported as not computed).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
+from scipy import ndimage
 
 from pipeline.gate.images import GateSet
 from pipeline.gate.report import CheckResult
 
 
+def seam_score(image: NDArray[Any], mask: NDArray[Any], inner: int = 1, outer: int = 4) -> float:
+    """Mean gradient energy |grad I|^2 in the ring `inner`..`outer` pixels outside a lesion mask (2-D).
+
+    A seam left by pasting (a lesion's box pasted with a background that differs from the
+    host's) is a contour of steps just outside the lesion; squaring weights those steps over
+    the tissue's noise. The lesion's own edge (the first pixel, blurred by the scanner's PSF)
+    is left out. Measured on phantom CT patches in [-1, 1] (bench/RESULTS.md, Lesion
+    insertion): real lesions 0.6-1.9 x their median (5th-95th percentile), feathered
+    insertions ~0.8 x, a pasted box with a 22 HU background offset 1.8-2.1 x and more.
+    NaN for an empty mask.
+
+    >>> im = np.zeros((16, 16)); m = np.zeros((16, 16)); m[7:9, 7:9] = 1
+    >>> seam_score(im, m)
+    0.0
+    """
+    m = np.asarray(mask) > 0
+    if not m.any():
+        return float("nan")
+    ring = ndimage.binary_dilation(m, iterations=outer) & ~ndimage.binary_dilation(m, iterations=inner)
+    g0, g1 = (np.asarray(g) for g in np.gradient(np.asarray(image, np.float64)))
+    return float((g0**2 + g1**2)[ring].mean())
+
+
 def item_seam_score(image: Path, mask: Path) -> float:
     """Seam score of one item: a 2-D patch (s, s[, 1]) in [-1, 1], or the mean over a volume's masked slices."""
-    from pipeline.insertion import seam_score
-
     img = np.asarray(cast(nib.Nifti1Image, nib.load(image)).dataobj, np.float32)
     msk = np.asarray(cast(nib.Nifti1Image, nib.load(mask)).dataobj) > 0
     if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):

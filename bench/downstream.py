@@ -8,8 +8,11 @@ minority) three ways and tested on the real-only test split (held-out subjects):
                    (class_balanced_sampler) and classical MONAI augmentation
                    (random affine, intensity scale/shift, Gaussian noise);
   (c) medaug:      the balanced dataset written by `medaug build-dataset` (real + gated
-                   synthetic items: tumor GAN patches, or CycleGAN MRI->CT translations),
-                   shuffled, no augmentation.
+                   synthetic items: tumor GAN patches, lesions inserted into real CTs, or
+                   CycleGAN MRI->CT translations), shuffled, no augmentation;
+  (d) medaug+aug:  the same dataset with the oversampling and MONAI augmentation of (b): the
+                   comparison a researcher makes, since synthetic data is used together with
+                   classical augmentation. The claim is (d) - (b).
 
 When the gate rejects the synthetic batch, medaug refuses to add it and (c) is real-only; the
 bench then also trains a diagnostic arm (c') on the same fill built without the gate, to show
@@ -17,12 +20,19 @@ what was refused (outside the product's rules, reported as such).
 
 Every arm takes the same number of optimiser steps with the same batch size, for several
 seeds; balanced accuracy and minority-class (necrotic) recall are reported per seed, as a
-mean with a 95% t-interval over seeds, and as paired differences (c - a), (c - b).
+mean with a 95% t-interval over seeds, and as paired differences (c - a), (c - b), (d - b);
+(d) - (b) and (c) - (b) also get a paired bootstrap interval over seeds AND test subjects
+(`paired_bootstrap`), which holds the test-set sampling uncertainty. A cohort of 280 subjects
+puts 10 necrotic subjects in the test split.
 
 Two deployments (`--deployment`):
 
   tumor-patches (default): phantom cohort -> ingest (CT) -> real patches -> tumor GAN ->
       sample tumors -> gate -> build-dataset -> classifiers (all real stages, CPU, minutes);
+      with `--synthesis insertion` the necrotic samples are inserted into real CT training
+      volumes (pipeline/insertion.py, the class gap plus a quarter), gated as lesion patches
+      against the real necrotic training lesions (seam check on), and the dataset is of
+      volumes, cut into lesion-centred patches like mri-ct's (inserted volumes: the inserted lesion);
   mri-ct: phantom cohort -> ingest (CT and MR) -> CycleGAN (configs/cyclegan.yaml) -> translate
       the MR training split to CT with the EMA weights of best.pt (else last.pt), as the augment
       flow does -> gate (configs/gate.yaml; reference: the real CT training volumes) ->
@@ -35,6 +45,8 @@ Two deployments (`--deployment`):
       under a hash of its config and data, so a rerun with the same inputs does not retrain.
 
     .venv/bin/python bench/downstream.py --subjects 40 --size 64 --seeds 5 --record
+    OMP_NUM_THREADS=1 .venv/bin/python bench/downstream.py --synthesis insertion --subjects 280 --gan-steps 2000 \
+        --seeds 10 --work bench/_work/ins280
     OMP_NUM_THREADS=1 .venv/bin/python bench/downstream.py --deployment mri-ct --subjects 80 --seeds 10 \
         --work bench/_work/downstream-mrict --record
 """
@@ -111,11 +123,12 @@ def _as_2d(image: torch.Tensor, crop: int) -> torch.Tensor:
 
 
 def load_items(root: Path, split: str, synthetic: bool | None, crop: int) -> list[dict[str, Any]]:
-    """Items of a split of a medaug dataset as plain dicts {"image": (1, crop, crop), "class": int}."""
+    """Items of a split of a medaug dataset as plain dicts {"image": (1, crop, crop), "class": int, "subject": str}."""
     from pipeline.dataset import BalancedDataset
 
     ds = BalancedDataset(root, split=split, synthetic=synthetic)
-    return [{"image": _as_2d(it["image"], crop), "class": int(it["class"])} for it in (ds[i] for i in range(len(ds)))]
+    return [{"image": _as_2d(ds[i]["image"], crop), "class": int(ds.rows[i]["class_index"]), "subject": ds.rows[i]["subject_id"]}
+            for i in range(len(ds))]
 
 
 def classical_augmentation() -> Callable[[dict[str, Any]], dict[str, Any]]:
@@ -143,6 +156,7 @@ class Scores:
     balanced_accuracy: float
     minority_recall: float
     recalls: dict[str, float]
+    correct: tuple[bool, ...] = ()
 
 
 def train_and_test(
@@ -190,7 +204,8 @@ def train_and_test(
         idx = [i for i, t in enumerate(truth) if t == ci]
         if idx:
             recalls[name] = sum(pred[i] == ci for i in idx) / len(idx)
-    return Scores(statistics.fmean(recalls.values()), recalls.get(MINORITY, float("nan")), recalls)
+    return Scores(statistics.fmean(recalls.values()), recalls.get(MINORITY, float("nan")), recalls,
+                  tuple(p == t for p, t in zip(pred, truth, strict=True)))
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
@@ -202,6 +217,59 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
         return m, float("nan"), float("nan")
     half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
     return m, m - half, m + half
+
+
+def balanced_accuracy_weighted(correct: np.ndarray, classes: np.ndarray, weights: np.ndarray) -> float:
+    """Balanced accuracy of per-item correctness (n,) with item weights (n,): the mean over classes
+    of the weighted share of correct items (classes with zero weight are left out)."""
+    recalls = [float((correct[classes == c] * weights[classes == c]).sum() / weights[classes == c].sum())
+               for c in np.unique(classes) if weights[classes == c].sum() > 0]
+    return float(np.mean(recalls))
+
+
+def paired_bootstrap(
+    correct_x: np.ndarray,
+    correct_y: np.ndarray,
+    classes: Sequence[int],
+    subjects: Sequence[str],
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """Balanced-accuracy difference x - y of two arms, with a bootstrap interval over seeds AND test subjects.
+
+    correct_x, correct_y: (n_seeds, n_items) booleans, item i correct for classifier seed s,
+    on the same test items in the same order (paired). Each resample draws the seeds with
+    replacement (the same draw for both arms) and, within each class, the test subjects with
+    replacement (all patches of a drawn subject come along: patches of one subject are not
+    independent); an item's weight is the number of times its subject was drawn. Returns
+    (difference on all seeds and items, low, high) of the `level` percentile interval.
+
+    >>> x = np.ones((3, 4), bool); y = np.zeros((3, 4), bool)
+    >>> paired_bootstrap(x, y, [0, 0, 1, 1], ["a", "b", "c", "d"], n_boot=50)
+    (1.0, 1.0, 1.0)
+    """
+    cx, cy = np.asarray(correct_x, float), np.asarray(correct_y, float)
+    if cx.shape != cy.shape or cx.ndim != 2:
+        raise ValueError(f"paired correctness must be two (seeds, items) arrays of one shape, got {cx.shape} and {cy.shape}")
+    cls = np.asarray(classes)
+    subj = np.asarray(subjects)
+    ones = np.ones(cls.shape[0])
+    estimate = balanced_accuracy_weighted(cx.mean(0), cls, ones) - balanced_accuracy_weighted(cy.mean(0), cls, ones)
+    rng = np.random.default_rng(seed)
+    # subjects of each class (a subject's patches all have its class) and each item's subject index
+    names, inverse = np.unique(subj, return_inverse=True)
+    by_class = [np.unique(inverse[cls == c]) for c in np.unique(cls)]
+    diffs = np.empty(n_boot)
+    for b in range(n_boot):
+        s = rng.integers(cx.shape[0], size=cx.shape[0])
+        counts = np.zeros(len(names))
+        for group in by_class:
+            np.add.at(counts, rng.choice(group, size=len(group), replace=True), 1.0)
+        w = counts[inverse]
+        diffs[b] = balanced_accuracy_weighted(cx[s].mean(0), cls, w) - balanced_accuracy_weighted(cy[s].mean(0), cls, w)
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+    return float(estimate), float(lo), float(hi)
 
 
 # --- pipeline stages (each skipped when its output is already in the work folder) -----------
@@ -317,6 +385,62 @@ def build_balanced(work: Path, inputs: dict[str, Any], seed: int, max_share: flo
         manifests_dir=work / "data_manifests",
     )
     return build_arm_dataset(inputs, cfg, work, gated)
+
+
+def build_insertion_inputs(work: Path, inputs: dict[str, Any], seed: int, patch_size: int, n_insert: int | None) -> dict[str, Any]:
+    """Lesion insertion (pipeline/insertion.py): the tumor GAN's necrotic patches inserted into
+    real CT training volumes, gated as lesion patches against the real training lesions.
+
+    The lesion patches are the GAN batch's accepted ones when the patch gate accepted it, else
+    every necrotic patch of the batch (the insertion gate then judges the inserted lesions,
+    and the report says so). `n_insert` defaults to the training volumes' class gap (round
+    minus necrotic CT volumes) plus a quarter, for the items the insertion gate may drop.
+    Returns `inputs` with real = the ingest folder, synthetic = the insertion folder, gate =
+    the insertion gate, and the insertion gate's verdict and checks.
+    """
+    from pipeline.gate.config import GateConfig
+    from pipeline.insertion import gate_insertions, insert_lesions
+    from pipeline.manifest import read_manifest
+    from pipeline.patches import extract_patches, write_patch_folder
+
+    timings, timed = stage_clock(work)
+    ingest = work / "ingest"
+    rows = [r for r in read_manifest(ingest) if r["split"] == "train" and r["modality"] == "CT"]
+    gap = sum(r["class"] == "round" for r in rows) - sum(r["class"] == MINORITY for r in rows)
+    n = n_insert if n_insert is not None else max(1, gap + gap // 4)
+    out = work / f"insertion_n{n}"
+    t0 = time.perf_counter()
+    if not (out / "manifest.csv").is_file():
+        patch_gate = inputs["gate"] if inputs["verdict"] == "accept" else None
+        insert_lesions(ingest, inputs["synthetic"], out, n, MINORITY, seed=seed, patch_gate=patch_gate)
+    timed("insertion", t0)
+
+    lesions = work / "patches_real_lesions"
+    gate = work / f"insertion_gate_n{n}"
+    t0 = time.perf_counter()
+    if not (lesions / "manifest.csv").is_file():
+        write_patch_folder(extract_patches([ingest], patch_size=patch_size, dims=2, seed=seed, neighbours=2, healthy_per_volume=0), lesions)
+    if not (gate / "gate_report.json").is_file():
+        gate_insertions(lesions, out, gate, GateConfig.model_validate({"seed": seed}), patch_size=patch_size)
+    timed("insertion_gate", t0)
+    report = json.loads((gate / "gate_report.json").read_text())
+    return inputs | {"real": ingest, "synthetic": out, "gate": gate, "patch_gate_verdict": inputs["verdict"],
+                     "patch_failed_checks": inputs["failed_checks"], "verdict": report["verdict"],
+                     "failed_checks": report["failed_checks"], "checks": report["checks"], "n_accepted": report["n_accepted"],
+                     "n_rejected": report["n_rejected"], "n_inserted": n, "timings": timings}
+
+
+def build_insertion_balanced(work: Path, inputs: dict[str, Any], seed: int, max_share: float, gated: bool = True) -> Path:
+    """The medaug dataset of the insertion mode: real CT volumes (ingest splits) plus gated inserted
+    volumes in training (as the flow's dataset.synthesis: insertion builds it; each inserted row carries its class)."""
+    from pipeline.dataset import DatasetConfig
+
+    cfg = DatasetConfig(
+        deployment="tumor-patches", synthesis="insertion", target_modality="CT", classes=TUMOR_CLASSES, strategy="equalise",
+        max_synthetic_share=max_share, seed=seed, fractions={"train": 1.0, "val": 0.0, "test": 0.0},  # type: ignore[arg-type]
+        manifests_dir=work / "data_manifests",
+    )
+    return build_arm_dataset(inputs, cfg, inputs["synthetic"].parent / f"{inputs['synthetic'].name}_ds", gated)
 
 
 # --- mri-ct deployment: CycleGAN MRI->CT translations fill the CT minority class -----------------
@@ -496,21 +620,52 @@ def volume_patches(dataset: Path, crop: int, patch_size: int, seed: int) -> list
     return items
 
 
-def mrict_items(dataset: Path, crop: int, patch_size: int, seed: int, ungated: Path | None = None) -> ArmItems:
-    """Arm items of the mri-ct deployment: (a)/(b) real CT training patches, (c) the dataset's
-    training split (real + gated translated CT), test = real CT patches of the test-split subjects."""
+def inserted_volume_patches(dataset: Path, crop: int, patch_size: int) -> list[dict[str, Any]]:
+    """Classifier items of the inserted volumes of a dataset: patches of the inserted lesion (label 2).
+
+    An inserted volume also holds its host's own lesion (label 1, of the host's class);
+    the volume's class is the inserted lesion's, so only that lesion is cut
+    (pipeline.insertion.inserted_patches: the same slices, window and centring as the real patches).
+    """
+    import nibabel as nib
+
+    from pipeline.insertion import inserted_patches
+    from pipeline.manifest import read_manifest
+    from pipeline.patches import DEFAULT_TUMOR_HU_WINDOW
+
+    items = []
+    for r in read_manifest(dataset):
+        if r["synthetic"] != "1":
+            continue
+        vol = np.asarray(nib.load(dataset / r["path"]).dataobj, np.float32)  # type: ignore[attr-defined]
+        lab = np.asarray(nib.load(dataset / r["label_path"]).dataobj)  # type: ignore[attr-defined]
+        for img, _, _ in inserted_patches(vol, lab, patch_size, 2, DEFAULT_TUMOR_HU_WINDOW):
+            items.append({"image": _as_2d(torch.from_numpy(img[None]), crop), "class": TUMOR_CLASSES.index(r["class"]),
+                          "split": r["split"], "synthetic": True, "subject_id": r["subject_id"]})
+    return items
+
+
+def mrict_items(dataset: Path, crop: int, patch_size: int, seed: int, ungated: Path | None = None, insertion: bool = False) -> ArmItems:
+    """Arm items of the volume datasets (mri-ct, and tumor-patches by insertion): (a)/(b) real CT
+    training patches, (c)/(d) the dataset's training split (real + gated translated or inserted
+    CT), test = real CT patches of the test-split subjects (each test item keeps its subject)."""
     from pipeline.manifest import read_manifest
 
     def plain(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{"image": it["image"], "class": it["class"]} for it in items]
 
     cut = volume_patches(dataset, crop, patch_size, seed)
+    if insertion:
+        cut = [it for it in cut if not it["synthetic"]] + inserted_volume_patches(dataset, crop, patch_size)
     real_train = [it for it in cut if it["split"] == "train" and not it["synthetic"]]
     all_train = [it for it in cut if it["split"] == "train"]
     test = [it for it in cut if it["split"] == "test"]
     if any(it["synthetic"] for it in test):
         raise RuntimeError(f"{dataset}: the test split holds synthetic volumes; the dataset writer must keep them out")
     ungated_train = [it for it in volume_patches(ungated, crop, patch_size, seed) if it["split"] == "train"] if ungated else None
+    if ungated_train is not None and insertion and ungated is not None:
+        ungated_train = [it for it in ungated_train if not it["synthetic"]] + [
+            it for it in inserted_volume_patches(ungated, crop, patch_size) if it["split"] == "train"]
     rows = read_manifest(dataset)
 
     def volumes(split: str, synthetic: bool) -> dict[str, int]:
@@ -529,7 +684,8 @@ def mrict_items(dataset: Path, crop: int, patch_size: int, seed: int, ungated: P
         counts["volumes_train_translated_ungated"] = {
             c: sum(r["split"] == "train" and r["synthetic"] == "1" and r["class"] == c for r in ungated_rows) for c in TUMOR_CLASSES
         }
-    return ArmItems(plain(real_train), plain(all_train), plain(test), plain(ungated_train) if ungated_train is not None else None, counts)
+    test_items = [{"image": it["image"], "class": it["class"], "subject": it["subject_id"]} for it in test]
+    return ArmItems(plain(real_train), plain(all_train), test_items, plain(ungated_train) if ungated_train is not None else None, counts)
 
 
 # --- experiment --------------------------------------------------------------------------------
@@ -581,6 +737,8 @@ def run_arms(items: ArmItems, seeds: Sequence[int], steps: int, batch_size: int)
         "a_real": (items.real_train, False, None),
         "b_real_oversample_aug": (items.real_train, True, classical_augmentation()),
         "c_medaug_balanced": (items.medaug_train, False, None),
+        # the comparison a researcher makes: synthetic data together with the same classical recipe as (b)
+        "d_medaug_oversample_aug": (items.medaug_train, True, classical_augmentation()),
     }
     if items.ungated_train is not None:
         arms["c_ungated_diagnostic"] = (items.ungated_train, False, None)
@@ -590,7 +748,8 @@ def run_arms(items: ArmItems, seeds: Sequence[int], steps: int, batch_size: int)
             t0 = time.perf_counter()
             s = train_and_test(train, test, classes, seed, steps, batch_size, balanced, transform)
             per_seed[name].append({"seed": seed, "balanced_accuracy": s.balanced_accuracy, "minority_recall": s.minority_recall,
-                                   "recalls": s.recalls, "seconds": round(time.perf_counter() - t0, 1)})
+                                   "recalls": s.recalls, "seconds": round(time.perf_counter() - t0, 1),
+                                   "correct": [int(c) for c in s.correct]})
             log.info("seed %d %s: balanced accuracy %.3f, %s recall %.3f", seed, name, s.balanced_accuracy, MINORITY, s.minority_recall)
     summary: dict[str, Any] = {}
     for name, rows in per_seed.items():
@@ -603,6 +762,15 @@ def run_arms(items: ArmItems, seeds: Sequence[int], steps: int, batch_size: int)
                 m: mean_ci([c[m] - o[m] for c, o in zip(per_seed[mine], per_seed[other], strict=True)])
                 for m in ("balanced_accuracy", "minority_recall")
             }
+    for mine, tag in (("d_medaug_oversample_aug", "d"), ("c_medaug_balanced", "c")):
+        summary[f"{tag}_minus_b_seeds"] = {
+            m: mean_ci([c[m] - o[m] for c, o in zip(per_seed[mine], per_seed["b_real_oversample_aug"], strict=True)])
+            for m in ("balanced_accuracy", "minority_recall")
+        }
+        # the interval the claim rests on: over classifier seeds and test subjects, paired across arms
+        summary[f"{tag}_minus_b_boot"] = paired_bootstrap(
+            np.array([r["correct"] for r in per_seed[mine]], bool), np.array([r["correct"] for r in per_seed["b_real_oversample_aug"]], bool),
+            [it["class"] for it in test], [str(it.get("subject", i)) for i, it in enumerate(test)], seed=0)
     return {"counts": counts, "per_seed": per_seed, "summary": summary}
 
 
@@ -635,11 +803,27 @@ def verdict_text(summary: dict[str, Any], tag: str = "c", name: str = "(c) medau
     return " ".join(lines)
 
 
+def beyond_text(summary: dict[str, Any], verdict: str) -> str:
+    """Plain statement of the claim (d) - (b): does medaug's data help on top of oversampling + classical augmentation?"""
+    if "d_minus_b_boot" not in summary:
+        return "not measured (no arm (d))."
+    m, lo, hi = summary["d_minus_b_boot"]
+    refused = "" if verdict == "accept" else " (the gate rejected the synthetic data, so (d) holds real items only)"
+    if lo > 0:
+        word = "YES: medaug's data helps beyond classical augmentation on this run"
+    elif hi < 0:
+        word = "NO: (d) is worse than (b) on this run"
+    else:
+        word = "NOT SHOWN: the interval includes 0, so this run does not show that medaug helps beyond classical augmentation"
+    return f"{word}{refused}; (d) - (b) balanced accuracy {m:.3f} [{lo:.3f}, {hi:.3f}] (95%, seeds x test subjects)."
+
+
 def markdown_section(result: dict[str, Any], command: str) -> str:
     """The RESULTS.md section of a run."""
     s = result["summary"]
     names = {"a_real": "(a) real, imbalanced", "b_real_oversample_aug": "(b) real + oversampling + MONAI aug",
              "c_medaug_balanced": "(c) medaug balanced (real + gated synthetic)",
+             "d_medaug_oversample_aug": "(d) medaug + oversampling + MONAI aug (as (b))",
              "c_ungated_diagnostic": "(c') diagnostic: same fill, synthetic NOT gated"}
     cfg = result["config"]
     counts = result["counts"]
@@ -669,6 +853,28 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
             f"{counts['train_real']}, medaug train {counts['train_medaug']}, test {counts['test']}"
             + (f"; ungated (c') train {counts['train_ungated']}" if "train_ungated" in counts else "") + ".",
         ]
+    elif cfg.get("synthesis") == "insertion":
+        g = result["gate"]
+        checks = ", ".join(f"{c['name']} {c['value']:.3g} {c['op']} {c['threshold']:.3g}" for c in g.get("checks", [])
+                           if c.get("value") is not None and c.get("threshold") is not None)
+        names["c_medaug_balanced"] = "(c) medaug balanced (real CT + gated inserted lesions)"
+        head = [
+            f"## Downstream classifier, tumor-patches deployment by lesion insertion ({result['date']})",
+            "",
+            f"- Device: {result['device']}",
+            f"- Command: `{command}`",
+            f"- Cohort: {cfg['subjects']} phantom subjects at size {cfg['size']} (CT); tumor GAN {cfg['gan_steps']} steps, "
+            f"its patch batch: gate **{g['patch_gate_verdict']}**"
+            + (f" (failed: {', '.join(g['patch_failed_checks'])}), so every necrotic patch was offered to insertion" if g["patch_failed_checks"] else "")
+            + f"; {g['n_inserted']} necrotic lesions inserted into real CT training volumes (pipeline/insertion.py, feathered); "
+            f"insertion gate (lesion patches vs real training lesion patches, seam check on) **{g['verdict']}**{failed}: {checks}; "
+            f"per volume {g['n_accepted']} accepted, {g['n_rejected']} rejected.",
+            f"- CT volumes per class: real train {counts['volumes_train_real']}, inserted in (c)/(d) "
+            f"{counts['volumes_train_translated']}, test (real, held-out subjects) {counts['volumes_test']}. Dataset content hash "
+            f"{result['dataset_content_hash'][:12]} (equalise, max synthetic share {result['max_synthetic_share']}).",
+            f"- Patches per class (lesion-centred, 2D axial, largest-lesion slice +-2, CT window -100..200 HU; inserted volumes: "
+            f"the inserted lesion): real train {counts['train_real']}, medaug train {counts['train_medaug']}, test {counts['test']}.",
+        ]
     else:
         head = [
             f"## Downstream classifier: does the balanced dataset help? ({result['date']})",
@@ -685,7 +891,9 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
     lines = [
         *head,
         f"- Classifier: 3-block CNN (8-16-32 ch) on the central {cfg['crop']}x{cfg['crop']} of each lesion-centred patch, Adam 1e-3, {cfg['steps']} steps x batch {cfg['batch_size']} in every arm; "
-        f"seeds {cfg['seeds']}; mean and 95% t-interval over seeds.",
+        f"seeds {cfg['seeds']}; mean and 95% t-interval over seeds; the (x) - (b) rows marked 'seeds x subjects' are a paired "
+        "bootstrap (2000 resamples) over classifier seeds and test subjects within each class (pipeline of bench/downstream.py "
+        "`paired_bootstrap`).",
         "",
         "| arm | balanced accuracy | necrotic (minority) recall |",
         "|---|---|---|",
@@ -698,6 +906,12 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
         f"| (c) - (a), paired | {_fmt(s['c_minus_a']['balanced_accuracy'])} | {_fmt(s['c_minus_a']['minority_recall'])} |",
         f"| (c) - (b), paired | {_fmt(s['c_minus_b']['balanced_accuracy'])} | {_fmt(s['c_minus_b']['minority_recall'])} |",
     ]
+    for tag in ("c", "d"):
+        if f"{tag}_minus_b_boot" in s:
+            lines += [f"| ({tag}) - (b), paired, seeds x subjects | {_fmt(s[f'{tag}_minus_b_boot'])} | |"]
+    if "d_minus_b_seeds" in s:
+        lines += [f"| (d) - (b), paired, seeds only | {_fmt(s['d_minus_b_seeds']['balanced_accuracy'])} | "
+                  f"{_fmt(s['d_minus_b_seeds']['minority_recall'])} |"]
     if "cu_minus_a" in s:
         lines += [
             f"| (c') - (a), paired | {_fmt(s['cu_minus_a']['balanced_accuracy'])} | {_fmt(s['cu_minus_a']['minority_recall'])} |",
@@ -705,15 +919,17 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
         ]
     lines += [
         "",
+        f"**Beyond classical augmentation:** {beyond_text(s, result['gate']['verdict'])}",
+        "",
         f"**Verdict:** {verdict_text(s)}" if result["gate"]["verdict"] == "accept" else
         "**Verdict:** the gate rejected the synthetic batch, so medaug refused to add it: (c) holds no synthetic data (it is "
         "real-only, the same as (a)) and this run cannot show that (c) beats (a) or (b). It does not."
         + (f" Diagnostic only, outside the product's rules: {verdict_text(s, 'cu', '(c) built WITHOUT the gate')}" if "cu_minus_a" in s else ""),
         "",
         f"Stage times (s, when each stage ran): {result['timings']}. The test split has only {sum(result['counts']['test'].values())} patches from "
-        f"held-out subjects (subjects per class: {result['counts']['test_subjects']}), and the intervals are over classifier "
-        "seeds only: they do not hold the test-set sampling uncertainty, which is larger. These are this run's numbers, "
-        "not a general claim."
+        f"held-out subjects (subjects per class: {result['counts']['test_subjects']}). The t-intervals are over classifier "
+        "seeds only; the 'seeds x subjects' bootstrap rows also hold the test-set sampling uncertainty (test subjects "
+        "resampled within each class), which is the larger part. These are this run's numbers, not a general claim."
         + (" The CycleGAN's best.pt was picked, as the augment flow picks it, by structure scores (input vs translation, "
            f"no truth, no classes) on {result['gate'].get('monitor_subjects', 0)} training-split subjects held out of its "
            "training (the phantom cohort has no validation split; pipeline.slices.plan_monitor); the test split "
@@ -732,6 +948,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deployment", choices=["tumor-patches", "mri-ct"], default="tumor-patches",
                         help="tumor-patches: tumor GAN patches fill the minority; mri-ct: CycleGAN MRI->CT translations do.")
+    parser.add_argument("--synthesis", choices=["patches", "insertion"], default="patches",
+                        help="tumor-patches: the GAN's patches enter the dataset (patches) or are inserted into real training CTs (insertion).")
+    parser.add_argument("--n-insert", type=int, default=None,
+                        help="insertion: volumes to insert into (default: the training class gap plus a quarter).")
     parser.add_argument("--subjects", type=int, default=40, help="Phantom subjects (about 15%% necrotic).")
     parser.add_argument("--size", type=int, default=64, help="Phantom volume side in voxels.")
     parser.add_argument("--patch-size", type=int, default=32, help="2D patch side (power of two).")
@@ -764,6 +984,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         inputs = build_inputs(args.work, args.subjects, args.size, args.seed, args.patch_size, args.gan_steps, args.n_synth)
         gate_info = {"verdict": inputs["verdict"], "failed_checks": inputs["failed_checks"]}
+        if args.synthesis == "insertion":
+            inputs = build_insertion_inputs(args.work, inputs, args.seed, args.patch_size, args.n_insert)
+            gate_info = {k: inputs[k] for k in ("verdict", "failed_checks", "checks", "n_accepted", "n_rejected", "n_inserted",
+                                               "patch_gate_verdict", "patch_failed_checks")}
     if inputs["verdict"] != "accept":
         # medaug refuses to build (c) from a rejected batch; (a) and (b) still run on the real-only dataset
         log.error("the gate rejected the synthetic data (%s): medaug refuses to build (c)", inputs["failed_checks"])
@@ -775,6 +999,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ungated = build_mrict_balanced(inputs, ds_cfg, gated=False) if inputs["gate"] is None else None
         max_share = ds_cfg.max_synthetic_share
         items = mrict_items(dataset, args.crop, args.patch_size, args.seed, ungated)
+    elif args.synthesis == "insertion":
+        max_share = 0.9 if args.max_share is None else args.max_share
+        dataset = build_insertion_balanced(args.work, inputs, args.seed, max_share)
+        ungated = build_insertion_balanced(args.work, inputs, args.seed, max_share, gated=False) if inputs["gate"] is None else None
+        items = mrict_items(dataset, args.crop, args.patch_size, args.seed, ungated, insertion=True)
     else:
         max_share = 0.9 if args.max_share is None else args.max_share
         dataset = build_balanced(args.work, inputs, args.seed, max_share)

@@ -47,6 +47,8 @@ from flows.tasks import (
     gate_task,
     image_artifact,
     ingest_task,
+    insertion_gate_task,
+    insertion_task,
     pacs_ref,
     patches_task,
     phantoms_task,
@@ -196,7 +198,11 @@ def _run_stages(params: AugmentParams, cfg: PipelineConfig, out: Path) -> dict[s
     # the gate key by name only ("env" or a Secret block): the tasks read it, Prefect never stores it
     gate_key_source = f"secret:{rt.gate_key_secret}" if rt.gate_key_secret else "env"
     with stage("gate"):
-        gate = gate_task(real, synthetic, str(out / "gate"), cfg.gate.model_dump(mode="json"), gate_key_source)
+        if cfg.pipeline == "tumor-patches" and cfg.dataset.synthesis == "insertion":
+            gate = insertion_gate_task(str(out / "patches"), synthetic, str(out / "gate"), cfg.gate.model_dump(mode="json"),
+                                       cfg.tumor_gan.patch_size, gate_key_source)
+        else:
+            gate = gate_task(real, synthetic, str(out / "gate"), cfg.gate.model_dump(mode="json"), gate_key_source)
         result["gate_report"] = str(out / "gate" / "gate_report.md")
         if gate["verdict"] != "accept":
             raise GateRejected(
@@ -287,7 +293,15 @@ def tumor_patches_stages(cfg: PipelineConfig, params: AugmentParams, out: Path, 
                "out": str(out / "synthetic"), "device": rt.device, "batch_size": cfg.generate.batch_size}
         generate_synthetic.with_options(task_runner=task_runner(rt))([job], rt.retries, rt.retry_backoff_s)
     result["synthetic"] = str(out / "synthetic")
-    return real, str(out / "synthetic"), str(Path(checkpoint).with_suffix(".json"))
+    card = str(Path(checkpoint).with_suffix(".json"))
+    if cfg.dataset.synthesis == "insertion":
+        # the lesions go into real training volumes; the dataset is then of volumes: real = the ingest folder
+        with stage("insert"):
+            inserted = insertion_task(result["ingest"], str(out / "synthetic"), str(out / "insertion"), cfg.generate.seed,
+                                      cfg.generate.oversample, list(pc.hu_window))
+        result["insertion"] = inserted["out"]
+        return result["ingest"], inserted["out"], card
+    return real, str(out / "synthetic"), card
 
 
 def samples_per_class(real: Path, cfg: PipelineConfig) -> dict[str, int]:

@@ -619,6 +619,38 @@ def sample_tumors_task(checkpoint: str, counts: dict[str, int], seed: int, out: 
     return {"out": str(out), "counts": counts}
 
 
+@task(name="insert-lesions", retry_condition_fn=retry_unless_config_error)
+def insertion_task(ingest: str, samples: str, out: str, seed: int, oversample: float, hu_window: list[float]) -> dict[str, Any]:
+    """Insert the sampled lesion patches into real training CTs until the classes balance (pipeline.insertion)."""
+    from pipeline.insertion import InsertionOptions, insert_lesions, insertion_counts
+
+    counts = insertion_counts(Path(ingest), oversample)
+    opts = InsertionOptions(hu_window=(float(hu_window[0]), float(hu_window[1])))
+    for klass, n in counts.items():
+        insert_lesions(Path(ingest), Path(samples), Path(out), n, klass, seed=seed, opts=opts)
+    get_run_logger().info("inserted lesions per class: %s", counts)
+    return {"out": out, "counts": counts}
+
+
+@task(name="gate-insertions")
+def insertion_gate_task(real_patches: str, insertion: str, out: str, config: dict[str, Any], patch_size: int,
+                        key_source: str = "env") -> dict[str, Any]:
+    """Gate inserted volumes as lesion patches against the real lesion patches (pipeline.insertion.gate_insertions).
+
+    The report is signed with the key `key_source` names (resolve_gate_key, read here: never a parameter)."""
+    from pipeline.gate.config import GateConfig
+    from pipeline.insertion import gate_insertions
+
+    report = gate_insertions(Path(real_patches), Path(insertion), Path(out), GateConfig.model_validate(config), patch_size,
+                             key=resolve_gate_key(key_source))
+    image_artifact(Path(out) / "patches_gate" / "accepted_samples.png", key="gate-accepted-samples",
+                   description="Inserted lesions the gate accepted")
+    get_run_logger().info("insertion gate %s: %d volumes accepted, %d rejected; failed checks: %s", report["verdict"],
+                          report["n_accepted"], report["n_rejected"], ", ".join(report["failed_checks"]) or "none")
+    return {"verdict": report["verdict"], "failed_checks": list(report["failed_checks"]), "report_id": report["report_id"],
+            "n_accepted": report["n_accepted"], "n_rejected": report["n_rejected"], "out": str(out)}
+
+
 # --- gate and dataset ---------------------------------------------------------------------
 
 

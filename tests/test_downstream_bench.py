@@ -33,6 +33,47 @@ def test_downstream_bench_mri_ct_smoke(tmp_path: Path) -> None:
     assert not (ROOT / "bench" / "RESULTS.md").read_text(encoding="utf-8").count(str(tmp_path))  # --record not given
 
 
+@pytest.mark.bench
+def test_downstream_bench_insertion_smoke(tmp_path: Path) -> None:
+    """tumor-patches by lesion insertion: GAN patches inserted into real CTs, gated, arms (a)-(d), (d) - (b) bootstrap."""
+    args = ["--synthesis", "insertion", "--n-insert", "8", "--subjects", "16", "--size", "64", "--patch-size", "32",
+            "--gan-steps", "4", "--n-synth", "16", "--seeds", "2", "--steps", "4", "--work", str(tmp_path / "work")]
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "downstream.py"), *args], capture_output=True, text=True,
+                         timeout=400, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert out.startswith("## Downstream classifier, tumor-patches deployment by lesion insertion")
+    arms = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| (")]
+    assert [a[:3] for a in arms[:4]] == ["(a)", "(b)", "(c)", "(d)"]
+    assert "(d) - (b), paired, seeds x subjects" in arms
+    assert "**Beyond classical augmentation:**" in out and "seam" in out
+    rows = (tmp_path / "work" / "insertion_n8" / "manifest.csv").read_text().splitlines()
+    assert len(rows) == 9 and all(",train," in r for r in rows[1:])  # inserted volumes stay in training
+
+
+def test_paired_bootstrap_known_answers() -> None:
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from bench.downstream import paired_bootstrap
+
+    classes = [0] * 6 + [1] * 4
+    subjects = [f"s{i // 2}" for i in range(10)]  # 5 subjects, 2 patches each
+    same = np.random.default_rng(0).random((4, 10)) < 0.5
+    assert paired_bootstrap(same, same, classes, subjects, n_boot=200) == (0.0, 0.0, 0.0)
+    right, wrong = np.ones((4, 10), bool), np.zeros((4, 10), bool)
+    assert paired_bootstrap(right, wrong, classes, subjects, n_boot=200) == (1.0, 1.0, 1.0)
+    # x is right on the minority only, y on the majority only: balanced accuracy 0.5 each, difference 0,
+    # and every resample keeps both classes, so the interval is exactly 0 too
+    x = np.array([[c == 1 for c in classes]] * 4)
+    assert paired_bootstrap(x, ~x, classes, subjects, n_boot=200) == (0.0, 0.0, 0.0)
+    # one subject decides: x beats y on subject s0 only; the interval must reach down to 0 (s0 not drawn)
+    x = np.zeros((4, 10), bool)
+    x[:, :2] = True
+    m, lo, hi = paired_bootstrap(x, wrong, classes, subjects, n_boot=500)
+    assert m == pytest.approx(1 / 3 / 2) and lo == 0.0 and hi > m
+
+
 def test_downstream_bench_refuses_a_work_folder_of_another_cohort(tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()

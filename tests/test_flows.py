@@ -22,10 +22,11 @@ from pipeline.errors import ConfigError
 CONFIGS = REPO_ROOT / "configs"
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "mri-ct.yaml", "tumor-patches.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "mri-ct.yaml", "tumor-patches.yaml", "tumor-insertion.yaml"])
 def test_pipeline_configs_load(name: str) -> None:
     cfg = load_pipeline_config(AugmentParams(config=f"configs/{name}"))
     assert cfg.pipeline == ("tumor-patches" if name.startswith("tumor") else "mri-ct")
+    assert cfg.dataset.synthesis == ("insertion" if "insertion" in name else "patches")
     assert cfg.runtime.task_runner == "thread"
 
 

@@ -231,3 +231,20 @@ def test_tiny_tumor_patches_pipeline(tmp_path: Path) -> None:
         classes = {r["class"] for r in csv.DictReader(f)}
     assert classes == {"round", "necrotic"}
     assert (Path(result["dataset"]) / "manifest.csv").is_file()
+
+
+def test_tiny_tumor_insertion_pipeline(tmp_path: Path) -> None:
+    """dataset.synthesis: insertion: the GAN's lesions go into real training CTs, are gated, and the
+    dataset holds the inserted volumes in training only (seam thresholds opened: a 20-step GAN's
+    lesions are blobs, which the seam check rejects, as tests/test_insertion.py shows on purpose)."""
+    overrides = ["dataset.synthesis=insertion", "phantoms.n_subjects=16", "phantoms.size=64", "tumor_gan.patch_size=32",
+                 "gate.seam_max_ratio=1000", "gate.seam_item_ratio=1000"]
+    state, result = run_flow(tmp_path / "insertion", pipeline="tumor-patches", overrides=overrides)
+    assert state.is_completed() and Path(result["insertion"]).is_dir()
+    with open(Path(result["dataset"]) / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    inserted = [r for r in rows if r["synthetic"] == "1"]
+    assert inserted and {r["split"] for r in inserted} == {"train"} and {r["class"] for r in inserted} == {"necrotic"}
+    report = (Path(result["out"]) / "gate" / "gate_report.json").read_text()
+    assert '"seam"' in report
+    assert "| seam |" in (Path(result["out"]) / "gate" / "gate_report.md").read_text()

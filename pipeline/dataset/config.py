@@ -46,6 +46,7 @@ class DatasetConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     deployment: Deployment = Field(default="tumor-patches", description="mri-ct: translated volumes inherit source class and mask; tumor-patches: sampled patches carry their class.")
+    synthesis: Literal["patches", "insertion"] = Field(default="patches", description="tumor-patches: the GAN's patches are the synthetic items (patches), or they are inserted into real training CT volumes first (insertion: pipeline/insertion.py); mri-ct ignores it.")
     target_modality: Modality = Field(default="CT", description="Only items of this modality enter the dataset; balancing is over its classes.")
     strategy: Strategy = Field(default="equalise", description="equalise: fill every class up to the largest; fixed: every class to fixed_count; none: real items only.")
     fixed_count: int | None = Field(default=None, ge=1, description="Training items per class for strategy 'fixed' (real items above it are subsampled, seeded).")

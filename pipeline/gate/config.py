@@ -22,8 +22,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.types import HUWindow
 
-CHECKS = ("modality", "intensity", "fid", "kid", "precision", "recall", "coverage", "diversity", "duplicates", "memorization")
+CHECKS = ("modality", "intensity", "fid", "kid", "precision", "recall", "coverage", "diversity", "duplicates", "memorization", "seam")
 """Names of the batch checks, in the order the report lists them."""
+
+
+SEAM_MAX_RATIO = 1.5
+"""The seam check's threshold for inserted lesions (bench/RESULTS.md, Lesion insertion: feathered
+insertions score ~0.8 x the real lesions' median, a lesion box pasted with a 22 HU background
+offset ~2.1 x, the real lesions themselves 0.6-1.9 x)."""
 
 
 class GateConfig(BaseModel):
@@ -74,6 +80,8 @@ class GateConfig(BaseModel):
     coverage_min: float | None = Field(default=0.5, ge=0.0, le=1.0, description="Min coverage (share of real k-NN balls holding a synthetic sample); held-out real 0.81-0.98, 3 modes 0.57-0.69, noise 0.")
     diversity_max_excess: float | None = Field(default=0.1, description="Max mean pairwise MS-SSIM (same slice level, different items) of synthetic minus real; held-out real -0.08..+0.04 over cohorts (10 volumes are few), 3 modes +0.03..+0.14: duplicates is the reliable collapse check at demo scale.")
     max_duplicate_fraction: float | None = Field(default=0.2, ge=0.0, le=1.0, description="Max share of synthetic slices whose nearest other synthetic item is a near-copy (same ratios as memorization); held-out real 0, wrong modality 0.12, 3 modes 1.0.")
+    seam_max_ratio: float | None = Field(default=None, gt=0.0, description="Max median seam score (gradient energy 1-4 px outside the lesion mask, pipeline/gate/seam.py) of the synthetic items over the real items'. For inserted lesions (pipeline/insertion.py switches it on at SEAM_MAX_RATIO); null: off, since a wholly generated item has no paste border. Phantom CT: feathered insertions ~0.8, a pasted box with a 22 HU background offset ~2.1.")
+    seam_item_ratio: float = Field(default=3.0, gt=0.0, description="With the seam check on, an item whose seam score is above this times the real median is dropped; real lesions spread 0.6-1.9 x their median (5th-95th percentile).")
     max_copy_fraction: float | None = Field(default=0.05, ge=0.0, le=1.0, description="Max share of synthetic slices that are near-copies of a training slice; held-out real 0, training volumes + 10 HU noise 1.0.")
 
     # --- per-sample filtering ---------------------------------------------------------------

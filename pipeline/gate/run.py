@@ -18,7 +18,9 @@ The checks (thresholds in GateConfig):
   recall, coverage  the real distribution is covered (mode collapse fails);
   diversity     mean pairwise MS-SSIM of synthetic minus real (mode collapse raises it);
   duplicates    share of synthetic slices with a near-copy in another synthetic item (collapse);
-  memorization  share of synthetic slices that are near-copies of training slices.
+  memorization  share of synthetic slices that are near-copies of training slices;
+  seam          (off unless gate.seam_max_ratio; on for inserted lesions) gradient energy just
+                outside the lesion masks, synthetic over real (pipeline/gate/seam.py).
 
 Distances are normalised by the median real-to-real nearest-neighbour distance between
 different items (subjects), so "near" means "much nearer than two real subjects are".
@@ -57,6 +59,7 @@ from pipeline.gate.report import (
     write_json,
     write_markdown,
 )
+from pipeline.gate.seam import seam_gate
 from pipeline.gate.signing import NOT_VERIFIED_NOTE, gate_key_from_env
 
 log = logging.getLogger(__name__)
@@ -438,6 +441,11 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
         "nearest_k": k,
     }
 
+    # seam (inserted lesions; off unless cfg.seam_max_ratio): pipeline/gate/seam.py
+    seam_check, seam_metric, seam_reasons = seam_gate(ref_all, syn_all, cfg.seam_max_ratio, cfg.seam_item_ratio)
+    if seam_metric:
+        metrics["seam_ratio"] = seam_metric
+
     # batch checks
     missing = sorted(set(syn_all.modalities) - set(ref_all.modalities))
     checks = [
@@ -459,6 +467,7 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
         _check("memorization", float(copies.mean()), cfg.max_copy_fraction, "<=",
                f"share of slices nearer a training image than {cfg.copy_ratio_pixel} x (pixels) or "
                f"{cfg.copy_ratio_feature} x (features) the typical real-to-real distance"),
+        seam_check,
     ]
     done = [c for c in checks if c is not None]
     done.sort(key=lambda c: CHECKS.index(c.name))
@@ -467,6 +476,8 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
 
     # per-sample filtering
     samples = _decide_samples(ref_all, syn_all, mem, copies, outliers, cfg)
+    for i, why in seam_reasons.items():
+        samples[i].decision, samples[i].reasons = "reject", [*samples[i].reasons, why]
     n_acc = sum(s.decision == "accept" for s in samples)
     report = GateReport(
         verdict=verdict,

@@ -150,6 +150,7 @@ def ingest_cmd(
     from pipeline.ingest import locate as locate_ref
     from pipeline.ingest import run_ingest
     from pipeline.ingest.deid import KEY_ENV, key_from_env
+    from pipeline.outputs import output_lock
 
     mod = modality.upper() if modality else None
     if mod not in (None, "CT", "MR"):
@@ -184,12 +185,14 @@ def ingest_cmd(
             raise ConfigError(f"--dicomweb {redact_url(dicomweb)}: the URL must not carry a query string or fragment "
                               "(?... or #...); give study filters with --query KEY=VALUE and a token in "
                               "MEDAUG_DICOMWEB_TOKEN")
-        report = ingest_dicomweb(dicomweb, parse_query(query or []), out, key=key, workers=max(1, workers))
+        with output_lock(out, "ingest"):
+            report = ingest_dicomweb(dicomweb, parse_query(query or []), out, key=key, workers=max(1, workers))
     elif not sources:
         raise ConfigError("name at least one input folder or file, or a PACS with --dicomweb URL")
     else:
-        report = run_ingest(sources, out, modality=mod, key=key, workers=max(1, workers), level=gzip_level,  # type: ignore[arg-type]
-                            strict=strict)
+        with output_lock(out, "ingest"):  # a second ingest into the same --out gets one line, not interleaved files
+            report = run_ingest(sources, out, modality=mod, key=key, workers=max(1, workers), level=gzip_level,  # type: ignore[arg-type]
+                                strict=strict)
     typer.echo(
         f"{report.volumes_written} volumes written to {out} ({report.volumes_reused} unchanged); "
         f"{report.files_seen} files seen: {report.files_used} used, {report.skipped} skipped, "
@@ -224,6 +227,7 @@ def train_cyclegan_cmd(
     from models.common import TrainingDivergedError as _Diverged
     from models.train_cyclegan import train_cyclegan
     from pipeline.errors import CheckpointError, ConfigError, TrainingDivergedError
+    from pipeline.outputs import output_lock
     from pipeline.slices import load_training_inputs
     from pipeline.structure import STRUCTURE_KEY
 
@@ -243,8 +247,9 @@ def train_cyclegan_cmd(
     typer.echo(f"training on {len(train_data.a)} MRI and {len(train_data.b)} CT slices "  # type: ignore[arg-type]
                f"from {len(train_data.meta['train_subjects'])} subjects, {cfg.total_steps} steps")
     try:
-        result = train_cyclegan(cfg, train_data, out, resume=resume, device=device, evaluate=evaluate,
-                                best_key=STRUCTURE_KEY if evaluate is not None else None)
+        with output_lock(out, "train cyclegan"):
+            result = train_cyclegan(cfg, train_data, out, resume=resume, device=device, evaluate=evaluate,
+                                    best_key=STRUCTURE_KEY if evaluate is not None else None)
     except _Diverged as exc:
         raise TrainingDivergedError(str(exc)) from None
     except _CheckpointError as exc:
@@ -392,6 +397,7 @@ def train_tumor_gan_cmd(
     from models.common import TrainingDivergedError as _Diverged
     from models.train_tumor_gan import TumorGANConfig, train_tumor_gan
     from pipeline.errors import CheckpointError, ConfigError, TrainingDivergedError
+    from pipeline.outputs import output_lock
     from pipeline.patches import load_patches, to_train_data
 
     overrides = list(set_ or [])
@@ -404,7 +410,8 @@ def train_tumor_gan_cmd(
     train_data = to_train_data(patches, modality)
     typer.echo(f"training on {train_data.images.shape[0]} {train_data.modality} patches of {', '.join(train_data.classes)}")
     try:
-        result = train_tumor_gan(cfg, train_data, out, resume=resume, device=device)
+        with output_lock(out, "train tumor-gan"):
+            result = train_tumor_gan(cfg, train_data, out, resume=resume, device=device)
     except _Diverged as exc:
         raise TrainingDivergedError(str(exc)) from None
     except _CheckpointError as exc:

@@ -425,6 +425,24 @@ def test_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(tmp_path
         holder.wait()
 
 
+def test_ingest_and_training_into_a_locked_folder_get_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ingest and the trainers hold the output lock too (around converting and training): a second
+    writer stops with one line and writes nothing."""
+    monkeypatch.setenv("MEDAUG_DEID_KEY", "test-key")
+    src = _ingest_like(tmp_path / "src")
+    for out, args in ((tmp_path / "ingest", ["ingest", src / "volumes"]),
+                      (tmp_path / "tg", ["train", "tumor-gan", "--data", src, "--config", "configs/tiny.yaml",
+                                         "--patch-size", "8"])):
+        holder = _holder(out, 60)
+        try:
+            line = _one_line_error(_invoke([*args, "--out", out]))
+            assert "is being written by pid" in line, (args, line)
+            assert not out.exists() or not any(out.iterdir()), (args, sorted(out.iterdir()))
+        finally:
+            holder.kill()
+            holder.wait()
+
+
 def test_two_demos_into_one_folder_the_second_stops_at_once(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     holder = _holder(out, 60)

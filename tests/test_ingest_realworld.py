@@ -411,43 +411,8 @@ def test_single_file_enhanced_4d_with_two_frame_types(tmp_path: Path) -> None:
     """One enhanced MR file: 3 time points x 4 slices of magnitude (M) plus 4 slices of phase (P),
     frames stored slice-major and out of order. Ingest writes 3 magnitude volumes (volume_index
     from TemporalPositionIndex) and one phase volume, each frame with its own rescale."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence as Seq
-    from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian
-
-    rows, cols = 6, 7
     specs = [("M", t, z) for z in (2, 0, 3, 1) for t in (3, 1, 2)] + [("P", 1, z) for z in (1, 3, 0, 2)]
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = EnhancedMRImageStorage, "1.2.9.51.1"
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = EnhancedMRImageStorage, "1.2.9.51.1"
-    ds.Modality, ds.PatientID, ds.SeriesInstanceUID, ds.SeriesNumber = "MR", "PAT-4D", "1.2.9.51", 1
-    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, cols, len(specs)
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit, ds.PixelRepresentation = 15, 0
-    shared, ori, meas = Dataset(), Dataset(), Dataset()
-    ori.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    meas.PixelSpacing = [1.0, 1.0]
-    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Seq([ori]), Seq([meas])
-    ds.SharedFunctionalGroupsSequence = Seq([shared])
-    per = []
-    for kind, t, z in specs:
-        item, pos, content, ftype, trans = Dataset(), Dataset(), Dataset(), Dataset(), Dataset()
-        pos.ImagePositionPatient = [0, 0, 3.0 * z]
-        content.TemporalPositionIndex = t
-        content.DimensionIndexValues = [1, z + 1, t]
-        ftype.FrameType = ["ORIGINAL", "PRIMARY", kind, "NONE"]
-        trans.RescaleSlope, trans.RescaleIntercept, trans.RescaleType = (1, 0, "US") if kind == "M" else (2, -100, "US")
-        item.PlanePositionSequence, item.FrameContentSequence = Seq([pos]), Seq([content])
-        item.MRImageFrameTypeSequence, item.PixelValueTransformationSequence = Seq([ftype]), Seq([trans])
-        per.append(item)
-    ds.PerFrameFunctionalGroupsSequence = Seq(per)
-    ds.PixelData = np.stack([np.full((rows, cols), 100 * t + z, np.uint16) for _, t, z in specs]).tobytes()
-    (tmp_path / "in").mkdir()
-    ds.save_as(tmp_path / "in" / "enh4d.dcm", enforce_file_format=True)
+    _enhanced(tmp_path / "in" / "enh4d.dcm", specs, rescale=True)
     rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
     assert rep.volumes_written == 4 and rep.files_used == 1, rep.quarantined_reasons
     rows_m = read_manifest(tmp_path / "out")
@@ -494,9 +459,10 @@ def test_damaged_scanner_files_never_stop_the_run(tmp_path: Path) -> None:
     assert rep.files_seen == 24 and rep.files_used + rep.skipped + rep.quarantined == 24
 
 
-def _enhanced(path: Path, specs: list[tuple[str, int, int]], rows: int = 6, cols: int = 7) -> None:
+def _enhanced(path: Path, specs: list[tuple[str, int, int]], rows: int = 6, cols: int = 7, rescale: bool = False) -> None:
     """One enhanced MR file with a frame per (frame type, time point, slice) of `specs`; stored
-    value of a frame = 100 * time point + slice."""
+    value of a frame = 100 * time point + slice. With `rescale`, each frame also carries its
+    dimension index and a rescale (M: x1, P: x2 - 100)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence as Seq
     from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian
@@ -525,6 +491,11 @@ def _enhanced(path: Path, specs: list[tuple[str, int, int]], rows: int = 6, cols
         ftype.FrameType = ["ORIGINAL", "PRIMARY", kind, "NONE"]
         item.PlanePositionSequence, item.FrameContentSequence = Seq([pos]), Seq([content])
         item.MRImageFrameTypeSequence = Seq([ftype])
+        if rescale:
+            trans = Dataset()
+            content.DimensionIndexValues = [1, z + 1, t]
+            trans.RescaleSlope, trans.RescaleIntercept, trans.RescaleType = (1, 0, "US") if kind == "M" else (2, -100, "US")
+            item.PixelValueTransformationSequence = Seq([trans])
         per.append(item)
     ds.PerFrameFunctionalGroupsSequence = Seq(per)
     ds.PixelData = np.stack([np.full((rows, cols), 100 * t + z, np.uint16) for _, t, z in specs]).tobytes()

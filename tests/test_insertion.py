@@ -126,16 +126,22 @@ def test_seam_check_is_off_by_default(cohort: dict, tmp_path: Path) -> None:
     assert GateConfig().seam_max_ratio is None
 
 
-def test_insert_lesions_writes_marked_training_volumes(cohort: dict, tmp_path: Path) -> None:
-    real = tmp_path / "ingest"
+def _ingest_folder(cohort: dict, real: Path, n: int) -> Path:
+    """An ingest-format folder of the cohort's first `n` CTs with their masks; the first 3 are
+    training subjects, the rest test subjects."""
     rows = []
-    for i, (s, h) in enumerate(zip(cohort["subs"][:4], cohort["cts"][:4], strict=True)):
+    for i, (s, h) in enumerate(zip(cohort["subs"][:n], cohort["cts"][:n], strict=True)):
         write_nifti(h.astype(np.int16), s.affine, real / "volumes" / f"v{i}.nii.gz")
         write_nifti(s.tumor_mask, s.affine, real / "labels" / f"v{i}.nii.gz")
         rows.append({"path": f"volumes/v{i}.nii.gz", "label_path": f"labels/v{i}.nii.gz", "subject_id": f"anon{i:02d}",
                      "modality": "CT", "split": "train" if i < 3 else "test", "class": s.tumor_class,
                      "sha256": sha256_file(real / "volumes" / f"v{i}.nii.gz")})
     write_manifest(real, rows, list(rows[0]))
+    return real
+
+
+def test_insert_lesions_writes_marked_training_volumes(cohort: dict, tmp_path: Path) -> None:
+    real = _ingest_folder(cohort, tmp_path / "ingest", 4)
     lesions = _patch_folder(tmp_path / "samples", cohort["real"][:5], synthetic=True)
     a = I.insert_lesions(real, lesions, tmp_path / "ins_a", 4, "necrotic", seed=3)
     b = I.insert_lesions(real, lesions, tmp_path / "ins_b", 4, "necrotic", seed=3)
@@ -189,15 +195,7 @@ def test_insertion_gate_report_binds_bytes_and_is_signed(cohort: dict, tmp_path:
     from pipeline.errors import GateRejected, GateSignatureError
     from pipeline.gate.config import GateConfig
 
-    real = tmp_path / "ingest"
-    rows = []
-    for i, (s, h) in enumerate(zip(cohort["subs"][:3], cohort["cts"][:3], strict=True)):
-        write_nifti(h.astype(np.int16), s.affine, real / "volumes" / f"v{i}.nii.gz")
-        write_nifti(s.tumor_mask, s.affine, real / "labels" / f"v{i}.nii.gz")
-        rows.append({"path": f"volumes/v{i}.nii.gz", "label_path": f"labels/v{i}.nii.gz", "subject_id": f"anon{i:02d}",
-                     "modality": "CT", "split": "train", "class": s.tumor_class,
-                     "sha256": sha256_file(real / "volumes" / f"v{i}.nii.gz")})
-    write_manifest(real, rows, list(rows[0]))
+    real = _ingest_folder(cohort, tmp_path / "ingest", 3)
     ins = tmp_path / "ins"
     I.insert_lesions(real, _patch_folder(tmp_path / "samples", cohort["real"][:5], synthetic=True), ins, 3, "necrotic", seed=1)
     cfg = GateConfig(encoder_steps=20, n_bootstrap=0, fid_baseline_splits=2, max_pairs=20, kid_subsets=2, min_samples=2)

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from pipeline.errors import OutputLockedError, OutputOverlapError
+from pipeline.errors import OutputLockedError, OutputOverlapError, OutputWriteError
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,14 @@ def output_lock(out: Path, command: str) -> Iterator[Path]:
         finally:
             _HELD[path] -= 1
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = _open_locked(path, out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = _open_locked(path, out)
+    except OutputLockedError:
+        raise
+    except OSError as exc:  # a parent is a file, a read-only or full disk: one line, not a traceback
+        raise OutputWriteError(f"the output folder cannot be created or written ({exc.strerror or exc}); "
+                               "check the --out path and its permissions") from None
     _HELD[path] = 1
     try:
         fh.seek(0)

@@ -126,20 +126,16 @@ def test_a_code_running_checkpoint_is_refused_by_every_loading_command(
     assert not marker.exists(), "code from the checkpoint ran"
 
 
-def test_train_cyclegan_resume_refuses_a_code_running_checkpoint(tmp_path: Path, mr_ct_ingest: Path) -> None:
+@pytest.mark.parametrize(("command", "kind", "data", "config"), [
+    ("cyclegan", "cyclegan", "mr_ct_ingest", "cyclegan-tiny.yaml"),
+    ("tumor-gan", "tumor_gan", "tumor_ingest", "tumor_gan-tiny.yaml"),
+])
+def test_train_resume_refuses_a_code_running_checkpoint(tmp_path: Path, request: pytest.FixtureRequest, command: str,
+                                                        kind: str, data: str, config: str) -> None:
     marker, run = tmp_path / "marker", tmp_path / "run"
-    write_hostile(run / "checkpoints" / "last.pt", marker, "cyclegan")
-    result = runner.invoke(app, ["train", "cyclegan", "--data", str(mr_ct_ingest), "--out", str(run), "--config",
-                                 str(CONFIGS / "cyclegan-tiny.yaml"), "--steps", "2", "--device", "cpu", "--resume"])
-    one_line_error(result, "last.pt", "pickled python objects")
-    assert not marker.exists()
-
-
-def test_train_tumor_gan_resume_refuses_a_code_running_checkpoint(tmp_path: Path, tumor_ingest: Path) -> None:
-    marker, run = tmp_path / "marker", tmp_path / "run"
-    write_hostile(run / "checkpoints" / "last.pt", marker, "tumor_gan")
-    result = runner.invoke(app, ["train", "tumor-gan", "--data", str(tumor_ingest), "--out", str(run), "--config",
-                                 str(CONFIGS / "tumor_gan-tiny.yaml"), "--steps", "2", "--device", "cpu", "--resume"])
+    write_hostile(run / "checkpoints" / "last.pt", marker, kind)
+    result = runner.invoke(app, ["train", command, "--data", str(request.getfixturevalue(data)), "--out", str(run),
+                                 "--config", str(CONFIGS / config), "--steps", "2", "--device", "cpu", "--resume"])
     one_line_error(result, "last.pt", "pickled python objects")
     assert not marker.exists()
 

@@ -566,19 +566,6 @@ def test_translate_nan_volume_is_named(tmp_path: Path, cyclegan: tuple[Path, Pat
     assert not (tmp_path / "out" / "manifest.csv").exists()
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Any:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_translate_full_disk_one_line_and_no_half_written_file(tmp_path: Path, tmpfs: Path, cyclegan: tuple[Path, Path]) -> None:
     args = ["translate", cyclegan[0], "--checkpoint", cyclegan[1], "--direction", "mri2ct", "--device", "cpu"]
     full = tmp_path / "full"

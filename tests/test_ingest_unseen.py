@@ -4,7 +4,7 @@ Four corpora, each copied as shipped (bench/RESULTS.md, "Ingest vs dcm2niix on c
 project had not seen", has the inventory): nibabel's Siemens files (two DWI mosaics stored
 as .dcm.gz, single slices), nibabel's Philips enhanced MPRAGE (.dcm.gz, 176 frames),
 pydicom's DICOMDIR test tree (GE CT and Philips MR, downsized to 16 x 16, plus headers
-without pixels) and pydicom's 85 top-level test files (CT_small, MR_small in nine transfer
+without pixels) and pydicom's 85 top-level test files (CT_small, MR_small in six transfer
 syntaxes, colour, RT, NM, US, SR and deliberately broken files). dcm2niix converts the same
 files (gunzipped: it does not read .dcm.gz). In world space, as in test_ingest_realworld:
 

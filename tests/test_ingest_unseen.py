@@ -20,6 +20,9 @@ nibabel's 0.dcm and 1.dcm are left out of the recovery corpus and tested on thei
 pixels are a synthetic ramp in a 256 x 256 mosaic that does not divide into its 7 x 7 tiles,
 and 1.dcm is 0.dcm moved one slice. Most nibabel files hold zeroed pixels (kept small): they
 test geometry, not decoding. Runs in a few seconds; skipped without dcm2niix or the data.
+
+The last two tests build issue 13's defect case (a truncated duplicate and missing instances)
+from pydicom's real GE CT series 98892001/CT5N instead of a phantom.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import pytest
 from test_ingest_realworld import _corners, _match, _reference_volumes
 
 from pipeline.ingest import run_ingest
+from pipeline.ingest.deid import Deid
 from pipeline.manifest import read_manifest
 
 KEY = b"test-key-unseen"
@@ -232,3 +236,135 @@ def test_gzip_mosaic_reads_its_csa_header_like_the_plain_file(tmp_path: Path) ->
     assert (ra["shape"], ra["b_value"]) == (rb["shape"], rb["b_value"]) == ("128x128x48", "1000")
     ia, ib = nib.load(tmp_path / "o1" / ra["path"]), nib.load(tmp_path / "o2" / rb["path"])
     assert np.allclose(ia.affine, ib.affine) and np.array_equal(np.asarray(ia.dataobj), np.asarray(ib.dataobj))
+
+
+# --- issue 13's defect case on real scanner CT -----------------------------------------------
+
+CT5N = PYDICOM / "dicomdirtests" / "98892001" / "CT5N"
+"""GE CT, 5 axial slices (instances 6-10, 2.5 mm apart, 2.5 mm thick), downsized to 16 x 16 with
+real values: the longest real CT series pydicom ships with positions and pixels (77654033/CT2
+holds 4 slices, instances 18 and 180-182; TINY_ALPHA's 50 CT files have no pixels)."""
+needs_ct = pytest.mark.skipif(shutil.which("dcm2niix") is None or not CT5N.is_dir(),
+                              reason="needs dcm2niix on PATH and pydicom's dicomdirtests/98892001/CT5N")
+HEADER_CUT = "CT Image Storage file without image attributes or pixel data (truncated or incomplete header)"
+DAMAGED_COPY = "damaged copy of an instance whose intact copy is present; skipped"
+
+
+def _defect_case(root: Path, missing: tuple[int, ...], copy_of: int, cut: float) -> dict[int, Path]:
+    """Copy CT5N to root/in/CT5N without the instances `missing` and add a copy of instance
+    `copy_of` cut to the first `cut` of its bytes as root/in/copies/<same name>. Returns the
+    intact files by InstanceNumber."""
+    import pydicom
+
+    (root / "in" / "copies").mkdir(parents=True)
+    shutil.copytree(CT5N, root / "in" / "CT5N")
+    by_instance = {int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber): p
+                   for p in (root / "in" / "CT5N").iterdir()}
+    for k in missing:
+        by_instance.pop(k).unlink()
+    blob = by_instance[copy_of].read_bytes()
+    (root / "in" / "copies" / by_instance[copy_of].name).write_bytes(blob[: int(len(blob) * cut)])
+    return by_instance
+
+
+def _same_z(affine: npt.NDArray[np.float64], n: int, want: list[float]) -> bool:
+    """The `n` slices of an axial volume lie at the world z values `want` (mm, RAS z = LPS z),
+    within 0.01 mm (the NIfTI affine is float32)."""
+    got = sorted(float((affine @ [0, 0, k, 1])[2]) for k in range(n))
+    return len(got) == len(want) and bool(np.allclose(got, sorted(want), atol=0.01))
+
+
+def _assert_no_identifier(root: Path, out: Path) -> None:
+    import pydicom
+
+    needles = set()
+    for p in (root / "in" / "CT5N").iterdir():
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        needles |= {str(ds.PatientName).encode(), str(ds.PatientID).encode()}
+    assert all(len(n) >= 4 for n in needles)
+    for f in out.rglob("*"):
+        if f.is_file():
+            blob = gzip.decompress(f.read_bytes()) if f.suffix == ".gz" else f.read_bytes()
+            assert not [n for n in needles if n in blob], f.name
+
+
+@needs_ct
+@pytest.mark.parametrize(("cut", "status", "reason"), [(0.6, "quarantined", HEADER_CUT), (0.95, "skipped", DAMAGED_COPY)])
+def test_real_ct_with_truncated_duplicate_and_two_missing_instances_keeps_every_intact_slice(
+        tmp_path: Path, cut: float, status: str, reason: str) -> None:
+    """Issue 13's case on real GE CT headers and pixels: instances 7 and 9 of 6-10 removed, a
+    truncated copy of instance 8 beside its intact file.
+
+    What the real data allow: 5 slices cannot lose two middle instances and keep runs of 3 or
+    more on both sides of a visible gap (that needs 8). Removing 7 and 9 leaves 6, 8 and 10
+    evenly 5 mm apart: neither ingest nor dcm2niix can see from the positions that instances are
+    missing (a 5 mm series of 2.5 mm slices is a real protocol), so both write one 16x16x3 volume,
+    not parts; nothing marks it partial. The visible-gap arrangements are the next test.
+    Cut at 60 % of its 3936 bytes the copy loses its image module (Rows, Columns, pixels) and is
+    quarantined on its own; cut at 95 % (inside the pixel data) it is a damaged copy of a present
+    instance and is skipped. Either way it is counted once and costs no intact slice."""
+    import pydicom
+
+    intact = _defect_case(tmp_path, missing=(7, 9), copy_of=8, cut=cut)
+    rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    assert rep.files_seen == 4 and (rep.files_used, rep.skipped + rep.quarantined) == (3, 1), rep
+    assert rep.files[Deid(KEY).path_ref(f"copies/{intact[8].name}")] == (status, reason)  # keyed by hashed path
+    (row,) = read_manifest(tmp_path / "out")
+    assert (row["shape"], row["part"], row["gap_slices"]) == ("16x16x3", "", "")
+    img = nib.load(tmp_path / "out" / row["path"])
+    data = np.asarray(img.get_fdata(dtype=np.float64))
+    # every intact slice written, at its own position, with pydicom's values in HU
+    assert _same_z(img.affine, data.shape[2], [float(pydicom.dcmread(p).ImagePositionPatient[2]) for p in intact.values()])
+    assert _equals_pydicom_slices(data, img.affine, list(intact.values()))
+    assert data.min() < -500 and data.max() > 0  # HU (intercept -1024 applied), not stored values
+    _dcm2niix(tmp_path / "in", tmp_path / "ref")
+    assert _match(data, img.affine, _reference_volumes([tmp_path / "ref"]))
+    _assert_no_identifier(tmp_path, tmp_path / "out")
+
+
+@needs_ct
+@pytest.mark.parametrize(("missing", "copy_of", "parts", "short_reason"), [
+    ((9,), 7, [("1/1", "2", [6, 7, 8])], "1 slice cut off from the series by missing slices; fewer than 3 make no volume"),
+    ((8, 9), 7, [], "slices missing everywhere: 2 runs of fewer than 3 slices; no volume can be built"),
+])
+def test_real_ct_with_a_visible_gap_writes_runs_of_three_and_quarantines_shorter_ones(
+        tmp_path: Path, missing: tuple[int, ...], copy_of: int, parts: list[tuple[str, str, list[int]]],
+        short_reason: str) -> None:
+    """The same real GE CT (instances 6-10 at 2.5 mm) with gaps its positions show, and a copy of
+    instance 7 cut inside its pixel data. Instance 9 missing: 6-8 is written as part 1/1 with
+    `gap_slices` 2 (counted from the foot: 9 missing, 10 alone and refused), 10 is quarantined
+    with the reason. Instances 8 and 9 missing (two in the middle): runs of 2 and 1 make no
+    volume, so the series is refused with the reason; dcm2niix writes it with a wrong slice
+    step. `--strict` quarantines the intact files whenever a gap shows. Every file is counted once."""
+    import pydicom
+
+    intact = _defect_case(tmp_path, missing=missing, copy_of=copy_of, cut=0.95)
+    n_in = len(intact) + 1
+    z_of = {k: float(pydicom.dcmread(p).ImagePositionPatient[2]) for k, p in intact.items()}
+    rep = run_ingest([tmp_path / "in"], tmp_path / "out", key=KEY, workers=1)
+    written = sum(len(ks) for _, _, ks in parts)
+    assert rep.files_seen == n_in and (rep.files_used, rep.skipped, rep.quarantined) == (written, 1, n_in - 1 - written)
+    rows = sorted(read_manifest(tmp_path / "out"), key=lambda r: r["part"])
+    assert [(r["part"], r["gap_slices"]) for r in rows] == [(p, g) for p, g, _ in parts]
+    # dcm2niix writes every intact slice into one volume with one (wrong) step, plus an `_Eq_` copy
+    _dcm2niix(tmp_path / "in", tmp_path / "ref")
+    (uneven,) = [f for f in (tmp_path / "ref").glob("*.nii") if "_Eq_" not in f.name]
+    ref = nib.as_closest_canonical(nib.load(uneven))
+    ref_slices = np.asarray(ref.get_fdata(dtype=np.float64))
+    assert ref_slices.shape[2] == len(intact) and any((tmp_path / "ref").glob("*_Eq_*.nii"))
+    for r, (_, _, ks) in zip(rows, parts, strict=True):
+        img = nib.load(tmp_path / "out" / r["path"])
+        data = np.asarray(img.get_fdata(dtype=np.float64))
+        assert _same_z(img.affine, data.shape[2], [z_of[k] for k in ks])
+        assert _equals_pydicom_slices(data, img.affine, [intact[k] for k in ks])
+        # same values as dcm2niix's slices (its positions are off, so values only)
+        assert all(any(np.array_equal(data[:, :, i], ref_slices[:, :, j]) for j in range(ref_slices.shape[2]))
+                   for i in range(data.shape[2]))
+    q = read_manifest(tmp_path / "out" / "quarantine.csv")
+    assert any(short_reason in row["reason"] for row in q), [row["reason"] for row in q]
+    strict = run_ingest([tmp_path / "in"], tmp_path / "strict", key=KEY, workers=1, strict=True)
+    assert (strict.volumes_written, strict.quarantined, strict.skipped) == (0, n_in - 1, 1)
+    gap = f"{len(missing)} slice{'s' if len(missing) > 1 else ''} missing between positions"
+    assert any(gap in row["reason"] for row in read_manifest(tmp_path / "strict" / "quarantine.csv"))
+    _assert_no_identifier(tmp_path, tmp_path / "out")
+    _assert_no_identifier(tmp_path, tmp_path / "strict")

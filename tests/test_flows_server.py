@@ -1,13 +1,12 @@
-"""What a user does: a Prefect server, `medaug serve`, `prefect deployment run augment/mri-ct`.
+"""What a user does: `prefect server start`, `medaug serve`, `prefect deployment run augment/mri-ct`.
 
-The server is the session's (tests/conftest.py `prefect_harness`: Prefect's server app in
-its own process on a free loopback port, the one the in-process flow tests use; starting a
-second one cost ~20 s of `make test`). Both deployments are served by `medaug serve` in a
-subprocess with its own Prefect home (result storage, so the cache the second run reads is
-the one the served process wrote); one flow run of the mri-ct deployment on the tiny phantom
-config, waited on through the REST API until it is COMPLETED; then the dataset and the run's
-artifacts must exist. Every process started here runs in its own process group, killed in
-the fixture's teardown.
+The server is the session's `prefect server start` on a free loopback port (tests/conftest.py
+`prefect_harness`, the one the in-process flow tests use: a second one cost ~20 s of
+`make test`). Both deployments are served by `medaug serve` in a subprocess with its own
+Prefect home (result storage: the cache the second run reads is the one the served process
+wrote); one flow run of the mri-ct deployment on the tiny phantom config, waited on through
+the REST API until it is COMPLETED; then the dataset and the run's artifacts must exist.
+Every process started here runs in its own process group, killed in the fixture's teardown.
 """
 
 from __future__ import annotations

@@ -101,9 +101,10 @@ def _server() -> _PrefectServer:
     return _SERVER[0]
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: `make test-quick` starts no server
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Start the Prefect server now when a selected test will need it (it boots while others run)."""
-    if any("prefect_harness" in getattr(item, "fixturenames", ()) for item in items):
+    if not config.option.collectonly and any("prefect_harness" in getattr(item, "fixturenames", ()) for item in items):
         _server()
 
 

@@ -263,14 +263,34 @@ def sample_batch(
 def make_latents(
     cfg: TumorGANConfig, labels: torch.Tensor, generator: torch.Generator, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (B, latent_dim) and fake labels (B,). With mode seeking, the second half repeats
-    the first half's labels so that fakes i and i + B/2 share a class but not a z."""
+    """Latents (B, latent_dim) and fake labels (B,). With mode seeking, fakes 2k and 2k + 1 form a
+    pair: both take real label 2k, so they share a class but not a z.
+
+    Adjacent pairs, not halves: MinibatchStdDev groups samples i, i + B/g, i + 2B/g, ..., so the
+    halves-pairs (i, i + B/2) always sat in one group, a same-class pair that no real group
+    holds (a batch whose label pattern alone lets D tell it apart). Pair members 2k and 2k + 1
+    never share a group when B/g >= 2; each group then holds independently drawn classes, as
+    in the real batch."""
     b = labels.shape[0]
     z = torch.randn(b, cfg.latent_dim, generator=generator).to(device)
     if cfg.mode_seeking_weight > 0:
-        half = labels[: b // 2]
-        return z, torch.cat([half, half])
+        return z, labels[0::2].repeat_interleave(2)
     return z, labels
+
+
+def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Mode-seeking loss (Mao et al. 2019) over the pairs of `make_latents`, fakes 2k and 2k + 1:
+    1 / (mean|G(z1) - G(z2)| / mean|z1 - z2| + 1e-5), a 0-dim float32; lower when different z give
+    more different patches. fake (B, 2, *S), z (B, latent_dim), B even.
+
+    Only the image channel counts: the mask is a label of the image, not a mode of its own (the
+    healthy class's real mask is identically empty), and with it in the distance the term pushed
+    every mask pixel of a pair apart as hard as an image pixel; at initialisation the flat
+    sigmoid mask, whose pairs differ ~4x less than the images, also inflated the term itself.
+    """
+    img = fake[:, :1].float()
+    lz = (img[0::2] - img[1::2]).abs().mean() / (z[0::2] - z[1::2]).abs().mean()
+    return 1.0 / (lz + 1e-5)
 
 
 def d_view(x: torch.Tensor, cfg: TumorGANConfig, p: float) -> torch.Tensor:
@@ -398,7 +418,7 @@ def generator_step(
     """One G update from the fakes `fake = G(z, y_fake)` (with graph) judged by `d`.
 
     Loss = adversarial + feature matching (||mean f(real) - mean f(fake)||^2 on D's last
-    features) + mode seeking (1 / (mean|G(z1)-G(z2)| / mean|z1-z2|), pairs i and i + B/2).
+    features) + mode seeking (`mode_seeking_loss`: image channel, pairs 2k and 2k + 1).
     Only G's optimiser steps (D's weights get no gradient); under torchrun (`info`) G's
     gradients are averaged over ranks. Keys: loss_g, g_adv, g_fm, g_ms, grad_g.
     """
@@ -413,11 +433,7 @@ def generator_step(
             with torch.no_grad():
                 _, feat_real = d(d_view(real, cfg, aug_p), y_real)
             fm = F.mse_loss(feat_fake.float().mean(0), feat_real.float().mean(0))
-    ms = torch.zeros((), device=device)
-    if cfg.mode_seeking_weight > 0:
-        h = fake.shape[0] // 2
-        lz = (fake[:h].float() - fake[h:].float()).abs().mean() / (z[:h] - z[h:]).abs().mean()
-        ms = 1.0 / (lz + 1e-5)
+    ms = mode_seeking_loss(fake, z) if cfg.mode_seeking_weight > 0 else torch.zeros((), device=device)
     loss = adv + cfg.feature_matching_weight * fm + cfg.mode_seeking_weight * ms
     loss.backward()
     for p, flag in zip(d.parameters(), d_trainable, strict=True):

@@ -130,14 +130,44 @@ def test_feature_matching_switch() -> None:
 def test_mode_seeking_switch_pairs_latents_and_adds_its_loss() -> None:
     cfg = cfg_of(mode_seeking_weight=1.0)
     g, d, opt_g, _, real, y, z, y_fake = step_parts(cfg)
-    h = cfg.batch_size // 2
-    assert torch.equal(y_fake[:h], y_fake[h:]) and not torch.allclose(z[:h], z[h:])
+    assert torch.equal(y_fake[0::2], y_fake[1::2]) and not torch.allclose(z[0::2], z[1::2])
     out = generator_step(g, d, opt_g, g(z, y_fake), y_fake, z, real, y, cfg, torch.device("cpu"))
     assert out["g_ms"] > 0 and out["loss_g"] == pytest.approx(out["g_adv"] + out["g_ms"], rel=1e-5)
     off = cfg_of()
     assert generator_step(g, d, opt_g, g(z, y_fake), y_fake, z, real, y, off, torch.device("cpu"))["g_ms"] == 0.0
     with pytest.raises(ValueError, match="even batch_size"):
         cfg_of(mode_seeking_weight=1.0, batch_size=7)
+
+
+def test_mode_seeking_pairs_never_share_a_minibatch_std_group() -> None:
+    """The fakes of a mode-seeking pair share a class and were pushed apart; in one minibatch-std
+    group they would give D a label pattern (and a spread) that no real batch has, so even a perfect
+    generator could be told apart. Each group must hold samples of different pairs."""
+    for b, group in ((8, 4), (32, 4), (12, 4), (6, 2)):
+        cfg = cfg_of(mode_seeking_weight=1.0, batch_size=b, minibatch_std=True, minibatch_std_group=group)
+        # real labels 0..B-1: each fake's label names the real sample (hence the pair) it copied
+        _, y_fake = make_latents(cfg, torch.arange(b), torch.Generator().manual_seed(0), torch.device("cpu"))
+        # MinibatchStdDev's grouping: view the batch as (g, B/g); column j is one group
+        g = max(k for k in range(1, min(group, b) + 1) if b % k == 0)
+        for members in y_fake.reshape(g, b // g).T:
+            assert len(set(members.tolist())) == g, f"B={b}, group {group}: a pair shares a group {members.tolist()}"
+
+
+def test_mode_seeking_leaves_the_mask_channel_alone() -> None:
+    """Mode seeking rewards different images for different z; the mask is a label of the image
+    (identically empty for healthy patches), so its loss must not push the mask channel apart."""
+    cfg = cfg_of(mode_seeking_weight=1.0)
+    g, d, opt_g, _, real, y, z, y_fake = step_parts(cfg)
+    d.eval()  # spectral norm's power iteration would move D between the two calls
+    grads = []
+    for weight in (1.0, 0.0):  # the same fakes, with and without the mode-seeking term
+        fake = g(z, y_fake).detach().requires_grad_(True)
+        generator_step(g, d, opt_g, fake, y_fake, z, real, y, cfg_of(mode_seeking_weight=weight), torch.device("cpu"))
+        assert fake.grad is not None
+        grads.append(fake.grad)
+    on, off = grads
+    assert not torch.allclose(on[:, 0], off[:, 0]), "mode seeking reaches the image channel"
+    assert torch.allclose(on[:, 1], off[:, 1], atol=1e-9), "mode seeking must not reach the mask channel"
 
 
 def test_unrolled_discriminator_is_a_look_ahead_copy() -> None:

@@ -8,7 +8,9 @@ in one process (prefect.serve), so that with a server running,
 `medaug serve` runs `serve_all` in a child process under `supervise`: on SIGTERM, Prefect
 pauses every deployment through its API before it exits, and when that server is already
 gone its client retries for minutes; the supervisor gives the child `SHUTDOWN_GRACE_S`
-seconds after forwarding the signal, then kills it and says so in one line.
+seconds after forwarding the signal, then kills it and says so in one line. Prefect is
+imported only where a deployment is built or served, and the config modules (torch) only where
+prefect.yaml is read: the supervisor needs neither.
 """
 
 from __future__ import annotations
@@ -19,26 +21,27 @@ import subprocess
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from prefect.deployments.runner import EntrypointType, RunnerDeployment
-from prefect.schedules import Cron, Schedule
-
-from flows.params import REPO_ROOT
-from medaug.config import read_yaml
 from pipeline.errors import ConfigError, StageFailed
+
+if TYPE_CHECKING:
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.schedules import Schedule
 
 SHUTDOWN_GRACE_S = 15.0
 """Seconds `medaug serve` waits for the served flows to shut down after SIGTERM or Ctrl-C."""
 CHILD_ENV = "MEDAUG_SERVE_CHILD"
 """Set in the supervised child: the `serve` command then serves instead of supervising."""
 
-PREFECT_YAML = REPO_ROOT / "prefect.yaml"
+PREFECT_YAML = Path(__file__).resolve().parents[1] / "prefect.yaml"  # flows.params.REPO_ROOT, without its imports
 DEPLOYMENT_NAMES = ("mri-ct", "tumor-patches")
 
 
 def deployment_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
     """The `deployments:` entries of prefect.yaml; ConfigError when one of ours is missing."""
+    from medaug.config import read_yaml
+
     specs = read_yaml(path).get("deployments") or []
     names = {s.get("name") for s in specs}
     missing = [n for n in DEPLOYMENT_NAMES if n not in names]
@@ -49,6 +52,8 @@ def deployment_specs(path: Path = PREFECT_YAML) -> list[dict[str, Any]]:
 
 def schedules_of(spec: dict[str, Any], activate: bool | None = None) -> list[Schedule]:
     """Cron schedules of a prefect.yaml deployment entry; `activate` overrides their `active` flag."""
+    from prefect.schedules import Cron
+
     out = []
     for s in spec.get("schedules") or []:
         if "cron" not in s:
@@ -60,6 +65,8 @@ def schedules_of(spec: dict[str, Any], activate: bool | None = None) -> list[Sch
 
 def deployments(activate_schedules: bool | None = None, path: Path = PREFECT_YAML) -> list[RunnerDeployment]:
     """One RunnerDeployment per prefect.yaml entry, with its parameters, schedules and tags."""
+    from prefect.deployments.runner import EntrypointType, RunnerDeployment
+
     from flows.augment import augment
 
     return [

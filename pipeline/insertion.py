@@ -50,7 +50,7 @@ from scipy import ndimage
 
 from pipeline.errors import PatchError
 from pipeline.gate.seam import seam_score as seam_score  # re-exported: the metric lives with the gate
-from pipeline.manifest import read_manifest, sha256_file, write_manifest
+from pipeline.manifest import manifest_sha256, read_manifest, sha256_file, write_manifest
 from pipeline.preprocess import fill_holes_per_slice, unit_to_ct
 
 log = logging.getLogger(__name__)
@@ -373,15 +373,16 @@ def insert_lesions(
         else:
             raise PatchError(f"insertion {i}: no training volume has room for lesion patch {p['path']}")
         name = f"ins_{klass}_s{seed}_{i:05d}.nii.gz"
-        for sub, arr in (("volumes", ins.volume), ("labels", ins.label)):
-            _write_nifti(arr, np.asarray(host_img.affine, np.float64), out / sub / name)
+        affine = np.asarray(host_img.affine, np.float64)
+        vol_sha = _write_nifti(ins.volume, affine, out / "volumes" / name)
+        _write_nifti(ins.label, affine, out / "labels" / name)
         rows.append({
             "path": f"volumes/{name}", "label_path": f"labels/{name}", "class": klass, "split": "train", "modality": "CT",
             "synthetic": "1", "subject_id": h.get("subject_id", ""), "source_sha256": h.get("sha256", ""),
-            "checkpoint_sha256": p.get("checkpoint_sha256", ""), "patch_sha256": sha256_file(patches / p["path"]),
+            "checkpoint_sha256": p.get("checkpoint_sha256", ""), "patch_sha256": manifest_sha256(p) or sha256_file(patches / p["path"]),
             "seed": str(seed), "index": str(i), "placement": "x".join(str(c) for c in ins.placement["centre"]),
             "half_z": str(ins.placement["half_z"]), "zoom": f"{ins.placement['zoom']:g}", "blend": opts.blend,
-            "sha256": sha256_file(out / "volumes" / name),
+            "sha256": vol_sha,
         })
     # calls for several classes into one folder merge, as sample-tumors does
     kept = [r for r in read_manifest(out) if r["class"] != klass] if (out / "manifest.csv").is_file() else []
@@ -419,11 +420,12 @@ def _load(path: Path) -> nib.Nifti1Image:
     return cast(nib.Nifti1Image, nib.load(path))
 
 
-def _write_nifti(arr: NDArray[Any], affine: NDArray[np.float64], path: Path) -> None:
-    """A .nii.gz with the host's affine and nothing else of its header (byte-identical for equal input)."""
-    from pipeline.phantoms import write_nifti
+def _write_nifti(arr: NDArray[Any], affine: NDArray[np.float64], path: Path) -> str:
+    """A .nii.gz with the host's affine and nothing else of its header (byte-identical for equal
+    input); returns the sha256 of its bytes, hashed as they are written."""
+    from pipeline.phantoms import write_nifti_sha256
 
-    write_nifti(arr, affine, path)
+    return write_nifti_sha256(arr, affine, path)
 
 
 def inserted_patches(volume: NDArray[Any], label: NDArray[Any], patch_size: int, neighbours: int,

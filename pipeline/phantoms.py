@@ -35,7 +35,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from pipeline.errors import ConfigError
-from pipeline.manifest import write_manifest
+from pipeline.manifest import HashingWriter, write_manifest
 from pipeline.types import Modality, Spacing
 
 log = logging.getLogger(__name__)
@@ -436,18 +436,23 @@ def write_nifti(data: NDArray[Any], affine: NDArray[np.float64], path: Path) -> 
     nibabel's own gzip writer stamps the current time into the gzip header; this writes
     the NIfTI bytes through gzip with mtime 0 and no file name instead.
     """
+    write_nifti_sha256(data, affine, path)
+    return path
+
+
+def write_nifti_sha256(data: NDArray[Any], affine: NDArray[np.float64], path: Path) -> str:
+    """`write_nifti`, returning the sha256 of the file's bytes, hashed on their way to disk."""
     img = nib.Nifti1Image(np.asarray(data), affine)
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     payload = img.to_bytes()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        open(path, "wb") as raw,
-        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
-    ):
-        gz.write(payload)
-    return path
+    with open(path, "wb") as raw:
+        sink = HashingWriter(raw)
+        with gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=6) as gz:
+            gz.write(payload)
+    return sink.hexdigest()
 
 
 # --- DICOM ---------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.errors import CheckpointError, OutputOverlapError, PatchError
-from pipeline.manifest import read_manifest, sha256_file, write_manifest
+from pipeline.manifest import read_manifest, save_nifti, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,7 @@ def _write_block(out: Path, x: Any, start: int, class_name: str, seed: int, ckpt
             nii.header["descrip"] = descrip
             nii.header.set_xyzt_units("mm")
             tmp = out / sub / f".{name}.tmp.nii.gz"
-            nib.save(nii, tmp)
-            shas.append(sha256_file(tmp))
+            shas.append(save_nifti(nii, tmp))  # hashed as written, not read back
             tmp.replace(out / sub / name)
         names.append((name, shas[0], shas[1]))
     return names

@@ -31,7 +31,14 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from numpy.typing import NDArray
 
 from pipeline.errors import CheckpointError, DatasetError, InputRejected, OutputWriteError
-from pipeline.manifest import MANIFEST_NAME, manifest_sha256, read_manifest, sha256_file, write_manifest
+from pipeline.manifest import (
+    MANIFEST_NAME,
+    manifest_sha256,
+    read_manifest,
+    save_nifti,
+    sha256_file,
+    write_manifest,
+)
 from pipeline.outputs import atomic_file
 from pipeline.preprocess import (
     DEFAULT_HU_WINDOW,
@@ -219,8 +226,9 @@ def _is_nifti(p: Path) -> bool:
     return p.name.endswith((".nii", ".nii.gz"))
 
 
-def write_like(data: NDArray[np.floating], reference: nib.Nifti1Image, path: Path) -> None:
-    """Write float32 `data` (in `reference`'s array axes) with exactly its shape, affine, qform and sform.
+def write_like(data: NDArray[np.floating], reference: nib.Nifti1Image, path: Path) -> str:
+    """Write float32 `data` (in `reference`'s array axes) with exactly its shape, affine, qform and sform;
+    return the sha256 of the file's bytes (hashed as they are written: the file is not read back).
 
     The header's descrip becomes "medaug synthetic" so any viewer shows it is generated;
     its free-text fields (aux_file, db_name) and header extensions are emptied.
@@ -238,7 +246,7 @@ def write_like(data: NDArray[np.floating], reference: nib.Nifti1Image, path: Pat
     img.header["db_name"] = b""
     img.header.extensions.clear()
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
+    return save_nifti(img, path)
 
 
 def translate_image(
@@ -329,7 +337,7 @@ def run_translate(
         vol_path = out / "volumes" / f"{name}.nii.gz"
         label_rel = f"labels/{name}.nii.gz" if source.label_path is not None and source.label_path.is_file() else ""
         try:
-            label_sha = _write_outputs(data, img, vol_path, source.label_path if label_rel else None, out / label_rel)
+            vol_sha, label_sha = _write_outputs(data, img, vol_path, source.label_path if label_rel else None, out / label_rel)
         except OSError as exc:
             raise _write_failed(out, exc, i, len(sources)) from None
         zooms = img.header.get_zooms()[:3]
@@ -340,7 +348,7 @@ def run_translate(
             "modality": target_mod,
             "shape": "x".join(str(int(s)) for s in img.shape[:3]),
             "spacing": "x".join(f"{float(s):g}" for s in zooms),
-            "sha256": sha256_file(vol_path),
+            "sha256": vol_sha,
             "class": source.tumor_class,
             "split": source.split,
             "synthetic": 1,
@@ -380,22 +388,24 @@ def run_translate(
     return rows
 
 
-def _write_outputs(data: NDArray[np.float32], img: Any, vol_path: Path, label_src: Path | None, label_dst: Path) -> str:
+def _write_outputs(data: NDArray[np.float32], img: Any, vol_path: Path, label_src: Path | None,
+                   label_dst: Path) -> tuple[str, str]:
     """Write a translated volume and copy its label, each to a temp file renamed into place.
 
-    Returns the sha256 of the label bytes written ("" without a label): read once, hashed and
-    written from the same buffer, it goes into the manifest (label_sha256), the gate judges the
-    mask with the volume, and build-dataset ships only that mask.
+    Returns the sha256s of the volume's and the label's bytes ("" without a label), each from
+    the one pass that wrote it: the volume's as its bytes go to disk, the label's from the
+    buffer read once and written. Both go into the manifest (sha256, label_sha256); the gate
+    judges the mask with the volume, and build-dataset ships only that mask.
     """
     with atomic_file(vol_path) as tmp:
-        write_like(data, img, tmp)
+        vol_sha = write_like(data, img, tmp)
     if label_src is None:
-        return ""
+        return vol_sha, ""
     label = label_src.read_bytes()
     label_dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(label_dst) as tmp:
         tmp.write_bytes(label)
-    return hashlib.sha256(label).hexdigest()
+    return vol_sha, hashlib.sha256(label).hexdigest()
 
 
 def _write_failed(out: Path, exc: OSError, i: int, n: int) -> OutputWriteError:

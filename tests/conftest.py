@@ -1,16 +1,29 @@
-"""Shared test fixtures: a Prefect test harness for flow tests (session-wide, started on demand).
+"""Shared test fixtures: one Prefect server for the session's flow tests, a tmpfs that fills up.
 
-Prefect reads its settings when it is first imported, so its home, database and result
-storage are pointed at a session temp folder here, before any test imports it.
+Prefect reads its settings when it is first imported, so its home and result storage are
+pointed at a session temp folder here, before any test imports it.
+
+`prefect_harness`: every test that runs a flow (in-process, or served by `medaug serve` in
+tests/test_flows_server.py) talks to one `prefect server start` on a free loopback port,
+its SQLite database in the session temp folder. The server is started as soon as collection
+shows a test that needs it, so it boots (~10-15 s of imports and database migrations) while
+the tests before the first flow test run, instead of holding up that test.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import inspect
 import os
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,13 +46,103 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MEDAUG_GATE_KEY", None)
 
 
+class _PrefectServer:
+    """`prefect server start` in its own process group, its database under the session's Prefect home."""
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        self.api = f"http://127.0.0.1:{port}/api"
+        self.db = f"sqlite+aiosqlite:///{_PREFECT_HOME / 'server' / 'prefect.db'}"
+        self.log = _PREFECT_HOME / "server" / "server.log"
+        self.log.parent.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env |= {"PREFECT_HOME": str(self.log.parent), "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.db,
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false", "OMP_NUM_THREADS": "1"}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(Path(sys.executable).with_name("prefect")), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.log.parent,
+            )
+        atexit.register(self.stop)
+
+    def wait_healthy(self, timeout: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            with contextlib.suppress(OSError), urllib.request.urlopen(f"{self.api}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+            time.sleep(0.25)
+        pytest.fail(f"the tests' Prefect server did not start (exit {self.proc.poll()}):\n"
+                    + self.log.read_text(errors="replace")[-3000:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+_SERVER: list[_PrefectServer] = []
+
+
+def _server() -> _PrefectServer:
+    if not _SERVER:
+        _SERVER.append(_PrefectServer())
+    return _SERVER[0]
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: `make test-quick` starts no server
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start the Prefect server now when a selected test will need it (it boots while others run)."""
+    if not config.option.collectonly and any("prefect_harness" in getattr(item, "fixturenames", ()) for item in items):
+        _server()
+
+
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
-    """Flows in the tests run against a temporary local Prefect API (SQLite in a temp folder)."""
-    from prefect.testing.utilities import prefect_test_harness
+    """Flows in the tests run against the session's Prefect server (SQLite in a temp folder).
 
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+    Set up as prefect.testing.utilities.prefect_test_harness does once its server is up: the
+    API URL and database in the settings context (and as the process-wide settings, for
+    Prefect's background workers), their queued logs and events drained before the server stops.
+    """
+    import prefect.context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    server = _server()
+    server.wait_healthy()
+
+    async def drain() -> None:
+        with contextlib.suppress(RuntimeError):  # a worker that never started
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    try:
+        with (
+            temporary_settings(updates={PREFECT_API_URL: server.api, PREFECT_SERVER_DATABASE_CONNECTION_URL: server.db}),
+            prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()),
+        ):
+            yield
+            run_coro_as_sync(drain())
+    finally:
+        server.stop()
 
 
 @pytest.fixture

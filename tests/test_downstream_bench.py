@@ -75,11 +75,17 @@ def test_paired_bootstrap_known_answers() -> None:
 
 
 def test_downstream_bench_refuses_a_work_folder_of_another_cohort(tmp_path: Path) -> None:
+    """main() in-process (the script's own start-up is what the smoke tests above run): the refusal
+    is a SystemExit with one line (the interpreter prints it without a traceback)."""
+    sys.path.insert(0, str(ROOT))
+    from bench.downstream import main
+
     work = tmp_path / "work"
     work.mkdir()
     (work / "cohort_options.json").write_text('{"subjects": 16, "size": 32, "seed": 0}\n', encoding="utf-8")
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "downstream.py"), "--deployment", "tumor-patches",
-                          "--subjects", "20", "--size", "32", "--work", str(work)],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert run.returncode != 0 and "Traceback" not in run.stderr
-    assert "holds a cohort made with" in run.stderr and "--fresh" in run.stderr
+    with pytest.raises(SystemExit) as refused:
+        main(["--deployment", "tumor-patches", "--subjects", "20", "--size", "32", "--work", str(work)])
+    message = refused.value.code
+    assert isinstance(message, str) and "\n" not in message
+    assert "holds a cohort made with" in message and "--fresh" in message
+    assert sorted(p.name for p in work.iterdir()) == ["cohort_options.json"]  # refused before writing anything

@@ -54,9 +54,12 @@ def ingested(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- SIGKILL during training, then --resume ------------------------------------------------
 
 
+STEPS = 24
+
+
 def _train_argv(data: Path, out: Path, resume: bool = False) -> list[str]:
     argv = [sys.executable, "-m", "medaug.cli", "train", "cyclegan", "--data", str(data), "--out", str(out),
-            "--config", str(REPO / "configs/cyclegan-tiny.yaml"), "--steps", "24", "--device", "cpu",
+            "--config", str(REPO / "configs/cyclegan-tiny.yaml"), "--steps", str(STEPS), "--device", "cpu",
             "--set", "cyclegan.checkpoint_every=2", "--set", "cyclegan.eval_every=1000",
             "--set", "cyclegan.sample_every=1000"]
     return argv + (["--resume"] if resume else [])
@@ -70,32 +73,40 @@ def _nets(run: Path) -> tuple[int, dict[str, torch.Tensor]]:
 
 @pytest.mark.slow
 def test_sigkill_during_training_then_resume_equals_an_uninterrupted_run(ingested: Path, tmp_path: Path) -> None:
-    ref = subprocess.run(_train_argv(ingested, tmp_path / "ref"), env=ENV, cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-2000:]
+    # the uninterrupted reference run goes alongside the killed one and its resume (one thread
+    # each, separate folders): the test takes the time of one of them, not of both
+    ref_log = tmp_path / "ref.log"
+    with open(ref_log, "wb") as log:
+        ref = subprocess.Popen(_train_argv(ingested, tmp_path / "ref"), env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=log)
+    try:
+        run = tmp_path / "run"
+        proc = subprocess.Popen(_train_argv(ingested, run), env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        killed = False
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (run / "checkpoints/last.pt").is_file():
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = True
+                break
+            time.sleep(0.01)
+        proc.wait(timeout=60)
+        assert killed, "training finished before a checkpoint could be caught"
+        step_at_kill, _ = _nets(run)  # the checkpoint left behind is whole (written by rename)
+        assert 0 < step_at_kill < STEPS
 
-    run = tmp_path / "run"
-    proc = subprocess.Popen(_train_argv(ingested, run), env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    killed = False
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
-        if (run / "checkpoints/last.pt").is_file():
-            os.kill(proc.pid, signal.SIGKILL)
-            killed = True
-            break
-        time.sleep(0.01)
-    proc.wait(timeout=60)
-    assert killed, "training finished before a checkpoint could be caught"
-    step_at_kill, _ = _nets(run)  # the checkpoint left behind is whole (written by rename)
-    assert 0 < step_at_kill < 24
-
-    resumed = subprocess.run(_train_argv(ingested, run, resume=True), env=ENV, cwd=REPO, capture_output=True,
-                             text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+        resumed = subprocess.run(_train_argv(ingested, run, resume=True), env=ENV, cwd=REPO, capture_output=True,
+                                 text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert ref.wait(timeout=300) == 0, ref_log.read_text(errors="replace")[-2000:]
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+            ref.wait()
     ref_step, ref_w = _nets(tmp_path / "ref")
     got_step, got_w = _nets(run)
-    assert ref_step == got_step == 24
+    assert ref_step == got_step == STEPS
     assert ref_w.keys() == got_w.keys()
     for k in ref_w:
         assert torch.allclose(got_w[k].float(), ref_w[k].float(), rtol=1e-5, atol=1e-6), k

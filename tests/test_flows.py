@@ -1,7 +1,7 @@
 """Quick tests of the flow wiring: parameters and configs, deployments, cache keys, task runners.
 
 The flow runs themselves are in test_flows_run.py (Prefect test harness) and
-test_flows_server.py (a real `prefect server start`).
+test_flows_server.py (`medaug serve` and `prefect deployment run` against a Prefect server).
 """
 
 from __future__ import annotations

@@ -1,19 +1,21 @@
 """What a user does: `prefect server start`, `medaug serve`, `prefect deployment run augment/mri-ct`.
 
-A real Prefect server on a free loopback port (its home in a temp folder), both
-deployments served by `medaug serve` in a subprocess, one flow run of the mri-ct
-deployment on the tiny phantom config, waited on through the REST API until it is
-COMPLETED; then the dataset and the run's artifacts must exist. Every process started
-here runs in its own process group, killed in the fixture's teardown.
+The server is the session's `prefect server start` on a free loopback port (tests/conftest.py
+`prefect_harness`, the one the in-process flow tests use: a second one cost ~20 s of
+`make test`). Both deployments are served by `medaug serve` in a subprocess with its own
+Prefect home (result storage: the cache the second run reads is the one the served process
+wrote); one flow run of the mri-ct deployment on the tiny phantom config, waited on through
+the REST API until it is COMPLETED; then the dataset and the run's artifacts must exist.
+Every process started here runs in its own process group, killed in the fixture's teardown.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,12 +33,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def stop(proc: subprocess.Popen[bytes]) -> None:
     """Terminate a process group started here; kill it when it does not stop within 10 s."""
     if proc.poll() is not None:
@@ -50,8 +46,10 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-def wait_for(what: str, check: Any, timeout: float, procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> Any:
-    """Poll `check()` until it returns something truthy; fail with the processes' logs when it does not."""
+def wait_for(what: str, check: Any, timeout: float, procs: list[subprocess.Popen[bytes]], logs: list[Path],
+             every_s: float = 0.5) -> Any:
+    """Poll `check()` every `every_s` seconds until it returns something truthy; fail with the
+    processes' logs when it does not."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for p in procs:
@@ -63,7 +61,7 @@ def wait_for(what: str, check: Any, timeout: float, procs: list[subprocess.Popen
                 return value
         except httpx.HTTPError:
             pass
-        time.sleep(1.0)
+        time.sleep(every_s)
     pytest.fail(f"{what}: not within {timeout:.0f} s\n" + tails(logs))
 
 
@@ -72,31 +70,26 @@ def tails(logs: list[Path]) -> str:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """A `prefect server start` and a `medaug serve` on a free port; yields the env and API URL."""
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
+def server(prefect_harness: None, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A `medaug serve` against the session's Prefect server; yields the env and API URL."""
+    from prefect.settings import PREFECT_API_URL
+
+    api = str(PREFECT_API_URL.value())
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env |= {
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline,models",
+        # the runner asks for scheduled runs every 10 s by default: each run here waited ~5 s for it
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
         "OMP_NUM_THREADS": "1",
     }
     procs: list[subprocess.Popen[bytes]] = []
-    logs = [tmp_path / "server.log", tmp_path / "serve.log"]
+    logs = [tmp_path / "serve.log"]
     try:
+        assert httpx.get(f"{api}/health", timeout=10).status_code == 200
         with open(logs[0], "wb") as log:
-            procs.append(subprocess.Popen(
-                [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path,
-            ))
-        wait_for("server health", lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200, 240, procs, logs)
-        with open(logs[1], "wb") as log:
             procs.append(subprocess.Popen(
                 [str(BIN / "medaug"), "serve", "--no-schedules"],
                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO_ROOT,
@@ -113,19 +106,33 @@ def server(tmp_path: Path) -> Iterator[dict[str, Any]]:
             stop(p)
 
 
-def run_deployment(server: dict[str, Any], out: Path) -> str:
-    """`prefect deployment run augment/mri-ct` on the tiny config; waits for a final state; returns the run id."""
+RUN_PARAMS = {"config": "configs/tiny.yaml", "overrides": ["phantoms.n_subjects=8"]}
+
+
+def run_deployment(server: dict[str, Any], out: Path, cli: bool = True) -> str:
+    """A run of augment/mri-ct on the tiny config; waits for a final state; returns the run id.
+
+    `cli`: started with `prefect deployment run` (what a user types), else through the REST
+    API (the same request, without the ~3 s start-up of a second Prefect CLI process).
+    """
     api = server["api"]
-    done = subprocess.run(
-        [str(BIN / "prefect"), "deployment", "run", "augment/mri-ct",
-         "--param", "config=configs/tiny.yaml", "--param", f"out={out}",
-         "--params", '{"overrides": ["phantoms.n_subjects=8"]}'],
-        env=server["env"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    match = re.search(r"UUID:\s*([0-9a-f-]{36})", done.stdout)
-    assert match, done.stdout
-    run_id = match.group(1)
+    if cli:
+        done = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "augment/mri-ct",
+             "--param", f"config={RUN_PARAMS['config']}", "--param", f"out={out}",
+             "--params", json.dumps({"overrides": RUN_PARAMS["overrides"]})],
+            env=server["env"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        match = re.search(r"UUID:\s*([0-9a-f-]{36})", done.stdout)
+        assert match, done.stdout
+        run_id = match.group(1)
+    else:
+        deployment = httpx.get(f"{api}/deployments/name/augment/mri-ct", timeout=10).json()
+        created = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", timeout=10,
+                             json={"parameters": {**RUN_PARAMS, "out": str(out)}})
+        assert created.status_code == 201, created.text
+        run_id = created.json()["id"]
 
     def final_state() -> str | None:
         state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()["state"]
@@ -159,7 +166,7 @@ def test_deployment_run_completes_the_pipeline(server: dict[str, Any], tmp_path:
     assert {"gate-report", "gate-checks", "dataset", "train-progress", "cyclegan-samples"} <= keys, keys
 
     # a second run on the unchanged cohort: ingest and preprocessing come from the persisted cache
-    again = run_deployment(server, out)
+    again = run_deployment(server, out, cli=False)
     states = task_states(api, again)
     assert states.get("ingest") == ["Cached", "Cached"] and states.get("preprocess-slices") == ["Cached"], states
 

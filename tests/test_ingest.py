@@ -4,6 +4,7 @@ pseudonym consistency, determinism and incremental re-runs."""
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from pipeline.errors import GeometryError
 from pipeline.ingest import MANIFEST_COLUMNS, run_ingest
 from pipeline.ingest.deid import Deid
 from pipeline.ingest.geometry import stack_geometry
+from pipeline.ingest.run import STATE_NAME
 from pipeline.ingest.writer import gzip_bytes
 from pipeline.manifest import read_manifest, sha256_file
 
@@ -100,6 +102,25 @@ def test_rerun_is_byte_identical_and_incremental(cohort: Path, ingested: Path, t
     report = run_ingest([cohort / "dicom", cohort / "nifti"], fresh, key=KEY, workers=2)
     assert report.volumes_reused == report.volumes_written == 12
     assert _files(fresh) == _files(ingested)
+
+
+def test_written_volumes_are_hashed_as_written(cohort: Path, ingested: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh ingest reads no output back to hash it: the manifest's sha256 is taken from the
+    bytes as the writer sends them to disk, and it is the sha256 of the file on disk."""
+    import pipeline.ingest.run as ingest_run
+
+    hashed: list[Path] = []
+    monkeypatch.setattr(ingest_run, "sha256_file", lambda path, *a, **k: hashed.append(path) or sha256_file(path))
+    run_ingest([cohort / "nifti"], tmp_path / "o", key=KEY, workers=1)
+    assert hashed == []
+    rows = read_manifest(tmp_path / "o")
+    assert rows and all(r["label_path"] for r in rows if r["modality"] == "CT")
+    for r in rows:
+        assert r["sha256"] == sha256_file(tmp_path / "o" / r["path"])
+    entries = json.loads((tmp_path / "o" / STATE_NAME).read_text())["entries"].values()
+    assert {e["label_sha256"] for e in entries if e["label"]} == {
+        sha256_file(tmp_path / "o" / r["label_path"]) for r in rows if r["label_path"]}
 
 
 def test_incremental_reconverts_only_changed_series(cohort: Path, tmp_path: Path) -> None:

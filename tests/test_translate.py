@@ -237,8 +237,10 @@ def test_cli_translate_and_its_errors(tmp_path: Path, tiny_run: Path, ingest: Pa
     assert missing.exit_code == 2 and "does not exist" in missing.output
 
 
-def test_sources_are_not_hashed_again(tmp_path: Path, tiny_run: Path, ingest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The ingest manifest's sha256 travels with each source: translate reads no source file to hash it."""
+def test_files_are_hashed_once(tmp_path: Path, tiny_run: Path, ingest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ingest manifest's sha256 travels with each source, and each volume written is hashed as
+    its bytes go to disk: translate reads no file back to hash it (the checkpoint, which no
+    manifest lists, is the one file it hashes). The hashes are those of the files on disk."""
     hashed: list[Path] = []
     real_sha256_file = tr.sha256_file
 
@@ -248,9 +250,12 @@ def test_sources_are_not_hashed_again(tmp_path: Path, tiny_run: Path, ingest: Pa
 
     monkeypatch.setattr(tr, "sha256_file", recording)
     rows = tr.run_translate(tiny_run, "mri2ct", ingest, tmp_path / "out", batch_size=4, device="cpu", split="test")
-    sources = {(ingest / r["path"]).resolve() for r in read_manifest(ingest) if r["modality"] == "MR"}
-    assert rows and not sources & set(hashed)
+    assert rows and hashed == [Path(tiny_run).resolve()]
     assert {r["source_sha256"] for r in rows} <= {r["sha256"] for r in read_manifest(ingest)}
+    for r in rows:
+        assert r["sha256"] == real_sha256_file(tmp_path / "out" / r["path"])
+        if r["label_path"]:
+            assert r["label_sha256"] == real_sha256_file(tmp_path / "out" / r["label_path"])
 
 
 def test_manifest_sha256_that_is_not_a_hash_never_names_an_output(tmp_path: Path, tiny_run: Path, ingest: Path) -> None:

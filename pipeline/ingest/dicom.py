@@ -713,14 +713,26 @@ def _read_pydicom(source: Path | io.BytesIO, named_dcm: bool, rel: str) -> Any:
                     return Disposition("skipped", f"not a DICOM, NIfTI or JSON file{_suffix(rel)}")
                 force = True
             ds = pydicom.dcmread(f, defer_size=1024, specific_tags=HEADER_TAGS, force=force)
-            if isinstance(source, io.BytesIO):
-                ds.get_item("PixelData", keep_deferred=True)  # read while the buffer is open
+            if isinstance(source, io.BytesIO):  # read deferred values while the buffer is open
+                ds.get_item("PixelData", keep_deferred=True)
+                _load_deferred(ds)
     except Exception as exc:  # noqa: BLE001 - on corrupted bytes pydicom raises many types (struct.error,
         # NotImplementedError for a bad VR code, BytesLengthException, ...): all mean "cannot be parsed"
         if isinstance(exc, EOFError) or "truncat" in str(exc).lower() or "end of file" in str(exc).lower():
             return Disposition("quarantined", "DICOM header is truncated; cannot be read")
         return Disposition("quarantined", f"DICOM header cannot be parsed ({type(exc).__name__})")
     return ds
+
+
+def _load_deferred(ds: Any) -> None:
+    """Read every deferred header value of `ds` but the pixel data (the CSA header of a mosaic
+    is larger than `defer_size`): a .dcm.gz header is parsed from a buffer that closes after."""
+    from pydicom.dataelem import RawDataElement
+
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if tag != 0x7FE00010 and isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+            ds[tag]  # noqa: B018 - reading the element loads its deferred value
 
 
 def _non_image(ds: Any) -> Disposition | None:

@@ -45,6 +45,7 @@ from pipeline.ingest.deid import Deid
 from pipeline.ingest.discover import Discovery, FileRef, Ledger, discover, nifti_stem
 from pipeline.ingest.writer import (
     GZIP_LEVEL,
+    Written,
     can_stream,
     slice_order,
     write_atomic,
@@ -152,6 +153,9 @@ class Result:
     content: str = ""
     reused: bool = False
     has_label: bool = False
+    sha256: str = ""
+    """sha256 of the volume file written (hashed as written); "" when reused (the state has it)."""
+    label_sha256: str = ""
 
 
 # --- worker ---------------------------------------------------------------------------
@@ -169,7 +173,7 @@ def content_digest(deid: Deid, paths: Sequence[Path], known: dict[Path, bytes] |
     return h.hexdigest()
 
 
-def _convert_dicom(job: Job, level: int, threads: int | None, digests: dict[Path, bytes]) -> tuple[Any, Any]:
+def _convert_dicom(job: Job, level: int, threads: int | None, digests: dict[Path, bytes]) -> Written:
     assert job.tmp_volume is not None
     cols, rows, n = job.shape
     dtype = dcm.output_dtype(job.frames)
@@ -198,19 +202,18 @@ def convert(job: Job, deid: Deid, level: int = GZIP_LEVEL, threads: int | None =
                           spacing=tuple(job.prev["spacing"]), has_label=bool(job.prev.get("label_sha256")))  # type: ignore[arg-type]
     assert job.tmp_volume is not None
     digests: dict[Path, bytes] = {}
-    has_label = False
+    label_sha = ""
     try:
         if job.kind == "dicom":
-            shape, spacing = _convert_dicom(job, level, threads, digests)
+            written = _convert_dicom(job, level, threads, digests)
         else:
             assert job.image is not None
             data, affine = nii.load_volume(job.image)
             label = nii.load_label(job.label, data.shape, affine, job.tumor_values) if job.label else None  # type: ignore[arg-type]
-            shape, spacing = write_volume(job.tmp_volume, data, affine, level=level, threads=threads)
+            written = write_volume(job.tmp_volume, data, affine, level=level, threads=threads)
             del data
             if label is not None and job.tmp_label is not None:
-                write_volume(job.tmp_label, label, affine, level=level, threads=threads)
-                has_label = True
+                label_sha = write_volume(job.tmp_label, label, affine, level=level, threads=threads).sha256
     except InputRejected as exc:
         return Result(ok=False, reason=str(exc))
     except MemoryError:
@@ -220,7 +223,8 @@ def convert(job: Job, deid: Deid, level: int = GZIP_LEVEL, threads: int | None =
             f"writing to the output folder failed ({exc.strerror or type(exc).__name__}); check free space and permissions"
         ) from None
     content = content_digest(deid, paths, digests)
-    return Result(ok=True, shape=shape, spacing=spacing, content=content, has_label=has_label)
+    return Result(ok=True, shape=written.shape, spacing=written.spacing, content=content, has_label=bool(label_sha),
+                  sha256=written.sha256, label_sha256=label_sha)
 
 
 # --- planning ---------------------------------------------------------------------------
@@ -715,11 +719,12 @@ def _place_outputs(out: Path, written: list[tuple[Job, Result]]) -> tuple[list[d
     for (j, res), name, (vol, lab) in zip(written, names, staged, strict=True):
         os.replace(vol, out / "volumes" / name)
         keep.add(name)
-        vol_sha = sha256_file(out / "volumes" / name)
-        label_rel, label_sha = "", ""
+        # hashed as the worker wrote them, or checked against the state before reuse (_prev_intact)
+        hashes = (j.prev["volume_sha256"], j.prev.get("label_sha256", "")) if res.reused and j.prev else (res.sha256, res.label_sha256)
+        vol_sha, label_rel, label_sha = hashes[0], "", ""
         if lab is not None:
             os.replace(lab, out / "labels" / name)
-            label_rel, label_sha = f"labels/{name}", sha256_file(out / "labels" / name)
+            label_rel, label_sha = f"labels/{name}", hashes[1]
         rows.append({"path": f"volumes/{name}", "label_path": label_rel, "subject_id": j.subject,
                      "modality": j.modality, "shape": "x".join(map(str, res.shape)), "spacing": _fmt_spacing(res.spacing),
                      "sha256": vol_sha, "class": j.klass, "split": j.split, "source_kind": j.kind,

@@ -29,11 +29,13 @@ from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
 from isal import isal_zlib
+
+from pipeline.manifest import HashingWriter
 
 GZIP_LEVEL = 1
 """Default gzip level. Measured on 32 MiB of the synthetic 512x512 CT of bench/ingest.py
@@ -50,6 +52,19 @@ BLOCK = 1 << 21
 
 _WINDOW = 1 << 15
 _VOX_OFFSET = 352
+
+
+class _Writable(Protocol):
+    def write(self, data: bytes, /) -> Any: ...
+
+
+class Written(NamedTuple):
+    """What `write_volume` / `write_slices` wrote: shape (i, j, k), spacing (mm) and the sha256
+    of the file's bytes (hashed on their way to disk: the manifest needs no second read)."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    sha256: str
 
 
 def _compress_block(data: bytes, prime: bytes, level: int, last: bool) -> bytes:
@@ -74,7 +89,7 @@ class GzipStream:
     True
     """
 
-    def __init__(self, f: BinaryIO, level: int = GZIP_LEVEL, threads: int | None = None) -> None:
+    def __init__(self, f: _Writable, level: int = GZIP_LEVEL, threads: int | None = None) -> None:
         self._f = f
         self._level = level
         self._threads = max(1, threads or (os.cpu_count() or 1))
@@ -266,17 +281,17 @@ def _zooms(affine: npt.NDArray[np.float64]) -> tuple[float, float, float]:
 def write_volume(
     path: Path, data: npt.NDArray[np.generic], affine: npt.NDArray[np.float64], level: int = GZIP_LEVEL,
     threads: int | None = None,
-) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
-    """Write `data` (i, j, k) with RAS `affine` as canonical .nii.gz; return (shape, spacing mm)."""
+) -> Written:
+    """Write `data` (i, j, k) with RAS `affine` as canonical .nii.gz; return (shape, spacing mm, sha256)."""
     arr, aff = canonical(data, affine)
     shape = (int(arr.shape[0]), int(arr.shape[1]), int(arr.shape[2]))
     tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "wb") as f, GzipStream(f, level=level, threads=threads) as gz:
+    with open(tmp, "wb") as f, GzipStream(sink := HashingWriter(f), level=level, threads=threads) as gz:
         gz.feed(nifti_header(shape, arr.dtype, aff))
         for k in range(shape[2]):  # slab by slab: no full Fortran-order copy of the volume
             gz.feed(arr[:, :, k].tobytes(order="F"))
     os.replace(tmp, path)
-    return shape, _zooms(aff)
+    return Written(shape, _zooms(aff), sink.hexdigest())
 
 
 def can_stream(affine: npt.NDArray[np.float64]) -> bool:
@@ -292,7 +307,7 @@ def write_slices(
     affine: npt.NDArray[np.float64],
     level: int = GZIP_LEVEL,
     threads: int | None = None,
-) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+) -> Written:
     """Stream a volume slice by slice; same bytes as `write_volume` on the stacked array.
 
     Args:
@@ -307,7 +322,7 @@ def write_slices(
     out_shape3 = (out_shape[0], out_shape[1], out_shape[2])
     tmp = path.with_name(f".{path.name}.part")
     n = 0
-    with open(tmp, "wb") as f, GzipStream(f, level=level, threads=threads) as gz:
+    with open(tmp, "wb") as f, GzipStream(sink := HashingWriter(f), level=level, threads=threads) as gz:
         gz.feed(nifti_header(out_shape3, np.dtype(dtype), aff))
         for plane in planes:
             # plane is (j, i) as DICOM stores it; .T is (i, j); one copy into output order.
@@ -317,7 +332,7 @@ def write_slices(
         tmp.unlink(missing_ok=True)
         raise ValueError(f"expected {shape[2]} slices, got {n}")
     os.replace(tmp, path)
-    return out_shape3, _zooms(aff)
+    return Written(out_shape3, _zooms(aff), sink.hexdigest())
 
 
 def slice_order(affine: npt.NDArray[np.float64], n: int) -> list[int]:

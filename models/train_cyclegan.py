@@ -78,6 +78,7 @@ from models.losses import (
     generator_loss,
     health_gap_max,
     real_fake_midpoint,
+    shape_loss,
     structure_loss,
 )
 from models.training import (
@@ -135,6 +136,14 @@ class CycleGANConfig(BaseModel):
     2018) or gradcorr (gradient correlation, Hiasa et al. 2018); none = the paper. Against broken bone in MR->CT."""
     lambda_structure: float = 5.0
     """Weight of each structure term when structure_loss is not none."""
+    lambda_shape: float = 0.0
+    """Weight of each shape term (models.losses.shape_loss): the translation's body outline against its input's,
+    both directions, thresholds below; against a generator that shrinks or shifts the head. 0 = the paper."""
+    body_threshold_ct: float = -0.5
+    """CT body threshold in [-1, 1] units for the shape term: -0.5 is -500 HU (preprocess.CT_BODY_THRESHOLD_HU) in the
+    default -1000..1000 HU window."""
+    body_threshold_mr: float = -0.95
+    """MR body threshold in [-1, 1] units for the shape term: air sits at -1 after the percentile normalisation."""
     cycle_noise: float = 0.0
     """Std of Gaussian noise added to each translation before the reverse generator reconstructs it (Bashkirova et
     al. 2019): stops a generator from hiding its input's noise in low-amplitude texture to pass the cycle; 0 = paper."""
@@ -218,8 +227,8 @@ class CycleGANConfig(BaseModel):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_steps_constant < 0 or self.n_steps_decay < 0 or (self.steps is not None and self.steps < 0):
             raise ValueError("n_steps_constant, n_steps_decay and steps must be >= 0")
-        if min(self.lambda_cycle, self.lambda_identity, self.lambda_structure, self.cycle_noise) < 0:
-            raise ValueError("lambda_cycle, lambda_identity, lambda_structure and cycle_noise must be >= 0")
+        if min(self.lambda_cycle, self.lambda_identity, self.lambda_structure, self.lambda_shape, self.cycle_noise) < 0:
+            raise ValueError("lambda_cycle, lambda_identity, lambda_structure, lambda_shape and cycle_noise must be >= 0")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) or None, got {self.ema_decay}")
         if self.ada_target is not None and not self.diffaug:
@@ -481,12 +490,14 @@ def cycle_view(fake: torch.Tensor, cfg: CycleGANConfig) -> torch.Tensor:
 
 def generator_objective(cfg: CycleGANConfig, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The generators' loss from generator_step's terms: adversarial + lambda_cycle * (cycle
-    + lambda_identity * identity) + lambda_structure * structure, each over both directions."""
+    + lambda_identity * identity) + lambda_structure * structure + lambda_shape * shape, each over both directions."""
     loss = terms["g_adv_ct"] + terms["g_adv_mri"] + cfg.lambda_cycle * (terms["cycle_mri"] + terms["cycle_ct"])
     if "identity_ct" in terms:
         loss = loss + cfg.lambda_cycle * cfg.lambda_identity * (terms["identity_ct"] + terms["identity_mri"])
     if "structure_mri2ct" in terms:
         loss = loss + cfg.lambda_structure * (terms["structure_mri2ct"] + terms["structure_ct2mri"])
+    if "shape_mri2ct" in terms:
+        loss = loss + cfg.lambda_shape * (terms["shape_mri2ct"] + terms["shape_ct2mri"])
     return loss
 
 
@@ -523,6 +534,9 @@ def generator_step(
         if cfg.structure_loss != "none":
             terms["structure_mri2ct"] = structure_loss(cfg.structure_loss, real_mri, fake_ct)
             terms["structure_ct2mri"] = structure_loss(cfg.structure_loss, real_ct, fake_mri)
+        if cfg.lambda_shape > 0:
+            terms["shape_mri2ct"] = shape_loss(real_mri, fake_ct, cfg.body_threshold_mr, cfg.body_threshold_ct)
+            terms["shape_ct2mri"] = shape_loss(real_ct, fake_mri, cfg.body_threshold_ct, cfg.body_threshold_mr)
     loss = generator_objective(cfg, terms)
     stepped = all_ranks_finite(loss, s.info)
     if stepped:

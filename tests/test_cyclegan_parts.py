@@ -38,9 +38,11 @@ from models.cyclegan import PatchGANDiscriminator, ResnetGenerator
 from models.diffaug import AdaptiveAugment, cutout, diff_augment, translation
 from models.losses import (
     discriminator_loss,
+    filled_body,
     generator_loss,
     gradient_correlation,
     mind_descriptor,
+    shape_loss,
     structure_loss,
 )
 
@@ -162,6 +164,58 @@ def test_structure_losses_pass_gradients() -> None:
         structure_loss(kind, _blob(), y).backward()  # type: ignore[arg-type]
         assert y.grad is not None and float(y.grad.abs().sum()) > 0
 
+
+
+def _head(shift: int = 0, size: int = 32) -> torch.Tensor:
+    """(1, 1, size, size) MR-like head: tissue (0.4) with a dark skull ring (-0.98) inside, air -1 around it."""
+    yy, xx = torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)), indexing="ij")
+    r = torch.sqrt((yy - size / 2) ** 2 + (xx - size / 2 - shift) ** 2)
+    head = torch.where(r < 12, 0.4, -1.0)
+    return torch.where((r > 8) & (r < 10), -0.98, head)[None, None]
+
+
+def test_filled_body_fills_enclosed_dark_tissue_like_scipy() -> None:
+    from scipy import ndimage
+
+    x = _head()
+    filled = filled_body((x > -0.95).float())
+    # the skull ring is as dark as air but enclosed: body, as the hole filling of preprocess.body_mask has it
+    reference = ndimage.binary_fill_holes((x[0, 0] > -0.95).numpy())
+    assert torch.equal(filled[0, 0].bool(), torch.from_numpy(reference))
+    assert float(filled[0, 0, 16, 16 - 9]) == 1.0 and float(filled[0, 0, 0, 0]) == 0.0
+    # a ring open to the outside is not a hole: the gap lets the outside in
+    opened = x.clone()
+    opened[..., 15:18, 3:8] = -1.0
+    assert float(filled_body((opened > -0.95).float())[0, 0, 16, 6]) == 0.0
+
+
+def test_shape_loss_known_answers() -> None:
+    mr = _head()
+    ct = torch.where(mr > -0.95, 0.05, -1.0)  # the same outline in CT units (tissue ~50 HU)
+    ct = torch.where((mr < -0.95) & (mr > -0.99), 0.9, ct)  # bone bright in CT
+    agree = float(shape_loss(mr, ct, -0.95, -0.5))
+    assert agree < 1e-3
+    # the same head shrunk or moved by 2 pixels: the outline disagrees
+    moved = torch.where(_head(2) > -0.95, 0.05, -1.0)
+    assert float(shape_loss(mr, moved, -0.95, -0.5)) > 50 * agree
+    # the interior's intensities do not matter: a brain darker than the threshold inside the skull, same loss
+    darker = ct.clone()
+    darker[..., 12:21, 12:21] = -0.9
+    assert float(shape_loss(mr, darker, -0.95, -0.5)) == pytest.approx(agree, abs=1e-4)
+    # 2.5D sources: the centre channel is the slice
+    stack = torch.cat([-torch.ones_like(mr), mr, -torch.ones_like(mr)], dim=1)
+    assert float(shape_loss(stack, ct, -0.95, -0.5)) == pytest.approx(agree)
+
+
+def test_shape_loss_pulls_the_outline_only() -> None:
+    mr = _head()
+    y = torch.where(_head(2) > -0.95, 0.05, -1.0).requires_grad_(True)
+    shape_loss(mr, y, -0.95, -0.5).backward()
+    assert y.grad is not None
+    # pixels the translation left as air inside the source's outline get pushed up (negative gradient)...
+    assert float(y.grad[0, 0, 16, 5]) < -1e-4
+    # ...enclosed interior pixels next to nothing (ties of the soft outside with their own saturated value)
+    assert float(y.grad[0, 0, 16, 16].abs()) < 1e-3 * float(y.grad[0, 0, 16, 5].abs())
 
 # --- diffaug -----------------------------------------------------------------------------------
 

@@ -70,7 +70,7 @@ def test_defaults_are_the_published_recipe() -> None:
     assert (cfg.lr, cfg.lr_d, cfg.beta1, cfg.beta2, cfg.batch_size) == (2e-4, None, 0.5, 0.999, 1)
     assert (cfg.ngf, cfg.ndf, cfg.n_res_blocks, cfg.n_layers_d, cfg.image_size) == (64, 64, 9, 3, 256)
     assert not cfg.spectral_norm and cfg.r1_gamma == 0 and cfg.ema_decay is None and cfg.diffaug == []
-    assert cfg.structure_loss == "none"
+    assert cfg.structure_loss == "none" and cfg.lambda_shape == 0
     assert cfg.total_steps == 200_000
     assert lr_factor(100_000, cfg) == 1.0 and lr_factor(200_000, cfg) == pytest.approx(1 / 100_001)
     assert all(f.description for f in CycleGANConfig.model_fields.values())  # every option documented
@@ -87,6 +87,7 @@ def test_defaults_are_the_published_recipe() -> None:
         ({"structure_loss": "ssim"}, "mind"),
         ({"lambda_structure": -1.0}, "lambda_structure"),
         ({"cycle_noise": -0.1}, "cycle_noise"),
+        ({"lambda_shape": -1.0}, "lambda_shape"),
         ({"learning_rate": 1e-3}, "learning_rate"),
     ],
 )
@@ -126,6 +127,16 @@ def test_structure_loss_adds_its_terms(kind: str) -> None:
     w_off, w = (next(x.nets.g_mri2ct.parameters()) for x in (s_off, s))  # type: ignore[attr-defined]
     assert not torch.equal(w_off, w)
 
+
+
+def test_shape_loss_adds_its_terms() -> None:
+    g_off, _, s_off = one_step(tiny())
+    g, _, s = one_step(tiny(lambda_shape=3.0))
+    assert "shape_mri2ct" not in g_off
+    assert g["shape_mri2ct"] > 0 and g["shape_ct2mri"] > 0
+    assert g["loss_g"] == pytest.approx(g_off["loss_g"] + 3.0 * (g["shape_mri2ct"] + g["shape_ct2mri"]), rel=1e-5)
+    w_off, w = (next(x.nets.g_mri2ct.parameters()) for x in (s_off, s))  # type: ignore[attr-defined]
+    assert not torch.equal(w_off, w)
 
 def test_cycle_noise_changes_the_reconstruction_only() -> None:
     g_off, _, _ = one_step(tiny())

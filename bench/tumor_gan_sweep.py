@@ -29,7 +29,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 BASE = {"patch_size": 32, "latent_dim": 64, "g_channels": 16, "d_channels": 16, "batch_size": 32, "minibatch_std": True,
-        "mode_seeking_weight": 1.0, "diffaug": ["translation", "cutout"], "log_every": 100, "sample_every": 500, "ema_decay": 0.99}
+        "mode_seeking_weight": 0.25, "lr_g": 4e-4, "diffaug": ["translation", "cutout"], "log_every": 100, "sample_every": 500,
+        "ema_decay": 0.99}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,31 +6,22 @@ The dataset is written by the builders of tests/test_dataset.py (tiny NIfTI inpu
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import textwrap
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+import test_dataset as builders  # its tiny-dataset builders
 import torch
 
 from pipeline.errors import ConfigError
 
 
-def _builders() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_dataset_builders", Path(__file__).with_name("test_dataset.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("loader")
-    out, _ = _builders().build_tumor_dataset(root, max_synthetic_share=0.9)
+    out, _ = builders.build_tumor_dataset(root, max_synthetic_share=0.9)
     return out
 
 

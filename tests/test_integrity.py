@@ -9,7 +9,6 @@ the concurrent-writer and kill -9 cases start real processes for a few seconds.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,12 +16,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pytest
+import test_dataset as B  # its tiny-dataset builders
 from typer.testing import CliRunner
 
 from medaug.cli import app
@@ -31,17 +30,6 @@ from pipeline.errors import ConfigError, GateMismatchError
 from pipeline.manifest import read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _builders() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_dataset_builders_i14", Path(__file__).with_name("test_dataset.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-B = _builders()
 
 
 def _invoke(args: list[str]) -> Any:

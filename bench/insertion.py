@@ -1,7 +1,8 @@
 """Lesion insertion: the blend measured (seam scores) and real vs inserted lesions side by side.
 
 Reads a downstream work folder that ran `bench/downstream.py --synthesis insertion` (its ingest,
-real lesion patches, the tumor GAN's samples and the insertion gate) and:
+real lesion patches, and under from-tumor_gan-HASH the tumor GAN's samples and the insertion
+gate) and:
 
   1. inserts the GAN's necrotic lesion patches into real CT training volumes three ways
      (pipeline/insertion.py): feathered (the recipe), a hard paste of the mask (feather 0)
@@ -40,13 +41,14 @@ def _arr(path: Path) -> np.ndarray:
     return np.asarray(ins._load(path).dataobj)
 
 
-def blend_scores(work: Path, n_hosts: int, seed: int) -> dict[str, Any]:
-    """Seam scores (over the real lesions' median) of three blends of the GAN's necrotic patches."""
+def blend_scores(work: Path, derived: Path, n_hosts: int, seed: int) -> dict[str, Any]:
+    """Seam scores (over the real lesions' median) of three blends of the GAN's necrotic patches
+    (`derived/synthetic`, the samples of one tumor GAN run)."""
     ingest = work / "ingest"
     hosts = ins._hosts(ingest)[:n_hosts]
     masks = [_arr(ingest / h["label_path"]) for h in ins._hosts(ingest)]
     stats = ins.lesion_stats(masks)
-    samples = work / "synthetic"
+    samples = derived / "synthetic"
     lesions = [r for r in read_manifest(samples) if r["class"] == "necrotic" and (_arr(samples / r["label_path"]) > 0).sum() >= ins.MIN_LESION_PX]
     real_rows = [r for r in read_manifest(work / "patches_real_lesions") if r["split"] == "train"]
     real = np.array([ins.seam_score(_arr(work / "patches_real_lesions" / r["path"])[..., 0],
@@ -102,13 +104,18 @@ def figure(work: Path, gate: Path, out: Path, n: int) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="A downstream work folder run with --synthesis insertion.")
+    parser.add_argument("--derived", type=Path, default=None,
+                        help="The folder of one tumor GAN run's samples and insertions (default: the newest from-tumor_gan-* in --work).")
     parser.add_argument("--gate", type=Path, default=None, help="Its insertion gate folder (default: the one insertion_gate_n* there).")
     parser.add_argument("--hosts", type=int, default=24, help="Host volumes for the blend measurement.")
     parser.add_argument("--n", type=int, default=8, help="Pairs in the figure.")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "figures" / "insertion_real_vs_inserted.png")
     args = parser.parse_args(argv)
-    gate = args.gate or sorted(args.work.glob("insertion_gate_n*"))[-1]
-    scores = blend_scores(args.work, args.hosts, 0)
+    runs = sorted(args.work.glob("from-tumor_gan-*"), key=lambda p: p.stat().st_mtime)
+    derived = args.derived or (runs[-1] if runs else args.work)  # work folders before per-run folders hold it directly
+    gate = args.gate or sorted(derived.glob("insertion_gate_n*"))[-1]
+    print(f"tumor GAN samples and insertion gate: {derived}")
+    scores = blend_scores(args.work, derived, args.hosts, 0)
     print(json.dumps(scores, indent=2))
     print("| blend | inserted patches | seam score / real median (median) | share over the per-item threshold | seam check |")
     print("|---|---|---|---|---|")

@@ -10,7 +10,8 @@ gate) and:
      and reports each one's seam score (pipeline.insertion.seam_score) over the real
      training lesions', with the gate's seam check (pipeline/gate/seam.py thresholds);
   2. writes bench/figures/insertion_real_vs_inserted.png: real necrotic training lesions
-     beside inserted ones (the downstream run's insertion gate verdict under each).
+     beside inserted ones (the downstream run's insertion gate verdict under each), and with
+     --samples-out a PNG of the GAN's patches beside real ones, per class.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/insertion.py --work bench/_work/ins280
 """
@@ -101,6 +102,25 @@ def figure(work: Path, gate: Path, out: Path, n: int) -> Path:
     return image_grid(tiles, captions, out, scale=3)
 
 
+def samples_figure(work: Path, derived: Path, out: Path, n: int) -> Path:
+    """PNG of the tumor GAN's patches beside real training patches, one row per (source, class)."""
+    from pipeline.gate.report import image_grid
+
+    rows, captions = [], []
+    for klass in ("necrotic", "round"):
+        for name, folder, keep in (("real", work / "patches_real", lambda r: r.get("split", "train") == "train"),
+                                   ("GAN", derived / "synthetic", lambda r: True)):
+            picked = [r for r in read_manifest(folder) if r["class"] == klass and keep(r)][:n]
+            tiles = []
+            for r in picked:
+                a = _arr(folder / r["path"]).squeeze()
+                tiles.append(torch.as_tensor((a[..., a.shape[-1] // 2] if a.ndim == 3 else a).astype(np.float32)))
+            rows.append(tiles)
+            captions.append(f"{name} {klass}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return image_grid(rows, captions, out, scale=3)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="A downstream work folder run with --synthesis insertion.")
@@ -110,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hosts", type=int, default=24, help="Host volumes for the blend measurement.")
     parser.add_argument("--n", type=int, default=8, help="Pairs in the figure.")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "figures" / "insertion_real_vs_inserted.png")
+    parser.add_argument("--samples-out", type=Path, default=None,
+                        help="Also write this PNG: the GAN's patches beside real ones, per class (default: none).")
     args = parser.parse_args(argv)
     runs = sorted(args.work.glob("from-tumor_gan-*"), key=lambda p: p.stat().st_mtime)
     derived = args.derived or (runs[-1] if runs else args.work)  # work folders before per-run folders hold it directly
@@ -123,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         if name != "real":
             print(f"| {name} | {v['n_patches']} | {v['median_ratio']:.2f} | {v['over_item_ratio']:.0%} | {v['seam_check']} |")
     print(f"figure: {figure(args.work, gate, args.out, args.n)}")
+    if args.samples_out:
+        print(f"figure: {samples_figure(args.work, derived, args.samples_out, args.n)}")
     return 0
 
 

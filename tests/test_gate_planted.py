@@ -196,6 +196,33 @@ def test_report_files_and_id_are_reproducible(cohort: dict[str, Path], tmp_path:
     assert c.report_id != a.report_id
 
 
+def test_class_checks_gate_each_class_alone(cohort: dict[str, Path], tmp_path: Path) -> None:
+    """gate.class_checks: a generator whose minority class is noise fails the `class` check,
+    which names that class; the held-out real split passes it; a class with too few items for
+    its own FID baseline is not judged, and the check's detail says so."""
+    rng = np.random.default_rng(7)
+    good = [phantom(s, "CT") for s in HELD_OUT if phantom(s, "CT")[1] == "round"]
+    noise = [(ndimage.gaussian_filter(rng.uniform(-1000, 1000, (SIZE, SIZE, SIZE // 2)), 1.0).astype(np.float32) * 3, "necrotic")
+             for _ in range(3)]
+    mixed = write_folder(tmp_path / "mixed", good + noise, "CT", True)
+    # the cohort is small (4 real necrotic volumes), so the test judges classes from 3 items
+    bad = run_gate(cohort["real"], mixed, tmp_path / "bad", _cfg(cohort, class_checks=True, class_min_items=3))
+    check = next(c for c in bad.checks if c.name == "class")
+    assert not check.passed and check.value == 1.0 and "class" in bad.failed_checks
+    assert "necrotic:" in check.detail and "round:" not in check.detail, check.detail
+    assert bad.per_class["round"]["gate"]["verdict"] == "accept"
+    assert bad.per_class["necrotic"]["gate"]["verdict"] == "reject" and bad.per_class["necrotic"]["gate"]["failed_checks"]
+    assert "own gate" in (tmp_path / "bad" / REPORT_MD).read_text()
+    # without the switch there is no class check
+    assert all(c.name != "class" for c in run_gate(cohort["real"], mixed, tmp_path / "off", _cfg(cohort)).checks)
+
+    ok = run_gate(cohort["real"], cohort["held_out"], tmp_path / "ok", _cfg(cohort, class_checks=True, class_min_items=5))
+    assert ok.verdict == "accept", [c.detail for c in ok.checks if not c.passed]
+    assert {cls: m["gate"]["verdict"] for cls, m in ok.per_class.items()} == {"necrotic": "not judged", "round": "accept"}
+    detail = next(c.detail for c in ok.checks if c.name == "class")
+    assert "not judged, under gate.class_min_items 5: necrotic (4 real, 2 synthetic items)" in detail, detail
+
+
 def test_cli_exit_codes(cohort: dict[str, Path], tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.types import HUWindow
 
-CHECKS = ("modality", "intensity", "fid", "kid", "precision", "recall", "coverage", "diversity", "duplicates", "memorization", "seam")
+CHECKS = ("modality", "intensity", "fid", "kid", "precision", "recall", "coverage", "diversity", "duplicates", "memorization", "seam",
+          "class")
 """Names of the batch checks, in the order the report lists them."""
 
 
@@ -68,6 +69,8 @@ class GateConfig(BaseModel):
     ci_level: float = Field(default=0.95, gt=0.0, lt=1.0, description="Confidence level of the bootstrap intervals (percentile method; FID's shifted by the bootstrap bias, since resampling inflates FID).")
     fid_baseline_splits: int = Field(default=10, ge=1, description="Random item-disjoint half splits of the real set the fid check averages its real-vs-real baseline (and equal-size synthetic FID) over; one split moved the baseline 3x between cohorts and flipped the verdict (bench/RESULTS.md, Gate stability).")
     min_class_samples: int = Field(default=10, ge=2, description="Per-class metrics are reported for classes with at least this many slices in both sets.")
+    class_checks: bool = Field(default=False, description="Also gate each synthetic class alone (check `class`): against the real items of its class, with a domain encoder fitted to them, every check above; the batch fails when a judged class fails. For class-conditional generators: pooled features fit what the classes share (for tumor patches skull, brain and air), and a batch whose lesions were wrong passed them (bench/RESULTS.md, 'The accepted CPU tumor GAN downstream'). Costs one encoder training per class.")
+    class_min_items: int = Field(default=10, ge=2, description="A class with fewer real or synthetic items (subjects' volumes or patches) than this is not judged by the class check (noted in its detail; the pooled checks still apply): with 4 real and 2 synthetic volumes a held-out real split failed the excess FID (0.2).")
 
     # --- batch thresholds (null switches a check off) ---------------------------------------
     intensity_max: float | None = Field(default=0.1, ge=0.0, description="Max Wasserstein-1 distance between pooled pixel values in [-1, 1]; calibration: held-out real 0.008-0.013, noise 0.48-0.65, MR given as CT 0.69-0.77.")

@@ -206,9 +206,12 @@ def write_markdown(report: GateReport, out: Path, figures: list[str]) -> Path:
     if d["per_class"]:
         keys = ["n_real", "n_synthetic", "fid", "kid", "precision", "recall", "density", "coverage", "ms_ssim_synthetic",
                 "ms_ssim_real", "copy_fraction"]
-        lines += ["", "## Per class", "", "| class | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += ["", "## Per class", "", "| class | " + " | ".join(keys) + " | own gate (gate.class_checks) |",
+                  "|---" * (len(keys) + 2) + "|"]
         for cls, m in d["per_class"].items():
-            lines.append(f"| {cls or '(none)'} | " + " | ".join(_fmt(m.get(k)) for k in keys) + " |")
+            g = m.get("gate") or {}
+            own = f"{g.get('verdict', '')} {', '.join(g.get('failed_checks') or [])}".strip() or "-"
+            lines.append(f"| {cls or '(none)'} | " + " | ".join(_fmt(m.get(k)) for k in keys) + f" | {own} |")
     rejected = [s for s in d["samples"] if s["decision"] != "accept"]
     if rejected:
         lines += ["", f"## Rejected samples ({len(rejected)})", "", "| item | reasons |", "|---|---|"]

@@ -289,13 +289,14 @@ def _prdc(fr: F64, fs: F64, rg: NDArray[np.int64], sg: NDArray[np.int64], k: int
 
 
 def _class_metrics(real: GateSet, syn: GateSet, fr: F64, fs: F64, copies: NDArray[np.bool_], cfg: GateConfig,
-                   device: torch.device) -> dict[str, dict[str, Any]]:
-    """Metrics restricted to each class with at least cfg.min_class_samples slices in both sets."""
-    out: dict[str, dict[str, Any]] = {}
+                   device: torch.device, class_gates: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Metrics restricted to each class with at least cfg.min_class_samples slices in both sets (pooled
+    features), with each class's own gate under "gate" when gate.class_checks ran it."""
+    out: dict[str, dict[str, Any]] = {cls: {"gate": g} for cls, g in class_gates.items()}
     rc, sc = np.array(real.classes), np.array(syn.classes)
     for k, cls in enumerate(sorted(set(sc.tolist()))):
         ri, si = np.flatnonzero(rc == cls), np.flatnonzero(sc == cls)
-        entry: dict[str, Any] = {"n_real": len(ri), "n_synthetic": len(si)}
+        entry: dict[str, Any] = {"n_real": len(ri), "n_synthetic": len(si)} | out.get(cls, {})
         if len(ri) < cfg.min_class_samples or len(si) < cfg.min_class_samples:
             entry["note"] = f"fewer than {cfg.min_class_samples} slices in a set: not scored"
             out[cls] = entry
@@ -342,38 +343,30 @@ def _check(name: str, value: float | None, threshold: float | None, op: str, det
     return CheckResult(name, float(value), float(threshold), op, bool(passed), detail)
 
 
-def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = None, key: bytes | None = None) -> GateReport:
-    """Score `synthetic` against `real` (folders; see pipeline/gate/images.py), write the report under `out`.
+@dataclass
+class _Scores:
+    """What `_score` found: the batch checks (unsorted), the metrics, and what the per-sample
+    filter and the report reuse (the capped subsets and their indices, features, nearest-real
+    distances, copy and outlier flags, seam reasons, the extractor)."""
 
-    `key` signs the report (HMAC-SHA256; None: MEDAUG_GATE_KEY, unsigned with a warning when
-    that is unset; pipeline/gate/signing.py). Returns the GateReport (verdict "accept" or
-    "reject", failed checks named). Raises
-    DatasetError for unusable folders or too few samples, WeightsMissingError for missing
-    weights, ConfigError for a bad extractor plug-in or a device torch cannot use.
-    """
-    cfg = cfg or GateConfig()
-    # one device for the encoder, the features and the metrics (float64), checked before any work
-    dev = M.metric_device(cfg.device)
-    out.mkdir(parents=True, exist_ok=True)
-    # a missing weights file or a bad plug-in fails before any image is read
-    extractor = None if needs_real_images(cfg) else build_extractor(cfg, None, out)
+    checks: list[CheckResult]
+    metrics: dict[str, Any]
+    ref: GateSet
+    syn: GateSet
+    sub: NDArray[np.int64]
+    rsub: NDArray[np.int64]
+    fr: F64
+    fs: F64
+    mem: dict[str, F64]
+    copies: NDArray[np.bool_]
+    outliers: NDArray[np.bool_]
+    seam_reasons: dict[int, str]
+    extractor: FeatureExtractor
 
-    # data: every synthetic slice (syn_all) gets a per-sample decision; batch metrics use
-    # at most cfg.max_slices of them (syn), like the real set (ref); memorization compares with
-    # every real slice (ref_all): a copy of an unsampled training slice is still a copy
-    syn_all = load_gate_set(synthetic, cfg, "synthetic", cap=False)
-    ref_all = load_gate_set(real, cfg, "real", modalities=set(syn_all.modalities), cap=False)
-    if ref_all.images.shape[-1] != syn_all.images.shape[-1]:
-        # a silent resize would compare images of different native resolution (16 px patches against 32 px slices)
-        log.warning("synthetic images are %dx%d and real ones %dx%d: both resized to gate.gate_size %d; the gate then compares "
-                    "different resolutions (blur, scale) - give it real and synthetic items of one size",
-                    *syn_all.images.shape[-2:], *ref_all.images.shape[-2:], cfg.gate_size)
-        ref_all.images = resize_images(ref_all.images, cfg.gate_size)
-        syn_all.images = resize_images(syn_all.images, cfg.gate_size)
-    for name, s in (("real", ref_all), ("synthetic", syn_all)):
-        if len(s.item_of) < cfg.min_samples:
-            raise DatasetError(f"{name} folder {s.folder.name} has {len(s.item_of)} scored slices; the gate needs at least "
-                               f"{cfg.min_samples} (gate.min_samples)")
+
+def _score(ref_all: GateSet, syn_all: GateSet, cfg: GateConfig, out: Path, extractor: FeatureExtractor | None,
+           dev: torch.device) -> _Scores:
+    """Features, metrics and batch checks of one synthetic set against one real set."""
     sub = capped_indices(len(syn_all.item_of), cfg.max_slices, [cfg.seed, 1])
     rsub = capped_indices(len(ref_all.item_of), cfg.max_slices, [cfg.seed, 0])
     syn, ref = syn_all.subset(sub), ref_all.subset(rsub)
@@ -469,14 +462,99 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
                f"{cfg.copy_ratio_feature} x (features) the typical real-to-real distance"),
         seam_check,
     ]
-    done = [c for c in checks if c is not None]
+    return _Scores([c for c in checks if c is not None], metrics, ref, syn, sub, rsub, fr, fs, mem, copies, outliers,
+                   seam_reasons, extractor)
+
+
+def _class_gates(ref_all: GateSet, syn_all: GateSet, cfg: GateConfig, out: Path, pooled: FeatureExtractor,
+                 dev: torch.device) -> tuple[CheckResult, dict[str, Any]]:
+    """The "class" check (gate.class_checks): every synthetic class gated alone against the real
+    items of its class, with its own domain encoder fitted to them (a fixed extractor, Inception
+    or a given encoder, is shared). Pooled features are fitted to what the classes share (for
+    tumor patches: skull, brain, air), so a batch whose lesions are wrong can pass pooled; the
+    check fails when a class fails any of its checks. A class with fewer than
+    gate.class_min_items real or synthetic items is not judged (its FID baseline would be noise)
+    and the detail says so. Returns the check and each class's verdict and check values.
+    """
+    rc, sc = np.array(ref_all.classes), np.array(syn_all.classes)
+    by_class: dict[str, Any] = {}
+    problems: list[str] = []
+    unjudged: list[str] = []
+    for cls in sorted(set(sc.tolist())):
+        ri, si = np.flatnonzero(rc == cls), np.flatnonzero(sc == cls)
+        n_items = (len(set(ref_all.item_of[ri].tolist())), len(set(syn_all.item_of[si].tolist())))
+        if min(n_items) < cfg.class_min_items or min(len(ri), len(si)) < cfg.min_samples:
+            by_class[cls] = {"n_real": len(ri), "n_synthetic": len(si), "verdict": "not judged"}
+            unjudged.append(f"{cls or 'unlabelled'} ({n_items[0]} real, {n_items[1]} synthetic items)")
+            continue
+        ref_c, syn_c = ref_all.subset(ri), syn_all.subset(si)
+        extractor = None if needs_real_images(cfg) else pooled
+        (folder := out / "classes" / (cls or "unlabelled")).mkdir(parents=True, exist_ok=True)  # its domain encoder
+        scores = _score(ref_c, syn_c, cfg, folder, extractor, dev)
+        failed = [c for c in scores.checks if not c.passed]
+        by_class[cls] = {"n_real": len(ri), "n_synthetic": len(si), "verdict": "reject" if failed else "accept",
+                         "failed_checks": [c.name for c in failed],
+                         "checks": {c.name: c.value for c in scores.checks}}
+        if failed:
+            problems.append(f"{cls or 'unlabelled'}: " + ", ".join(
+                f"{c.name} {c.value:.4g} {'>' if c.op == '<=' else '<'} {c.threshold:.4g}"
+                if c.value is not None and c.threshold is not None else c.name for c in failed))
+    judged = len(by_class) - len(unjudged)
+    detail = "each class alone against its real items, own features: " + (
+        "; ".join(problems) if problems else f"{judged} judged class(es) pass")
+    if unjudged:
+        detail += f"; not judged, under gate.class_min_items {cfg.class_min_items}: {', '.join(unjudged)}"
+    check = CheckResult("class", float(len(problems)), 0.0, "<=", not problems, detail)
+    return check, by_class
+
+
+def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = None, key: bytes | None = None) -> GateReport:
+    """Score `synthetic` against `real` (folders; see pipeline/gate/images.py), write the report under `out`.
+
+    `key` signs the report (HMAC-SHA256; None: MEDAUG_GATE_KEY, unsigned with a warning when
+    that is unset; pipeline/gate/signing.py). Returns the GateReport (verdict "accept" or
+    "reject", failed checks named). Raises
+    DatasetError for unusable folders or too few samples, WeightsMissingError for missing
+    weights, ConfigError for a bad extractor plug-in or a device torch cannot use.
+    """
+    cfg = cfg or GateConfig()
+    # one device for the encoder, the features and the metrics (float64), checked before any work
+    dev = M.metric_device(cfg.device)
+    out.mkdir(parents=True, exist_ok=True)
+    # a missing weights file or a bad plug-in fails before any image is read
+    extractor = None if needs_real_images(cfg) else build_extractor(cfg, None, out)
+
+    # data: every synthetic slice (syn_all) gets a per-sample decision; batch metrics use
+    # at most cfg.max_slices of them (syn), like the real set (ref); memorization compares with
+    # every real slice (ref_all): a copy of an unsampled training slice is still a copy
+    syn_all = load_gate_set(synthetic, cfg, "synthetic", cap=False)
+    ref_all = load_gate_set(real, cfg, "real", modalities=set(syn_all.modalities), cap=False)
+    if ref_all.images.shape[-1] != syn_all.images.shape[-1]:
+        # a silent resize would compare images of different native resolution (16 px patches against 32 px slices)
+        log.warning("synthetic images are %dx%d and real ones %dx%d: both resized to gate.gate_size %d; the gate then compares "
+                    "different resolutions (blur, scale) - give it real and synthetic items of one size",
+                    *syn_all.images.shape[-2:], *ref_all.images.shape[-2:], cfg.gate_size)
+        ref_all.images = resize_images(ref_all.images, cfg.gate_size)
+        syn_all.images = resize_images(syn_all.images, cfg.gate_size)
+    for name, s in (("real", ref_all), ("synthetic", syn_all)):
+        if len(s.item_of) < cfg.min_samples:
+            raise DatasetError(f"{name} folder {s.folder.name} has {len(s.item_of)} scored slices; the gate needs at least "
+                               f"{cfg.min_samples} (gate.min_samples)")
+    sc = _score(ref_all, syn_all, cfg, out, extractor, dev)
+    done = sc.checks
+    class_gates: dict[str, Any] = {}
+    if cfg.class_checks:
+        class_check, class_gates = _class_gates(ref_all, syn_all, cfg, out, sc.extractor, dev)
+        done.append(class_check)
     done.sort(key=lambda c: CHECKS.index(c.name))
     failed = list(dict.fromkeys(c.name for c in done if not c.passed))
     verdict = "reject" if failed else "accept"
+    ref, syn, sub, rsub, fr, fs = sc.ref, sc.syn, sc.sub, sc.rsub, sc.fr, sc.fs
+    mem, copies, outliers, extractor, metrics = sc.mem, sc.copies, sc.outliers, sc.extractor, sc.metrics
 
     # per-sample filtering
     samples = _decide_samples(ref_all, syn_all, mem, copies, outliers, cfg)
-    for i, why in seam_reasons.items():
+    for i, why in sc.seam_reasons.items():
         samples[i].decision, samples[i].reasons = "reject", [*samples[i].reasons, why]
     n_acc = sum(s.decision == "accept" for s in samples)
     report = GateReport(
@@ -484,7 +562,7 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
         failed_checks=failed,
         checks=done,
         metrics=metrics,
-        per_class=_class_metrics(ref, syn, fr, fs, copies[sub], cfg, dev),
+        per_class=_class_metrics(ref, syn, fr, fs, copies[sub], cfg, dev, class_gates),
         samples=samples,
         feature_extractor={"name": extractor.name, "sha256": extractor.sha256, "dim": int(fr.shape[1])}
         | ({"weights": weights} if (weights := str(getattr(extractor, "weights", ""))) else {}),

@@ -20,7 +20,9 @@ The checks (thresholds in GateConfig):
   duplicates    share of synthetic slices with a near-copy in another synthetic item (collapse);
   memorization  share of synthetic slices that are near-copies of training slices;
   seam          (off unless gate.seam_max_ratio; on for inserted lesions) gradient energy just
-                outside the lesion masks, synthetic over real (pipeline/gate/seam.py).
+                outside the lesion masks, synthetic over real (pipeline/gate/seam.py);
+  class         (off unless gate.class_checks; on for tumor-patches) every class gated alone
+                against the real items of its class, with its own features (`_class_gates`).
 
 Distances are normalised by the median real-to-real nearest-neighbour distance between
 different items (subjects), so "near" means "much nearer than two real subjects are".

@@ -24,8 +24,8 @@ lint: setup
 	$(BIN)/ruff check pipeline models flows medaug tests bench
 	$(BIN)/mypy
 
-# The suite runs in two pytest-xdist workers, one torch thread each: alone it keeps one core busy
-# (its CPU time is ~90 % of its wall time on 2 cores), so two workers nearly halve the wall time.
+# The suite runs in two pytest-xdist workers, one torch thread each: alone it keeps about one of
+# the two cores busy, and two workers cut its wall time to 0.73x (bench/RESULTS.md, Test suite wall time).
 # --dist loadscope keeps each module (and its module-scoped fixtures) on one worker.
 # The benchmark scripts' end-to-end smoke runs (marker `bench`) are `make bench-smoke`, which CI runs too.
 PYTEST_WORKERS ?= 2

@@ -23,6 +23,7 @@ from scipy import ndimage
 
 from pipeline.gate.config import GateConfig
 from pipeline.gate.encoder import save_domain_encoder, train_domain_encoder
+from pipeline.gate.features import ENCODER_FILE
 from pipeline.gate.images import load_gate_set
 from pipeline.gate.report import ACCEPTED_CSV, FIG_ACCEPTED, FIG_COPIES, REPORT_JSON, REPORT_MD
 from pipeline.gate.run import run_gate
@@ -215,6 +216,12 @@ def test_class_checks_gate_each_class_alone(cohort: dict[str, Path], tmp_path: P
     assert "own gate" in (tmp_path / "bad" / REPORT_MD).read_text()
     # without the switch there is no class check
     assert all(c.name != "class" for c in run_gate(cohort["real"], mixed, tmp_path / "off", _cfg(cohort)).checks)
+    # with no encoder given, each judged class gets a domain encoder fitted to its own real slices
+    own = run_gate(cohort["real"], mixed, tmp_path / "own", GateConfig.model_validate(
+        {"n_bootstrap": 0, "encoder_steps": 20, "class_checks": True, "class_min_items": 3}))
+    assert own.per_class["necrotic"]["gate"]["verdict"] == "reject"
+    for cls in ("necrotic", "round"):
+        assert (tmp_path / "own" / "classes" / cls / ENCODER_FILE).is_file()
 
     ok = run_gate(cohort["real"], cohort["held_out"], tmp_path / "ok", _cfg(cohort, class_checks=True, class_min_items=5))
     assert ok.verdict == "accept", [c.detail for c in ok.checks if not c.passed]

@@ -551,11 +551,10 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
     done.sort(key=lambda c: CHECKS.index(c.name))
     failed = list(dict.fromkeys(c.name for c in done if not c.passed))
     verdict = "reject" if failed else "accept"
-    ref, syn, sub, rsub, fr, fs = sc.ref, sc.syn, sc.sub, sc.rsub, sc.fr, sc.fs
-    mem, copies, outliers, extractor, metrics = sc.mem, sc.copies, sc.outliers, sc.extractor, sc.metrics
+    extractor = sc.extractor
 
     # per-sample filtering
-    samples = _decide_samples(ref_all, syn_all, mem, copies, outliers, cfg)
+    samples = _decide_samples(ref_all, syn_all, sc.mem, sc.copies, sc.outliers, cfg)
     for i, why in sc.seam_reasons.items():
         samples[i].decision, samples[i].reasons = "reject", [*samples[i].reasons, why]
     n_acc = sum(s.decision == "accept" for s in samples)
@@ -563,17 +562,17 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
         verdict=verdict,
         failed_checks=failed,
         checks=done,
-        metrics=metrics,
-        per_class=_class_metrics(ref, syn, fr, fs, copies[sub], cfg, dev, class_gates),
+        metrics=sc.metrics,
+        per_class=_class_metrics(sc.ref, sc.syn, sc.fr, sc.fs, sc.copies[sc.sub], cfg, dev, class_gates),
         samples=samples,
-        feature_extractor={"name": extractor.name, "sha256": extractor.sha256, "dim": int(fr.shape[1])}
+        feature_extractor={"name": extractor.name, "sha256": extractor.sha256, "dim": int(sc.fr.shape[1])}
         | ({"weights": weights} if (weights := str(getattr(extractor, "weights", ""))) else {}),
         inputs={
             "real": {"content_sha256": ref_all.content_sha256(), "n_items": len(ref_all.items),
-                     "n_slices": len(ref_all.item_of), "n_slices_batch_metrics": len(rsub), "modalities": ref_all.modalities},
+                     "n_slices": len(ref_all.item_of), "n_slices_batch_metrics": len(sc.rsub), "modalities": ref_all.modalities},
             "synthetic": {"content_sha256": syn_all.content_sha256(), "n_items": len(syn_all.items),
-                          "n_slices": len(syn_all.item_of), "n_slices_batch_metrics": len(sub), "modalities": syn_all.modalities},
-            "image_size": int(syn.images.shape[-1]),
+                          "n_slices": len(syn_all.item_of), "n_slices_batch_metrics": len(sc.sub), "modalities": syn_all.modalities},
+            "image_size": int(sc.syn.images.shape[-1]),
         },
         config=cfg.model_dump(mode="json"),
         n_accepted=n_acc,
@@ -587,7 +586,7 @@ def run_gate(real: Path, synthetic: Path, out: Path, cfg: GateConfig | None = No
         log.warning("%s (the report is bound to its content only)", NOT_VERIFIED_NOTE)
 
     # files
-    figures = _write_figures(report, ref_all, syn_all, mem, copies, cfg, out)
+    figures = _write_figures(report, ref_all, syn_all, sc.mem, sc.copies, cfg, out)
     write_json(report, out)
     write_markdown(report, out, figures)
     write_accepted(report, [it.row for it in syn_all.items], syn_all.columns, out)

@@ -295,31 +295,66 @@ def stage_clock(work: Path) -> tuple[dict[str, float], Callable[[str, float], No
 
 
 def cohort_and_ingest(
-    work: Path, subjects: int, size: int, seed: int, modalities: Sequence[str], timed: Callable[[str, float], None]
+    work: Path, subjects: int, size: int, seed: int, modalities: Sequence[str], timed: Callable[[str, float], None],
+    minority_train: int | None = None,
 ) -> tuple[Path, Path]:
     """The phantom cohort (work/cohort) and its ingest of `modalities` (work/ingest), each made once.
 
-    Refuses a work folder whose cohort was made with other options (check_cohort).
+    `minority_train` keeps only that many necrotic CT training subjects (the harder task: a
+    minority that is rare in the target modality): the others are left out of a copy of the
+    cohort's CT Decathlon dataset (work/cohort_ct) before ingest, so nothing downstream (GAN,
+    CycleGAN, gate, dataset, classifiers) ever sees them. The test split and the MR dataset are
+    untouched. Refuses a work folder whose cohort was made with other options (check_cohort).
     """
     from pipeline.ingest import run_ingest
     from pipeline.phantoms import write_cohort
 
-    check_cohort(work, subjects, size, seed)
+    check_cohort(work, subjects, size, seed, minority_train)
     cohort = work / "cohort"
     t0 = time.perf_counter()
     if not (cohort / "cohort.csv").is_file():
         write_cohort(cohort, n_subjects=subjects, size=size, seed=seed)
     timed("cohort", t0)
 
+    sources = [cohort / "nifti" / m for m in modalities]
+    if minority_train is not None and "CT" in modalities:
+        sources[list(modalities).index("CT")] = keep_minority(cohort / "nifti" / "CT", work / "cohort_ct", minority_train)
     ingest = work / "ingest"
     t0 = time.perf_counter()
     if not (ingest / "manifest.csv").is_file():
-        run_ingest([cohort / "nifti" / m for m in modalities], ingest, key=b"bench-downstream")
+        run_ingest(sources, ingest, key=b"bench-downstream")
     timed("ingest", t0)
     return cohort, ingest
 
 
-def build_inputs(work: Path, subjects: int, size: int, seed: int, patch_size: int, gan_steps: int, n_synth: int) -> dict[str, Any]:
+def keep_minority(dataset: Path, out: Path, keep: int) -> Path:
+    """A copy of a Decathlon dataset (dataset.json + images and labels) at `out` whose training
+    list holds only the first `keep` necrotic entries (in dataset.json order; every other entry
+    and the test list kept); the left-out files are not copied. Made once; returns `out`."""
+    if (out / "dataset.json").is_file():
+        return out
+    meta = json.loads((dataset / "dataset.json").read_text(encoding="utf-8"))
+    minority = [e for e in meta["training"] if e.get("class") == MINORITY]
+    if keep < 1 or keep > len(minority):
+        raise SystemExit(f"--minority-train {keep}: the cohort has {len(minority)} necrotic CT training subjects; "
+                         f"keep between 1 and {len(minority)}")
+    dropped = minority[keep:]
+    meta["training"] = [e for e in meta["training"] if e not in dropped]
+    meta["numTraining"] = len(meta["training"])
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for entry in meta["training"] + meta["test"]:
+        for key in ("image", "label"):
+            (tmp / entry[key]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(dataset / entry[key], tmp / entry[key])
+    (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    tmp.rename(out)
+    log.info("harder task: %d of %d necrotic CT training subjects kept, %d left out", keep, len(minority), len(dropped))
+    return out
+
+
+def build_inputs(work: Path, subjects: int, size: int, seed: int, patch_size: int, gan_steps: int, n_synth: int,
+                 minority_train: int | None = None) -> dict[str, Any]:
     """Phantom cohort -> ingest -> real patches -> tumor GAN -> samples -> gate. Returns paths and the gate verdict."""
     from models.train_tumor_gan import TumorGANConfig, train_tumor_gan
     from pipeline.gate.config import GateConfig
@@ -328,7 +363,7 @@ def build_inputs(work: Path, subjects: int, size: int, seed: int, patch_size: in
     from pipeline.sample_tumors import sample_tumors
 
     timings, timed = stage_clock(work)
-    cohort, ingest = cohort_and_ingest(work, subjects, size, seed, ["CT"], timed)
+    cohort, ingest = cohort_and_ingest(work, subjects, size, seed, ["CT"], timed, minority_train)
 
     real = work / "patches_real"
     t0 = time.perf_counter()
@@ -487,10 +522,12 @@ def mrict_dataset_config(work: Path, seed: int, max_share: float | None) -> Any:
     return DatasetConfig.model_validate(options)
 
 
-def check_cohort(work: Path, subjects: int, size: int, seed: int) -> None:
+def check_cohort(work: Path, subjects: int, size: int, seed: int, minority_train: int | None = None) -> None:
     """Refuse a work folder whose cohort was made with other options (its CycleGAN run would not match the report)."""
     stamp = work / "cohort_options.json"
-    wanted = {"subjects": subjects, "size": size, "seed": seed}
+    wanted: dict[str, Any] = {"subjects": subjects, "size": size, "seed": seed}
+    if minority_train is not None:
+        wanted["minority_train"] = minority_train
     if stamp.is_file():
         found = json.loads(stamp.read_text(encoding="utf-8"))
         if found != wanted:
@@ -503,7 +540,8 @@ def check_cohort(work: Path, subjects: int, size: int, seed: int) -> None:
         stamp.write_text(json.dumps(wanted) + "\n", encoding="utf-8")
 
 
-def build_mrict_inputs(work: Path, subjects: int, size: int, seed: int, cyclegan_steps: int | None) -> dict[str, Any]:
+def build_mrict_inputs(work: Path, subjects: int, size: int, seed: int, cyclegan_steps: int | None,
+                       minority_train: int | None = None) -> dict[str, Any]:
     """Phantom cohort -> ingest (CT, MR) -> CycleGAN -> MR training split translated to CT -> gate.
 
     Returns the paths (ingest = the real manifest, synthetic, gate, card), the checkpoint
@@ -519,7 +557,7 @@ def build_mrict_inputs(work: Path, subjects: int, size: int, seed: int, cyclegan
     from pipeline.translate import run_translate
 
     timings, timed = stage_clock(work)
-    cohort, ingest = cohort_and_ingest(work, subjects, size, seed, ["CT", "MR"], timed)
+    cohort, ingest = cohort_and_ingest(work, subjects, size, seed, ["CT", "MR"], timed, minority_train)
 
     # the run folder is named by a hash of the config and the ingest manifest (which holds every
     # volume's sha256), as the augment flow names its runs: same config and data, same run, no retraining
@@ -892,6 +930,11 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
             f"test (real, held-out subjects) {counts['test']}"
             + (f"; ungated (c') train {counts['train_ungated']}" if "train_ungated" in counts else "") + ".",
         ]
+    if cfg.get("minority_train") is not None:
+        head.append(f"- Harder task (`--minority-train {cfg['minority_train']}`): only {cfg['minority_train']} of the cohort's necrotic CT "
+                    "training subjects kept; the others never entered ingest, so no generator, gate, dataset or classifier saw "
+                    "them. The test split" + (" and the MR training split are" if cfg.get("deployment") == "mri-ct" else " is")
+                    + " the full cohort's.")
     lines = [
         *head,
         f"- Classifier: 3-block CNN (8-16-32 ch) on the central {cfg['crop']}x{cfg['crop']} of each lesion-centred patch, Adam 1e-3, {cfg['steps']} steps x batch {cfg['batch_size']} in every arm; "
@@ -957,6 +1000,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-insert", type=int, default=None,
                         help="insertion: volumes to insert into (default: the training class gap plus a quarter).")
     parser.add_argument("--subjects", type=int, default=40, help="Phantom subjects (about 15%% necrotic).")
+    parser.add_argument("--minority-train", type=int, default=None,
+                        help="Harder task: keep only this many necrotic CT training subjects (the rest never enter ingest; "
+                             "test split and MR untouched).")
     parser.add_argument("--size", type=int, default=64, help="Phantom volume side in voxels.")
     parser.add_argument("--patch-size", type=int, default=32, help="2D patch side (power of two).")
     parser.add_argument("--gan-steps", type=int, default=1500, help="tumor-patches: tumor GAN training steps.")
@@ -982,11 +1028,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     gate_info: dict[str, Any]
     if args.deployment == "mri-ct":
-        inputs = build_mrict_inputs(args.work, args.subjects, args.size, args.seed, args.cyclegan_steps)
+        inputs = build_mrict_inputs(args.work, args.subjects, args.size, args.seed, args.cyclegan_steps, args.minority_train)
         gate_info = {k: inputs[k] for k in ("verdict", "failed_checks", "checks", "n_accepted", "n_rejected", "checkpoint", "cyclegan_steps",
                                            "monitor_subjects")}
     else:
-        inputs = build_inputs(args.work, args.subjects, args.size, args.seed, args.patch_size, args.gan_steps, args.n_synth)
+        inputs = build_inputs(args.work, args.subjects, args.size, args.seed, args.patch_size, args.gan_steps, args.n_synth,
+                              args.minority_train)
         gate_info = {"verdict": inputs["verdict"], "failed_checks": inputs["failed_checks"]}
         if args.synthesis == "insertion":
             inputs = build_insertion_inputs(args.work, inputs, args.seed, args.patch_size, args.n_insert)

@@ -11,6 +11,15 @@ lesion mask came out empty (a generator that gives up on the mask cannot feed in
 
 The base recipe is bench/downstream.py's (width 16, batch 32, minibatch std, mode seeking,
 DiffAugment translation + cutout, EMA 0.99); --set changes one TumorGANConfig field.
+
+`--lesions` trains a lesion-scale GAN instead: on lesion-centred crops only (no healthy
+patches; crop side --set patch_size=16 holds every phantom lesion, at most 12 px wide), gated
+against those crops. `--insert N` then inserts N of its necrotic lesions into real CT training
+volumes (pipeline/insertion.py) and runs the insertion gate, as bench/downstream.py's
+insertion mode does (lesion-centred 32 px crops of the inserted volumes against the real ones):
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/tumor_gan_sweep.py --work bench/_work/ins280 \
+        --name lesion16 --lesions --set patch_size=16 --steps 3000 --insert 91
 """
 
 from __future__ import annotations
@@ -37,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     from models.train_tumor_gan import TumorGANConfig, train_tumor_gan
     from pipeline.gate.config import GateConfig
     from pipeline.gate.run import run_gate
+    from pipeline.insertion import gate_insertions, insert_lesions
     from pipeline.manifest import read_manifest
-    from pipeline.patches import read_patch_folder, to_train_data
+    from pipeline.patches import extract_patches, read_patch_folder, to_train_data, write_patch_folder
     from pipeline.sample_tumors import sample_tumors
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -46,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="Variant name (its folder under WORK/sweep/).")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--set", action="append", default=[], help="field=value (JSON value) of TumorGANConfig.")
+    parser.add_argument("--lesions", action="store_true", help="Train on lesion-centred crops only (a lesion-scale GAN).")
+    parser.add_argument("--class-checks", action="store_true",
+                        help="Gate each class alone too (gate.class_checks, as configs/tumor-patches.yaml).")
+    parser.add_argument("--insert", type=int, default=0, help="Insert this many necrotic lesions and run the insertion gate.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     options = dict(BASE, steps=args.steps, checkpoint_every=args.steps, seed=0)
@@ -53,15 +67,21 @@ def main(argv: list[str] | None = None) -> int:
         key, value = kv.split("=", 1)
         options[key] = json.loads(value) if value[:1] in "[{0123456789-.tfn" else value
     out = args.work / "sweep" / args.name
-    t0 = time.perf_counter()
     real = args.work / "patches_real"
+    ingest = args.work / "ingest"
+    if args.lesions:  # lesion-centred crops of the GAN's patch size, cut once per work folder
+        real = args.work / f"patches_real_lesions{options['patch_size']}"
+        if not (real / "manifest.csv").is_file():
+            write_patch_folder(extract_patches([ingest], patch_size=options["patch_size"], dims=2, seed=0, neighbours=2,
+                                               healthy_per_volume=0), real)
+    t0 = time.perf_counter()
     train_tumor_gan(TumorGANConfig.model_validate(options), to_train_data(read_patch_folder(real, synthetic=False), modality="CT"),
                     out / "run", device="cpu")
     train_s = time.perf_counter() - t0
     ckpt = out / "run" / "checkpoints" / "last.pt"
-    for klass in ("healthy", "round", "necrotic"):
+    for klass in (("round", "necrotic") if args.lesions else ("healthy", "round", "necrotic")):
         sample_tumors(ckpt, klass, 160 if klass == "necrotic" else 80, 0, out / "synthetic")
-    report = run_gate(real, out / "synthetic", out / "gate", GateConfig.model_validate({"seed": 0}))
+    report = run_gate(real, out / "synthetic", out / "gate", GateConfig.model_validate({"seed": 0, "class_checks": args.class_checks}))
     import nibabel as nib
 
     rows = [r for r in read_manifest(out / "synthetic") if r["class"] == "necrotic"]
@@ -69,6 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     result = {"name": args.name, "options": {k: v for k, v in options.items() if BASE.get(k) != v}, "train_s": round(train_s, 1),
               "verdict": report.verdict, "failed": report.failed_checks, "necrotic_empty_mask_share": round(empty, 3),
               "checks": {c.name: round(c.value, 3) if c.value is not None else None for c in report.checks}}
+    if args.insert:
+        # the insertion gate's reference: lesion-centred 32 px crops of the real training volumes (as bench/downstream.py)
+        lesions = args.work / "patches_real_lesions"
+        if not (lesions / "manifest.csv").is_file():
+            write_patch_folder(extract_patches([ingest], patch_size=32, dims=2, seed=0, neighbours=2, healthy_per_volume=0), lesions)
+        t1 = time.perf_counter()
+        patch_gate = out / "gate" if report.verdict == "accept" else None
+        insert_lesions(ingest, out / "synthetic", out / "insertion", args.insert, "necrotic", seed=0, patch_gate=patch_gate)
+        ins = gate_insertions(lesions, out / "insertion", out / "insertion_gate", GateConfig.model_validate({"seed": 0}), patch_size=32)
+        result["insertion"] = {"n": args.insert, "from_accepted_patches_only": patch_gate is not None, "verdict": ins["verdict"],
+                               "failed": ins["failed_checks"], "n_accepted": ins["n_accepted"], "n_rejected": ins["n_rejected"],
+                               "wall_s": round(time.perf_counter() - t1, 1),
+                               "checks": {c["name"]: round(c["value"], 3) if c.get("value") is not None else None for c in ins["checks"]}}
     (out / "sweep_result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result))
     return 0

@@ -39,7 +39,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -94,6 +94,14 @@ class InsertionOptions:
     """Where and how lesions go in (mm, pixels); the defaults are the recipe.
 
     skull_margin_mm: least distance of every lesion voxel from bone (the brain's edge).
+    position_tolerance_mm: the inserted lesion's centre lies this close (mm) to where the real
+        lesion whose size was drawn sits, carried into the host by the brain's bounding box
+        (normalised coordinates, see lesion_position; the nearest places the host offers when
+        none is that close; 0 places anywhere in the brain). Real lesions of a class are not
+        spread evenly through the brain, and what surrounds a lesion (skull, ventricles, the
+        side the skull is on) is what a lesion-centred patch shows most of.
+    mirror: carry the real lesion's position to the other hemisphere (left-right, axis 0 of the
+        canonical volume) half of the time: the brain is near symmetric.
     lesion_margin_mm: least distance from the host's own lesion (30 mm: it stays out of the
         central 55 mm of the inserted lesion's axial patches, what the downstream classifier sees).
     feather_px: Gaussian sigma (pixels) of the blending alpha's fall-off outside the mask;
@@ -106,6 +114,8 @@ class InsertionOptions:
 
     skull_margin_mm: float = 10.0
     lesion_margin_mm: float = 30.0
+    position_tolerance_mm: float = 6.0
+    mirror: bool = True
     feather_px: float = 0.5
     blend: str = "feather"
     hu_window: tuple[float, float] = (-100.0, 200.0)
@@ -113,33 +123,63 @@ class InsertionOptions:
 
 @dataclass(frozen=True)
 class LesionStats:
-    """Sizes of real lesions: largest axial area (voxels) and slices holding lesion, one per lesion."""
+    """Real lesions, one entry each: largest axial area (voxels), slices holding lesion and, when
+    known, where the lesion's centre sits in its brain (lesion_position; empty when not measured)."""
 
     areas: tuple[float, ...]
     slices: tuple[int, ...]
+    positions: tuple[tuple[float, float, float], ...] = ()
 
-    def draw(self, rng: np.random.Generator) -> tuple[float, int]:
-        """(area in voxels, half extent in slices) of one real lesion drawn at random."""
+    def draw(self, rng: np.random.Generator) -> tuple[float, int, tuple[float, float, float] | None]:
+        """(area in voxels, half extent in slices, position or None) of one real lesion drawn at random."""
         if not self.areas:
             raise PatchError("no real lesion to size inserted lesions from (the real volumes have empty masks)")
         k = int(rng.integers(len(self.areas)))
-        return self.areas[k], max(0, (self.slices[k] - 1) // 2)
+        return self.areas[k], max(0, (self.slices[k] - 1) // 2), self.positions[k] if self.positions else None
 
 
-def lesion_stats(masks: Sequence[NDArray[Any]]) -> LesionStats:
+def brain_box(hu: NDArray[Any]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """(lowest, highest) voxel index per axis of the inside of the skull of an (x, y, z) CT
+    (the holes of the bone mask, per axial slice); the whole volume when no skull is found."""
+    bone = np.asarray(hu) > BONE_HU
+    inside = np.argwhere(fill_holes_per_slice(bone) & ~bone)
+    if len(inside) == 0:
+        return np.zeros(3), np.asarray(np.shape(hu), np.float64) - 1
+    return inside.min(0).astype(np.float64), inside.max(0).astype(np.float64)
+
+
+def lesion_position(hu: NDArray[Any], mask: NDArray[Any]) -> tuple[float, float, float]:
+    """A lesion's centre of mass in its brain's bounding box (brain_box), each axis in [0, 1]:
+    a place that carries over to another head of another size.
+
+    >>> hu = np.full((13, 13, 3), 30.0); hu[1, 1:12, :] = hu[11, 1:12, :] = hu[1:12, 1, :] = hu[1:12, 11, :] = 1000.0
+    >>> m = np.zeros_like(hu); m[4, 8, 1] = 1
+    >>> lesion_position(hu, m)
+    (0.25, 0.75, 0.5)
+    """
+    lo, hi = brain_box(hu)
+    centre = np.asarray(ndimage.center_of_mass(np.asarray(mask) > 0))
+    u = np.clip((centre - lo) / np.maximum(hi - lo, 1.0), 0.0, 1.0)
+    return (float(u[0]), float(u[1]), float(u[2]))
+
+
+def lesion_stats(masks: Sequence[NDArray[Any]], positions: Sequence[tuple[float, float, float]] | None = None) -> LesionStats:
     """LesionStats of (x, y, z) lesion masks (nonzero = lesion); empty masks are left out.
+    `positions` (lesion_position, one per mask) are kept beside their lesions.
 
     >>> m = np.zeros((8, 8, 5), bool); m[2:5, 2:4, 1:4] = True
     >>> lesion_stats([m])
-    LesionStats(areas=(6.0,), slices=(3,))
+    LesionStats(areas=(6.0,), slices=(3,), positions=())
     """
-    areas, slices = [], []
-    for m in masks:
+    areas, slices, kept = [], [], []
+    for i, m in enumerate(masks):
         per_slice = (np.asarray(m) > 0).sum(axis=(0, 1))
         if per_slice.any():
             areas.append(float(per_slice.max()))
             slices.append(int((per_slice > 0).sum()))
-    return LesionStats(tuple(areas), tuple(slices))
+            if positions is not None:
+                kept.append(tuple(float(v) for v in positions[i]))
+    return LesionStats(tuple(areas), tuple(slices), tuple(kept))  # type: ignore[arg-type]
 
 
 def brain_mask_ct(hu: NDArray[Any], spacing: Sequence[float], skull_margin_mm: float) -> NDArray[np.bool_]:
@@ -227,6 +267,29 @@ def _candidates(hu: NDArray[Any], host_lesion: NDArray[np.bool_], spacing: Seque
     return np.argwhere(ok)
 
 
+def _near_place(cands: NDArray[np.int64], hu: NDArray[Any], position: tuple[float, float, float], spacing: Sequence[float],
+                opts: InsertionOptions, rng: np.random.Generator) -> NDArray[np.int64]:
+    """The candidates within opts.position_tolerance_mm of a real lesion's place (lesion_position)
+    carried into this host, on either side when opts.mirror (the sides tried in random order);
+    when neither side has one that close, those near the closest fit within twice the
+    tolerance. Raises PatchError when nothing fits that close (the caller tries another host)."""
+    lo, hi = brain_box(hu)
+    tol = opts.position_tolerance_mm
+    sides = [np.asarray(position, np.float64)]
+    if opts.mirror:
+        sides.append(sides[0] * [-1.0, 1.0, 1.0] + [1.0, 0.0, 0.0])
+        sides = [sides[int(k)] for k in rng.permutation(2)]
+    offsets = [np.linalg.norm((cands - (lo + u * (hi - lo))) * np.asarray(spacing[:3], np.float64), axis=1) for u in sides]
+    for off in offsets:
+        if off.min() <= tol:
+            return cands[off <= tol]
+    best = min(offsets, key=lambda o: float(o.min()))
+    if best.min() > 2 * tol:
+        raise PatchError(f"no place that fits the lesion lies within {2 * tol:.0f} mm of the real lesion's place "
+                         f"(nearest {best.min():.0f} mm)")
+    return cands[best <= best.min() + tol / 2]
+
+
 def insert_lesion(
     host_hu: NDArray[Any],
     host_lesion: NDArray[Any],
@@ -245,7 +308,8 @@ def insert_lesion(
         spacing: voxel spacing (x, y, z) in mm.
         patch, patch_mask: (s, s) lesion patch in [-1, 1] (opts.hu_window) and its mask, as
             sample-tumors writes them (a trailing axis of 1 is dropped).
-        stats: real lesion sizes; one real lesion's largest area and slice count are drawn.
+        stats: real lesions; one is drawn, its largest area and slice count size the lesion and
+            its place in its brain (when stats has positions) places this one (opts.position_tolerance_mm).
         rng: the only randomness (size draw and placement).
     Returns Inserted (volume int16, labels uint8, placement: centre (x, y, z) voxels, half_z,
     zoom, area drawn, blend). Raises PatchError when no place in the brain fits the lesion.
@@ -254,7 +318,7 @@ def insert_lesion(
     hu = np.asarray(host_hu, np.float32)
     lesion = np.asarray(host_lesion) > 0
     img, msk, centre = _lesion_window(np.squeeze(patch), np.squeeze(patch_mask), 3)
-    area, half_z = stats.draw(rng)
+    area, half_z, position = stats.draw(rng)
     zoom = float(np.clip(math.sqrt(area / float(msk.sum())), 0.25, 4.0))
     radius_px = zoom * math.sqrt(float(msk.sum()) / math.pi)
     radius_mm = radius_px * float(spacing[0])
@@ -263,6 +327,8 @@ def insert_lesion(
         raise PatchError(f"no brain voxel {opts.skull_margin_mm + radius_mm:.0f} mm from bone and "
                          f"{opts.lesion_margin_mm + radius_mm:.0f} mm from the host lesion fits a lesion of "
                          f"{2 * half_z + 1} slices")
+    if position is not None and opts.position_tolerance_mm > 0:
+        cands = _near_place(cands, hu, position, spacing, opts, rng)
     cx, cy, cz = (int(v) for v in cands[int(rng.integers(len(cands)))])
     half = int(math.ceil(radius_px + 4 * max(opts.feather_px, 1.0) + 4))
     out = hu.copy()
@@ -290,7 +356,8 @@ def insert_lesion(
         out[xs, ys, z] = alpha * lesion_hu + (1.0 - alpha) * out[xs, ys, z]
         label[xs, ys, z][lm_b[win]] = INSERTED_LABEL
     placement = {"centre": [cx, cy, cz], "half_z": half_z, "zoom": round(zoom, 4), "area_drawn": area, "blend": opts.blend,
-                 "feather_px": opts.feather_px}
+                 "feather_px": opts.feather_px,
+                 "real_place": None if position is None else [round(v, 3) for v in position]}
     return Inserted(np.clip(np.rint(out), -1024, 3071).astype(np.int16), label, placement)
 
 
@@ -335,7 +402,9 @@ def insert_lesions(
 
     Args:
         real: an ingest folder; its training-split CT volumes with masks are the hosts (in
-            seeded order, each used in turn) and their lesions give the size distribution.
+            seeded order, each used in turn), and the lesions of its `klass` volumes give the
+            sizes and places the inserted lesions are drawn from (every host's lesion when no
+            training volume is of `klass`).
         patches: a sample-tumors folder holding lesion patches of `klass`.
         patch_gate: a gate folder of `patches`; when given, only the patches it accepted.
     Returns the manifest rows written. Raises PatchError when hosts or patches are missing.
@@ -351,26 +420,45 @@ def insert_lesions(
         raise PatchError(f"{patches}: every {klass} lesion patch has an empty mask (under {MIN_LESION_PX} pixels); nothing to insert")
     ckpt = {r.get("checkpoint_sha256", "") for r in lesion_rows}
     masks = [np.asarray(_load(real / h["label_path"]).dataobj) for h in hosts]
-    stats = lesion_stats(masks)
+    # a necrotic lesion is sized and placed like the real necrotic lesions, not like the pool of
+    # all lesions (mostly the majority class's, smaller and elsewhere)
+    own = [k for k, h in enumerate(hosts) if h.get("class") == klass] or list(range(len(hosts)))
+    if len(own) == len(hosts) and not any(h.get("class") == klass for h in hosts):
+        log.warning("no %s training volume: inserted lesions are sized and placed like every class's lesions", klass)
+    positions = [lesion_position(np.asarray(_load(real / hosts[k]["path"]).dataobj, np.float32), masks[k]) if np.any(masks[k])
+                 else (0.5, 0.5, 0.5) for k in own]
+    stats = lesion_stats([masks[k] for k in own], positions)
     order = np.random.default_rng([seed, 0x1E5]).permutation(len(hosts))
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
+    unplaced = 0
     for i in range(n):
         p = lesion_rows[int(np.random.default_rng([seed, 0x9A7, i]).integers(len(lesion_rows)))]
         patch = np.asarray(_load(patches / p["path"]).dataobj, np.float32)
         pmask = np.asarray(_load(patches / p["label_path"]).dataobj)
-        # the i-th host in seeded order; one without room for this lesion passes it to the next
-        for step in range(len(hosts)):
-            h = hosts[int(order[(i + step) % len(hosts)])]
-            host_img = _load(real / h["path"])
-            rng = np.random.default_rng([seed, int((h.get("sha256") or "0")[:15] or "0", 16), i])
-            spacing = [float(z) for z in host_img.header.get_zooms()[:3]]
-            try:
-                ins = insert_lesion(np.asarray(host_img.dataobj, np.float32), masks[hosts.index(h)], spacing, patch, pmask, stats, rng, opts)
+        # the i-th host in seeded order; one without room for this lesion passes it to the next;
+        # when no host has room near a real lesion's place, the lesion goes anywhere in the brain
+        # (counted in the provenance: few real lesions of the class give few places)
+        ins = None
+        for attempt in (opts, replace(opts, position_tolerance_mm=0.0)) if opts.position_tolerance_mm > 0 else (opts,):
+            for step in range(len(hosts)):
+                h = hosts[int(order[(i + step) % len(hosts)])]
+                host_img = _load(real / h["path"])
+                rng = np.random.default_rng([seed, int((h.get("sha256") or "0")[:15] or "0", 16), i])
+                spacing = [float(z) for z in host_img.header.get_zooms()[:3]]
+                try:
+                    ins = insert_lesion(np.asarray(host_img.dataobj, np.float32), masks[hosts.index(h)], spacing, patch, pmask, stats,
+                                        rng, attempt)
+                    break
+                except PatchError as exc:
+                    log.info("insertion %d: host %s has no room (%s); next host", i, (h.get("sha256") or "")[:12], exc)
+            if ins is not None:
+                if attempt is not opts:
+                    unplaced += 1
+                    log.warning("insertion %d: no training volume has room near a real %s lesion's place; placed anywhere in the brain",
+                                i, klass)
                 break
-            except PatchError as exc:
-                log.info("insertion %d: host %s has no room (%s); next host", i, (h.get("sha256") or "")[:12], exc)
-        else:
+        if ins is None:
             raise PatchError(f"insertion {i}: no training volume has room for lesion patch {p['path']}")
         name = f"ins_{klass}_s{seed}_{i:05d}.nii.gz"
         affine = np.asarray(host_img.affine, np.float64)
@@ -394,8 +482,10 @@ def insert_lesions(
     prov["calls"][klass] = {
         "seed": seed, "n": n, "options": opts.__dict__, "patch_checkpoints": sorted(ckpt),
         "patch_gate": json.loads((patch_gate / "gate_report.json").read_text()).get("report_id") if patch_gate is not None else None,
-        "lesion_sizes": {"n_real_lesions": len(stats.areas), "area_voxels": [min(stats.areas), max(stats.areas)],
-                         "slices": [min(stats.slices), max(stats.slices)]}}
+        "lesion_sizes": {"n_real_lesions": len(stats.areas), "of_class": klass if len(own) < len(hosts) else "all",
+                         "area_voxels": [min(stats.areas), max(stats.areas)], "slices": [min(stats.slices), max(stats.slices)],
+                         "positions": [[round(v, 3) for v in u] for u in stats.positions]},
+        "placed_away_from_real_places": unplaced}
     path.write_text(json.dumps(prov, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     log.info("inserted %d %s lesions into %d host volumes -> %s", n, klass, min(n, len(hosts)), out)
     return rows

@@ -5,6 +5,7 @@ The numbers of such a tiny run mean nothing; the test guards the script against 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,6 +52,18 @@ def test_downstream_bench_insertion_smoke(tmp_path: Path) -> None:
     rows = manifest.read_text().splitlines()
     assert len(rows) == 9 and all(",train," in r for r in rows[1:])  # inserted volumes stay in training
 
+    # the sweep script on the same work folder: a lesion-scale GAN, its insertions and their gate
+    sweep = ["--work", str(tmp_path / "work"), "--name", "l16", "--lesions", "--class-checks", "--set", "patch_size=16",
+             "--steps", "4", "--insert", "8"]
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "tumor_gan_sweep.py"), *sweep], capture_output=True, text=True,
+                         timeout=400, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["verdict"] in ("accept", "reject") and "class" in result["checks"]  # the class check ran
+    assert result["insertion"]["n"] == 8 and result["insertion"]["verdict"] in ("accept", "reject")
+    assert "seam" in result["insertion"]["checks"]
+    assert (tmp_path / "work" / "patches_real_lesions16" / "manifest.csv").is_file()
+
 
 def test_paired_bootstrap_known_answers() -> None:
     import numpy as np
@@ -90,3 +103,34 @@ def test_downstream_bench_refuses_a_work_folder_of_another_cohort(tmp_path: Path
     assert isinstance(message, str) and "\n" not in message
     assert "holds a cohort made with" in message and "--fresh" in message
     assert sorted(p.name for p in work.iterdir()) == ["cohort_options.json"]  # refused before writing anything
+
+
+def test_minority_train_keeps_k_necrotic_training_subjects(tmp_path: Path) -> None:
+    """The harder task's cohort copy: the first K necrotic training entries, every other entry and the
+    whole test list kept; the left-out subjects' files are not in the copy; K out of range is refused."""
+    import json
+
+    sys.path.insert(0, str(ROOT))
+    from bench.downstream import keep_minority
+
+    src = tmp_path / "CT"
+    meta = {"name": "t", "modality": {"0": "CT"}, "training": [], "test": []}
+    for i, klass in enumerate(["round", "necrotic", "round", "necrotic", "necrotic", "round"]):
+        meta["training"].append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz", "class": klass})
+    meta["test"] = [{"image": "./imagesTs/t0.nii.gz", "label": "./labelsTs/t0.nii.gz", "class": "necrotic"}]
+    for entry in meta["training"] + meta["test"]:
+        for key in ("image", "label"):
+            (src / entry[key]).parent.mkdir(parents=True, exist_ok=True)
+            (src / entry[key]).write_bytes(entry[key].encode())
+    (src / "dataset.json").write_text(json.dumps(meta), encoding="utf-8")
+
+    out = keep_minority(src, tmp_path / "kept", 1)
+    kept = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    assert [e["image"] for e in kept["training"]] == ["./imagesTr/c0.nii.gz", "./imagesTr/c1.nii.gz", "./imagesTr/c2.nii.gz",
+                                                      "./imagesTr/c5.nii.gz"]
+    assert kept["numTraining"] == 4 and kept["test"] == meta["test"]
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == ["c0.nii.gz", "c1.nii.gz", "c2.nii.gz", "c5.nii.gz"]
+    assert (out / "labelsTs" / "t0.nii.gz").read_bytes() == b"./labelsTs/t0.nii.gz"
+    for bad in (0, 4):
+        with pytest.raises(SystemExit, match="3 necrotic CT training subjects"):
+            keep_minority(src, tmp_path / f"bad{bad}", bad)

@@ -75,6 +75,71 @@ def test_no_room_is_a_clear_error(cohort: dict) -> None:
         _insert(cohort, 1, 0, I.InsertionOptions(skull_margin_mm=200.0))
 
 
+def test_placed_where_the_real_lesion_sits_in_its_brain(cohort: dict) -> None:
+    """With positions in the stats, the inserted lesion's centre lies near the drawn real lesion's
+    place carried into the host (lesion_position, on either side), not anywhere in the brain;
+    a place no fitting centre is near is a clear error (the folder loop then tries another host)."""
+    c = cohort
+    sp = np.asarray(c["spacing"], np.float64)
+    opts = I.InsertionOptions()
+    real = [(k, I.lesion_position(c["cts"][k], c["masks"][k])) for k in (0, 3, 6)]  # the necrotic subjects
+    near, anywhere = [], []
+    for k in (1, 2, 4, 5):
+        lo, hi = I.brain_box(c["cts"][k])
+        for j, (src, pos) in enumerate(real):
+            stats = I.lesion_stats([c["masks"][src]], [pos])
+            img, msk, _ = c["src"]
+            for place, o in ((near, opts), (anywhere, I.InsertionOptions(position_tolerance_mm=0.0))):
+                try:
+                    ins = I.insert_lesion(c["cts"][k], c["masks"][k], c["spacing"], img, msk, stats, np.random.default_rng(j), o)
+                except PatchError as exc:
+                    # this host has no room for so large a lesion at all, or none near the real place
+                    assert "no brain voxel" in str(exc) or (o is opts and "of the real lesion's place" in str(exc))
+                    continue
+                centre = np.asarray(ins.placement["centre"], np.float64)
+                sides = [np.asarray(pos), np.asarray(pos) * [-1, 1, 1] + [1, 0, 0]]
+                place.append(min(float(np.linalg.norm((centre - (lo + u * (hi - lo))) * sp)) for u in sides))
+    assert len(near) >= 4
+    assert max(near) <= 2 * opts.position_tolerance_mm + max(sp)
+    assert np.median(anywhere) > 2 * np.median(near)  # without it, the lesion goes anywhere in the brain
+    with pytest.raises(PatchError, match="of the real lesion's place"):
+        stats = I.lesion_stats([c["masks"][0]], [(0.0, 0.0, 0.0)])  # a corner of the box: no brain there
+        I.insert_lesion(c["cts"][1], c["masks"][1], c["spacing"], c["src"][0], c["src"][1], stats, np.random.default_rng(0),
+                        I.InsertionOptions(mirror=False))
+
+
+def test_insert_lesions_sizes_and_places_from_the_class_lesions(cohort: dict, tmp_path: Path) -> None:
+    """Necrotic insertions draw size and place from the real necrotic training lesions only (the
+    round ones are smaller and elsewhere), and say so in the provenance."""
+    import json
+
+    real = tmp_path / "ingest"
+    rows = []
+    for i, (s, h) in enumerate(zip(cohort["subs"], cohort["cts"], strict=True)):
+        write_nifti(h.astype(np.int16), s.affine, real / "volumes" / f"v{i}.nii.gz")
+        write_nifti(s.tumor_mask, s.affine, real / "labels" / f"v{i}.nii.gz")
+        rows.append({"path": f"volumes/v{i}.nii.gz", "label_path": f"labels/v{i}.nii.gz", "subject_id": f"anon{i:02d}",
+                     "modality": "CT", "split": "train", "class": s.tumor_class, "sha256": sha256_file(real / "volumes" / f"v{i}.nii.gz")})
+    write_manifest(real, rows, list(rows[0]))
+    lesions = _patch_folder(tmp_path / "samples", cohort["real"][:4], synthetic=True)
+    I.insert_lesions(real, lesions, tmp_path / "ins", 4, "necrotic", seed=0)
+    sizes = json.loads((tmp_path / "ins" / I.PROVENANCE_NAME).read_text())["calls"]["necrotic"]["lesion_sizes"]
+    necrotic = [k for k in range(9) if k % 3 == 0]
+    own = I.lesion_stats([cohort["masks"][k] for k in necrotic])
+    assert sizes["of_class"] == "necrotic" and sizes["n_real_lesions"] == 3 and len(sizes["positions"]) == 3
+    assert sizes["area_voxels"] == [min(own.areas), max(own.areas)]
+    assert min(own.areas) > max(I.lesion_stats([cohort["masks"][k] for k in range(9) if k % 3]).areas)  # round ones: smaller
+    for r in read_manifest(tmp_path / "ins"):
+        label = np.asarray(I._load(tmp_path / "ins" / r["label_path"]).dataobj)
+        area = (label == I.INSERTED_LABEL).sum(axis=(0, 1)).max()
+        assert area >= 0.7 * min(own.areas)  # sized like a necrotic lesion (resampling costs a few edge pixels)
+    assert json.loads((tmp_path / "ins" / I.PROVENANCE_NAME).read_text())["calls"]["necrotic"]["placed_away_from_real_places"] < 4
+    # no host has room that near a real lesion's place: the lesions go anywhere in the brain, counted
+    far = I.insert_lesions(real, lesions, tmp_path / "far", 2, "necrotic", seed=0, opts=I.InsertionOptions(position_tolerance_mm=1e-4))
+    assert len(far) == 2
+    assert json.loads((tmp_path / "far" / I.PROVENANCE_NAME).read_text())["calls"]["necrotic"]["placed_away_from_real_places"] == 2
+
+
 def _seam_ratio(c: dict, opts: I.InsertionOptions, offset: float) -> float:
     real = np.median([I.seam_score(p, m) for p, m, _ in c["real"]])
     scores = [I.seam_score(p, m) for k in (1, 2, 4, 5, 7, 8)

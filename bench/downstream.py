@@ -35,7 +35,8 @@ Two deployments (`--deployment`):
       volumes, cut into lesion-centred patches like mri-ct's (inserted volumes: the inserted lesion);
   mri-ct: phantom cohort -> ingest (CT and MR) -> CycleGAN (configs/cyclegan.yaml) -> translate
       the MR training split to CT with the EMA weights of best.pt (else last.pt), as the augment
-      flow does -> gate (configs/gate.yaml; reference: the real CT training volumes) ->
+      flow does -> gate (configs/mri-ct.yaml's: gate.yaml + the lesion HU check; reference: the
+      real CT training volumes) ->
       build-dataset (configs/dataset.yaml + mri-ct.yaml's dataset section: translated volumes
       inherit their MR source's class and mask) -> lesion-centred CT patches
       (pipeline.patches.extract_patches on the dataset's volumes) -> classifiers. (a) and (b)
@@ -49,6 +50,12 @@ Two deployments (`--deployment`):
         --seeds 10 --work bench/_work/ins280
     OMP_NUM_THREADS=1 .venv/bin/python bench/downstream.py --deployment mri-ct --subjects 80 --seeds 10 \
         --work bench/_work/downstream-mrict --record
+    # the harder task: 4 real necrotic CT training subjects (the rest never enter ingest)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/downstream.py --deployment mri-ct --subjects 280 --minority-train 4 \
+        --max-share 0.8 --seeds 10 --work bench/_work/mrict280_k4
+
+Every gate is the deployment's own (configs/tumor-patches.yaml, tumor-insertion.yaml, mri-ct.yaml),
+its folder named by a hash of its settings.
 """
 
 from __future__ import annotations
@@ -357,7 +364,6 @@ def build_inputs(work: Path, subjects: int, size: int, seed: int, patch_size: in
                  minority_train: int | None = None) -> dict[str, Any]:
     """Phantom cohort -> ingest -> real patches -> tumor GAN -> samples -> gate. Returns paths and the gate verdict."""
     from models.train_tumor_gan import TumorGANConfig, train_tumor_gan
-    from pipeline.gate.config import GateConfig
     from pipeline.gate.run import run_gate
     from pipeline.patches import extract_patches, to_train_data, write_patch_folder
     from pipeline.sample_tumors import sample_tumors
@@ -402,10 +408,11 @@ def build_inputs(work: Path, subjects: int, size: int, seed: int, patch_size: in
             sample_tumors(ckpt, klass, n_synth if klass == MINORITY else n_synth // 2, seed, synthetic)
     timed("sample", t0)
 
-    gate = derived / "gate"
+    gate_cfg, gate_hash = deployment_gate("tumor-patches.yaml", seed)
+    gate = derived / f"gate-{gate_hash}"
     t0 = time.perf_counter()
     if not (gate / "gate_report.json").is_file():
-        run_gate(real, synthetic, gate, GateConfig.model_validate({"seed": seed}))
+        run_gate(real, synthetic, gate, gate_cfg)
     timed("gate", t0)
     verdict = json.loads((gate / "gate_report.json").read_text())
     return {"real": real, "synthetic": synthetic, "gate": gate, "card": run / "checkpoints" / "last.json", "derived": derived,
@@ -439,7 +446,6 @@ def build_insertion_inputs(work: Path, inputs: dict[str, Any], seed: int, patch_
     Returns `inputs` with real = the ingest folder, synthetic = the insertion folder, gate =
     the insertion gate, and the insertion gate's verdict and checks.
     """
-    from pipeline.gate.config import GateConfig
     from pipeline.insertion import gate_insertions, insert_lesions
     from pipeline.manifest import read_manifest
     from pipeline.patches import extract_patches, write_patch_folder
@@ -449,20 +455,22 @@ def build_insertion_inputs(work: Path, inputs: dict[str, Any], seed: int, patch_
     rows = [r for r in read_manifest(ingest) if r["split"] == "train" and r["modality"] == "CT"]
     gap = sum(r["class"] == "round" for r in rows) - sum(r["class"] == MINORITY for r in rows)
     n = n_insert if n_insert is not None else max(1, gap + gap // 4)
-    out = inputs["derived"] / f"insertion_n{n}"
+    # named by what it was made from: the accepted patches of one patch gate, or all of them
+    patch_gate = inputs["gate"] if inputs["verdict"] == "accept" else None
+    out = inputs["derived"] / f"insertion_n{n}_{patch_gate.name if patch_gate is not None else 'all'}"
     t0 = time.perf_counter()
     if not (out / "manifest.csv").is_file():
-        patch_gate = inputs["gate"] if inputs["verdict"] == "accept" else None
         insert_lesions(ingest, inputs["synthetic"], out, n, MINORITY, seed=seed, patch_gate=patch_gate)
     timed("insertion", t0)
 
     lesions = work / "patches_real_lesions"
-    gate = inputs["derived"] / f"insertion_gate_n{n}"
+    gate_cfg, gate_hash = deployment_gate("tumor-insertion.yaml", seed)
+    gate = out.with_name(f"{out.name}_gate-{gate_hash}")
     t0 = time.perf_counter()
     if not (lesions / "manifest.csv").is_file():
         write_patch_folder(extract_patches([ingest], patch_size=patch_size, dims=2, seed=seed, neighbours=2, healthy_per_volume=0), lesions)
     if not (gate / "gate_report.json").is_file():
-        gate_insertions(lesions, out, gate, GateConfig.model_validate({"seed": seed}), patch_size=patch_size)
+        gate_insertions(lesions, out, gate, gate_cfg, patch_size=patch_size)
     timed("insertion_gate", t0)
     report = json.loads((gate / "gate_report.json").read_text())
     return inputs | {"real": ingest, "synthetic": out, "gate": gate, "patch_gate_verdict": inputs["verdict"],
@@ -503,6 +511,17 @@ def cyclegan_config(steps: int | None, seed: int) -> tuple[Any, Any]:
         overrides += [f"cyclegan.n_steps_constant={steps // 2}", f"cyclegan.n_steps_decay={steps - steps // 2}"]
     cfg = load_config(CONFIGS / "cyclegan.yaml", overrides)
     return cfg.cyclegan, cfg.cyclegan_data
+
+
+def deployment_gate(config: str, seed: int) -> tuple[Any, str]:
+    """The gate section of configs/CONFIG (with what it includes) at this seed, as the deployment
+    gates, and a short hash of it: gate folders are named by it, so a changed gate never reuses
+    an old verdict."""
+    from medaug.config import load_section
+    from pipeline.gate.config import GateConfig
+
+    cfg = load_section(GateConfig, CONFIGS / config, "gate", [f"gate.seed={seed}"])
+    return cfg, hashlib.sha256(cfg.model_dump_json().encode()).hexdigest()[:8]
 
 
 def mrict_dataset_config(work: Path, seed: int, max_share: float | None) -> Any:
@@ -547,9 +566,7 @@ def build_mrict_inputs(work: Path, subjects: int, size: int, seed: int, cyclegan
     Returns the paths (ingest = the real manifest, synthetic, gate, card), the checkpoint
     used, the gate verdict with its checks, and the stage timings.
     """
-    from medaug.config import load_section
     from models.train_cyclegan import train_cyclegan
-    from pipeline.gate.config import GateConfig
     from pipeline.gate.run import run_gate
     from pipeline.manifest import sha256_file
     from pipeline.slices import load_training_inputs
@@ -591,12 +608,13 @@ def build_mrict_inputs(work: Path, subjects: int, size: int, seed: int, cyclegan
         run_translate(checkpoint, "mri2ct", ingest, synthetic, batch_size=16, device="cpu", split="train", use_ema=True)
     timed("translate", t0)
 
-    gate = derived / "gate"
+    gate_cfg, gate_hash = deployment_gate("mri-ct.yaml", seed)
+    gate = derived / f"gate-{gate_hash}"
     t0 = time.perf_counter()
     if not (gate / "gate_report.json").is_file():
         # the real reference: the ingest folder's CT rows of the train split (the gate keeps the
         # synthetic set's modality and GateConfig.real_split, "train")
-        run_gate(ingest, synthetic, gate, load_section(GateConfig, CONFIGS / "gate.yaml", "gate", [f"gate.seed={seed}"]))
+        run_gate(ingest, synthetic, gate, gate_cfg)
     timed("gate", t0)
     report = json.loads((gate / "gate_report.json").read_text())
     card = json.loads(checkpoint.with_suffix(".json").read_text())
@@ -883,8 +901,8 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
             f"- Command: `{command}`",
             f"- Cohort: {cfg['subjects']} phantom subjects at size {cfg['size']} (unpaired CT and MR training subjects, "
             f"held-out test subjects in both); CycleGAN configs/cyclegan.yaml, {g['cyclegan_steps']} steps; the MR training "
-            f"split translated to CT with {g['checkpoint']}; gate (configs/gate.yaml, reference = the real CT training "
-            f"volumes) verdict **{g['verdict']}**{failed}: {checks}; per-volume filter {g['n_accepted']} accepted, "
+            f"split translated to CT with {g['checkpoint']}; gate (configs/mri-ct.yaml's: gate.yaml + the lesion HU check; "
+            f"reference = the real CT training volumes) verdict **{g['verdict']}**{failed}: {checks}; per-volume filter {g['n_accepted']} accepted, "
             f"{g['n_rejected']} rejected.",
             f"- CT volumes per class: real train {counts['volumes_train_real']}, translated (MR source) in (c) "
             f"{counts['volumes_train_translated']}, test (real, held-out subjects) {counts['volumes_test']}"
@@ -906,10 +924,10 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
             f"- Device: {result['device']}",
             f"- Command: `{command}`",
             f"- Cohort: {cfg['subjects']} phantom subjects at size {cfg['size']} (CT); tumor GAN {cfg['gan_steps']} steps, "
-            f"its patch batch: gate **{g['patch_gate_verdict']}**"
+            f"its patch batch: gate (configs/tumor-patches.yaml's: class checks, lesion HU) **{g['patch_gate_verdict']}**"
             + (f" (failed: {', '.join(g['patch_failed_checks'])}), so every necrotic patch was offered to insertion" if g["patch_failed_checks"] else "")
             + f"; {g['n_inserted']} necrotic lesions inserted into real CT training volumes (pipeline/insertion.py, feathered); "
-            f"insertion gate (lesion patches vs real training lesion patches, seam check on) **{g['verdict']}**{failed}: {checks}; "
+            f"insertion gate (configs/tumor-insertion.yaml's; lesion patches vs real training lesion patches, seam check on) **{g['verdict']}**{failed}: {checks}; "
             f"per volume {g['n_accepted']} accepted, {g['n_rejected']} rejected.",
             f"- CT volumes per class: real train {counts['volumes_train_real']}, inserted in (c)/(d) "
             f"{counts['volumes_train_translated']}, test (real, held-out subjects) {counts['volumes_test']}. Dataset content hash "

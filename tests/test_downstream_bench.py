@@ -48,7 +48,7 @@ def test_downstream_bench_insertion_smoke(tmp_path: Path) -> None:
     assert [a[:3] for a in arms[:4]] == ["(a)", "(b)", "(c)", "(d)"]
     assert "(d) - (b), paired, seeds x subjects" in arms
     assert "**Beyond classical augmentation:**" in out and "seam" in out
-    (manifest,) = (tmp_path / "work").glob("from-tumor_gan-*/insertion_n8/manifest.csv")  # one folder per GAN recipe
+    (manifest,) = (tmp_path / "work").glob("from-tumor_gan-*/insertion_n8_*/manifest.csv")  # one folder per GAN recipe and patch gate
     rows = manifest.read_text().splitlines()
     assert len(rows) == 9 and all(",train," in r for r in rows[1:])  # inserted volumes stay in training
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.types import HUWindow
 
 CHECKS = ("modality", "intensity", "fid", "kid", "precision", "recall", "coverage", "diversity", "duplicates", "memorization", "seam",
-          "class")
+          "lesion", "class")
 """Names of the batch checks, in the order the report lists them."""
 
 
@@ -85,6 +85,7 @@ class GateConfig(BaseModel):
     max_duplicate_fraction: float | None = Field(default=0.2, ge=0.0, le=1.0, description="Max share of synthetic slices whose nearest other synthetic item is a near-copy (same ratios as memorization); held-out real 0, wrong modality 0.12, 3 modes 1.0.")
     seam_max_ratio: float | None = Field(default=None, gt=0.0, description="Max median seam score (gradient energy 1-4 px outside the lesion mask, pipeline/gate/seam.py) of the synthetic items over the real items'. For inserted lesions (pipeline/insertion.py switches it on at SEAM_MAX_RATIO); null: off, since a wholly generated item has no paste border. Phantom CT: feathered insertions ~0.8, a pasted box with a 22 HU background offset ~2.1.")
     seam_item_ratio: float = Field(default=3.0, gt=0.0, description="With the seam check on, an item whose seam score is above this times the real median is dropped; real lesions spread 0.6-1.9 x their median (5th-95th percentile).")
+    lesion_hu_max: float | None = Field(default=None, gt=0.0, description="Max Wasserstein-1 distance (HU) between the values inside the lesion masks of the synthetic and the real CT items of a class, worst class (pipeline/gate/lesion.py); null: off. Lesion attenuation is what tells CT tumor classes apart, and whole-image features miss it. Phantom CT: held-out real lesions 0.4-2.1 HU, inserted GAN lesions 3.9, GAN patches 7.6-12.2, MRI->CT translations 18.7-35.1.")
     max_copy_fraction: float | None = Field(default=0.05, ge=0.0, le=1.0, description="Max share of synthetic slices that are near-copies of a training slice; held-out real 0, training volumes + 10 HU noise 1.0.")
 
     # --- per-sample filtering ---------------------------------------------------------------

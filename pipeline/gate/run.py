@@ -21,6 +21,8 @@ The checks (thresholds in GateConfig):
   memorization  share of synthetic slices that are near-copies of training slices;
   seam          (off unless gate.seam_max_ratio; on for inserted lesions) gradient energy just
                 outside the lesion masks, synthetic over real (pipeline/gate/seam.py);
+  lesion        (off unless gate.lesion_hu_max; on for the CT deployments) the HU inside the lesion
+                masks of each class, synthetic vs real (pipeline/gate/lesion.py);
   class         (off unless gate.class_checks; on for tumor-patches) every class gated alone
                 against the real items of its class, with its own features (`_class_gates`).
 
@@ -47,6 +49,7 @@ from pipeline.gate import metrics as M
 from pipeline.gate.config import CHECKS, GateConfig
 from pipeline.gate.features import FeatureExtractor, build_extractor, needs_real_images
 from pipeline.gate.images import GateSet, capped_indices, load_gate_set, resize_images
+from pipeline.gate.lesion import lesion_gate
 from pipeline.gate.report import (
     FIG_ACCEPTED,
     FIG_COPIES,
@@ -440,6 +443,10 @@ def _score(ref_all: GateSet, syn_all: GateSet, cfg: GateConfig, out: Path, extra
     seam_check, seam_metric, seam_reasons = seam_gate(ref_all, syn_all, cfg.seam_max_ratio, cfg.seam_item_ratio)
     if seam_metric:
         metrics["seam_ratio"] = seam_metric
+    # lesion HU per class (off unless cfg.lesion_hu_max): pipeline/gate/lesion.py
+    lesion_check, lesion_metric = lesion_gate(ref_all, syn_all, cfg.lesion_hu_max)
+    if lesion_metric:
+        metrics["lesion_hu"] = lesion_metric
 
     # batch checks
     missing = sorted(set(syn_all.modalities) - set(ref_all.modalities))
@@ -463,6 +470,7 @@ def _score(ref_all: GateSet, syn_all: GateSet, cfg: GateConfig, out: Path, extra
                f"share of slices nearer a training image than {cfg.copy_ratio_pixel} x (pixels) or "
                f"{cfg.copy_ratio_feature} x (features) the typical real-to-real distance"),
         seam_check,
+        lesion_check,
     ]
     return _Scores([c for c in checks if c is not None], metrics, ref, syn, sub, rsub, fr, fs, mem, copies, outliers,
                    seam_reasons, extractor)

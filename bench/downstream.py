@@ -479,6 +479,33 @@ def build_insertion_inputs(work: Path, inputs: dict[str, Any], seed: int, patch_
                      "n_rejected": report["n_rejected"], "n_inserted": n, "timings": timings}
 
 
+def oracle_lesion_inputs(work: Path, inputs: dict[str, Any], patch_size: int, seed: int) -> dict[str, Any]:
+    """Diagnostic, not a product mode: the real necrotic TRAINING lesion patches stand in for the
+    GAN's, so insertion places real lesions (a perfect lesion generator's upper bound). Test-split
+    patches are left out. Returns `inputs` with synthetic = that patch folder, no patch gate."""
+    from pipeline.manifest import read_manifest, write_manifest
+    from pipeline.patches import extract_patches, write_patch_folder
+
+    lesions = work / "patches_real_lesions"
+    if not (lesions / "manifest.csv").is_file():
+        write_patch_folder(extract_patches([work / "ingest"], patch_size=patch_size, dims=2, seed=seed, neighbours=2,
+                                           healthy_per_volume=0), lesions)
+    derived = work / "oracle-real-lesions"
+    rows = [r for r in read_manifest(lesions) if r["class"] == MINORITY and r["split"] == "train"]
+    # the "generator" is the set of real lesions: named by their hashes, with a card listing their
+    # subjects, so the dataset writer's provenance rules hold for the diagnostic too
+    source = hashlib.sha256("".join(sorted(r["source_sha256"] for r in rows)).encode()).hexdigest()
+    card = derived / "oracle_card.json"
+    card.parent.mkdir(parents=True, exist_ok=True)
+    card.write_text(json.dumps({"checkpoint_sha256": source, "kind": "oracle: real necrotic training lesions (diagnostic)",
+                                "train_subjects": sorted({r["subject_id"] for r in rows})}, indent=2) + "\n", encoding="utf-8")
+    rows = [r | {"path": str((lesions / r["path"]).resolve()), "label_path": str((lesions / r["label_path"]).resolve()),
+                 "checkpoint_sha256": source} for r in rows]
+    write_manifest(derived / "lesions", rows, list(rows[0]))
+    return inputs | {"synthetic": derived / "lesions", "derived": derived, "gate": None, "verdict": "oracle", "card": card,
+                     "failed_checks": ["not a generator: real training lesions"]}
+
+
 def build_insertion_balanced(work: Path, inputs: dict[str, Any], seed: int, max_share: float, gated: bool = True) -> Path:
     """The medaug dataset of the insertion mode: real CT volumes (ingest splits) plus gated inserted
     volumes in training (as the flow's dataset.synthesis: insertion builds it; each inserted row carries its class)."""
@@ -919,7 +946,8 @@ def markdown_section(result: dict[str, Any], command: str) -> str:
                            if c.get("value") is not None and c.get("threshold") is not None)
         names["c_medaug_balanced"] = "(c) medaug balanced (real CT + gated inserted lesions)"
         head = [
-            f"## Downstream classifier, tumor-patches deployment by lesion insertion ({result['date']})",
+            f"## Downstream classifier, tumor-patches deployment by lesion insertion ({result['date']})"
+            + (" -- ORACLE: real training lesions inserted, a diagnostic upper bound" if cfg.get("oracle_lesions") else ""),
             "",
             f"- Device: {result['device']}",
             f"- Command: `{command}`",
@@ -1015,6 +1043,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="tumor-patches: tumor GAN patches fill the minority; mri-ct: CycleGAN MRI->CT translations do.")
     parser.add_argument("--synthesis", choices=["patches", "insertion"], default="patches",
                         help="tumor-patches: the GAN's patches enter the dataset (patches) or are inserted into real training CTs (insertion).")
+    parser.add_argument("--oracle-lesions", action="store_true",
+                        help="insertion, diagnostic: insert the real necrotic training lesions instead of the GAN's "
+                             "(what a perfect lesion generator could give; not a product mode).")
     parser.add_argument("--n-insert", type=int, default=None,
                         help="insertion: volumes to insert into (default: the training class gap plus a quarter).")
     parser.add_argument("--subjects", type=int, default=40, help="Phantom subjects (about 15%% necrotic).")
@@ -1053,6 +1084,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs = build_inputs(args.work, args.subjects, args.size, args.seed, args.patch_size, args.gan_steps, args.n_synth,
                               args.minority_train)
         gate_info = {"verdict": inputs["verdict"], "failed_checks": inputs["failed_checks"]}
+        if args.synthesis == "insertion" and args.oracle_lesions:
+            inputs = oracle_lesion_inputs(args.work, inputs, args.patch_size, args.seed)
         if args.synthesis == "insertion":
             inputs = build_insertion_inputs(args.work, inputs, args.seed, args.patch_size, args.n_insert)
             gate_info = {k: inputs[k] for k in ("verdict", "failed_checks", "checks", "n_accepted", "n_rejected", "n_inserted",

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="A downstream work folder run with --synthesis insertion.")
     parser.add_argument("--derived", type=Path, default=None,
                         help="The folder of one tumor GAN run's samples and insertions (default: the newest from-tumor_gan-* in --work).")
-    parser.add_argument("--gate", type=Path, default=None, help="Its insertion gate folder (default: the one insertion_gate_n* there).")
+    parser.add_argument("--gate", type=Path, default=None, help="Its insertion gate folder (default: the newest there).")
     parser.add_argument("--hosts", type=int, default=24, help="Host volumes for the blend measurement.")
     parser.add_argument("--n", type=int, default=8, help="Pairs in the figure.")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "figures" / "insertion_real_vs_inserted.png")
@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs = sorted(args.work.glob("from-tumor_gan-*"), key=lambda p: p.stat().st_mtime)
     derived = args.derived or (runs[-1] if runs else args.work)  # work folders before per-run folders hold it directly
-    gate = args.gate or sorted(derived.glob("insertion_gate_n*"))[-1]
+    # the newest insertion gate there (insertion_n*_gate-HASH; insertion_gate_n* in older work folders)
+    gates = list(derived.glob("insertion_n*_gate-*")) + list(derived.glob("insertion_gate_n*"))
+    gate = args.gate or max(gates, key=lambda p: p.stat().st_mtime)
     print(f"tumor GAN samples and insertion gate: {derived}")
     scores = blend_scores(args.work, derived, args.hosts, 0)
     print(json.dumps(scores, indent=2))

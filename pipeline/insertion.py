@@ -85,6 +85,9 @@ INSERTION_COLUMNS = (
     "sha256",
 )
 PROVENANCE_NAME = "provenance.json"
+MIN_PLACE_LESIONS = 5
+"""A class with fewer real lesions than this is placed where any class's lesions sit (sizes
+stay its own): a place drawn from one or two lesions would put every insertion in the same spot."""
 MIN_LESION_PX = 4
 """A lesion patch with fewer mask pixels than this is not inserted (a phantom lesion has 14-70 on its largest slice)."""
 
@@ -124,7 +127,9 @@ class InsertionOptions:
 @dataclass(frozen=True)
 class LesionStats:
     """Real lesions, one entry each: largest axial area (voxels), slices holding lesion and, when
-    known, where the lesion's centre sits in its brain (lesion_position; empty when not measured)."""
+    known, where the lesion's centre sits in its brain (lesion_position; empty when not measured).
+    `positions` holds one place per lesion (drawn with its size) or, when its length differs, a
+    pool of places drawn on their own (a class with too few lesions to place from)."""
 
     areas: tuple[float, ...]
     slices: tuple[int, ...]
@@ -135,7 +140,10 @@ class LesionStats:
         if not self.areas:
             raise PatchError("no real lesion to size inserted lesions from (the real volumes have empty masks)")
         k = int(rng.integers(len(self.areas)))
-        return self.areas[k], max(0, (self.slices[k] - 1) // 2), self.positions[k] if self.positions else None
+        if not self.positions:
+            return self.areas[k], max(0, (self.slices[k] - 1) // 2), None
+        j = k if len(self.positions) == len(self.areas) else int(rng.integers(len(self.positions)))
+        return self.areas[k], max(0, (self.slices[k] - 1) // 2), self.positions[j]
 
 
 def brain_box(hu: NDArray[Any]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -425,9 +433,17 @@ def insert_lesions(
     own = [k for k, h in enumerate(hosts) if h.get("class") == klass] or list(range(len(hosts)))
     if len(own) == len(hosts) and not any(h.get("class") == klass for h in hosts):
         log.warning("no %s training volume: inserted lesions are sized and placed like every class's lesions", klass)
-    positions = [lesion_position(np.asarray(_load(real / hosts[k]["path"]).dataobj, np.float32), masks[k]) if np.any(masks[k])
-                 else (0.5, 0.5, 0.5) for k in own]
-    stats = lesion_stats([masks[k] for k in own], positions)
+    # places: those of the class's own lesions; of every lesion when the class has too few
+    place_from = own if len(own) >= MIN_PLACE_LESIONS else list(range(len(hosts)))
+    if len(own) < MIN_PLACE_LESIONS:
+        log.warning("%d real %s lesions (under %d): inserted lesions are placed where any class's lesions sit",
+                    len(own), klass, MIN_PLACE_LESIONS)
+    places = {k: lesion_position(np.asarray(_load(real / hosts[k]["path"]).dataobj, np.float32), masks[k])
+              for k in place_from if np.any(masks[k])}
+    stats = lesion_stats([masks[k] for k in own])
+    if places:
+        pooled = [places[k] for k in own if k in places] if place_from is own else list(places.values())
+        stats = LesionStats(stats.areas, stats.slices, tuple(pooled))
     order = np.random.default_rng([seed, 0x1E5]).permutation(len(hosts))
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
@@ -484,6 +500,7 @@ def insert_lesions(
         "patch_gate": json.loads((patch_gate / "gate_report.json").read_text()).get("report_id") if patch_gate is not None else None,
         "lesion_sizes": {"n_real_lesions": len(stats.areas), "of_class": klass if len(own) < len(hosts) else "all",
                          "area_voxels": [min(stats.areas), max(stats.areas)], "slices": [min(stats.slices), max(stats.slices)],
+                         "places_of_class": klass if place_from is own else "all",
                          "positions": [[round(v, 3) for v in u] for u in stats.positions]},
         "placed_away_from_real_places": unplaced}
     path.write_text(json.dumps(prov, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")

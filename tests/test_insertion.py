@@ -108,7 +108,7 @@ def test_placed_where_the_real_lesion_sits_in_its_brain(cohort: dict) -> None:
                         I.InsertionOptions(mirror=False))
 
 
-def test_insert_lesions_sizes_and_places_from_the_class_lesions(cohort: dict, tmp_path: Path) -> None:
+def test_insert_lesions_sizes_and_places_from_the_class_lesions(cohort: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Necrotic insertions draw size and place from the real necrotic training lesions only (the
     round ones are smaller and elsewhere), and say so in the provenance."""
     import json
@@ -126,7 +126,9 @@ def test_insert_lesions_sizes_and_places_from_the_class_lesions(cohort: dict, tm
     sizes = json.loads((tmp_path / "ins" / I.PROVENANCE_NAME).read_text())["calls"]["necrotic"]["lesion_sizes"]
     necrotic = [k for k in range(9) if k % 3 == 0]
     own = I.lesion_stats([cohort["masks"][k] for k in necrotic])
-    assert sizes["of_class"] == "necrotic" and sizes["n_real_lesions"] == 3 and len(sizes["positions"]) == 3
+    assert sizes["of_class"] == "necrotic" and sizes["n_real_lesions"] == 3
+    # 3 necrotic lesions are too few places (MIN_PLACE_LESIONS): the places are every lesion's
+    assert sizes["places_of_class"] == "all" and len(sizes["positions"]) == 9
     assert sizes["area_voxels"] == [min(own.areas), max(own.areas)]
     assert min(own.areas) > max(I.lesion_stats([cohort["masks"][k] for k in range(9) if k % 3]).areas)  # round ones: smaller
     for r in read_manifest(tmp_path / "ins"):
@@ -134,6 +136,10 @@ def test_insert_lesions_sizes_and_places_from_the_class_lesions(cohort: dict, tm
         area = (label == I.INSERTED_LABEL).sum(axis=(0, 1)).max()
         assert area >= 0.7 * min(own.areas)  # sized like a necrotic lesion (resampling costs a few edge pixels)
     assert json.loads((tmp_path / "ins" / I.PROVENANCE_NAME).read_text())["calls"]["necrotic"]["placed_away_from_real_places"] < 4
+    monkeypatch.setattr(I, "MIN_PLACE_LESIONS", 3)
+    I.insert_lesions(real, lesions, tmp_path / "own", 2, "necrotic", seed=0)
+    sizes = json.loads((tmp_path / "own" / I.PROVENANCE_NAME).read_text())["calls"]["necrotic"]["lesion_sizes"]
+    assert sizes["places_of_class"] == "necrotic" and len(sizes["positions"]) == 3
     # no host has room that near a real lesion's place: the lesions go anywhere in the brain, counted
     far = I.insert_lesions(real, lesions, tmp_path / "far", 2, "necrotic", seed=0, opts=I.InsertionOptions(position_tolerance_mm=1e-4))
     assert len(far) == 2

@@ -113,14 +113,7 @@ def test_insert_lesions_sizes_and_places_from_the_class_lesions(cohort: dict, tm
     round ones are smaller and elsewhere), and say so in the provenance."""
     import json
 
-    real = tmp_path / "ingest"
-    rows = []
-    for i, (s, h) in enumerate(zip(cohort["subs"], cohort["cts"], strict=True)):
-        write_nifti(h.astype(np.int16), s.affine, real / "volumes" / f"v{i}.nii.gz")
-        write_nifti(s.tumor_mask, s.affine, real / "labels" / f"v{i}.nii.gz")
-        rows.append({"path": f"volumes/v{i}.nii.gz", "label_path": f"labels/v{i}.nii.gz", "subject_id": f"anon{i:02d}",
-                     "modality": "CT", "split": "train", "class": s.tumor_class, "sha256": sha256_file(real / "volumes" / f"v{i}.nii.gz")})
-    write_manifest(real, rows, list(rows[0]))
+    real = _ingest_folder(cohort, tmp_path / "ingest", 9, n_train=9)
     lesions = _patch_folder(tmp_path / "samples", cohort["real"][:4], synthetic=True)
     I.insert_lesions(real, lesions, tmp_path / "ins", 4, "necrotic", seed=0)
     sizes = json.loads((tmp_path / "ins" / I.PROVENANCE_NAME).read_text())["calls"]["necrotic"]["lesion_sizes"]
@@ -197,15 +190,15 @@ def test_seam_check_is_off_by_default(cohort: dict, tmp_path: Path) -> None:
     assert GateConfig().seam_max_ratio is None
 
 
-def _ingest_folder(cohort: dict, real: Path, n: int) -> Path:
-    """An ingest-format folder of the cohort's first `n` CTs with their masks; the first 3 are
-    training subjects, the rest test subjects."""
+def _ingest_folder(cohort: dict, real: Path, n: int, n_train: int = 3) -> Path:
+    """An ingest-format folder of the cohort's first `n` CTs with their masks; the first `n_train`
+    are training subjects, the rest test subjects."""
     rows = []
     for i, (s, h) in enumerate(zip(cohort["subs"][:n], cohort["cts"][:n], strict=True)):
         write_nifti(h.astype(np.int16), s.affine, real / "volumes" / f"v{i}.nii.gz")
         write_nifti(s.tumor_mask, s.affine, real / "labels" / f"v{i}.nii.gz")
         rows.append({"path": f"volumes/v{i}.nii.gz", "label_path": f"labels/v{i}.nii.gz", "subject_id": f"anon{i:02d}",
-                     "modality": "CT", "split": "train" if i < 3 else "test", "class": s.tumor_class,
+                     "modality": "CT", "split": "train" if i < n_train else "test", "class": s.tumor_class,
                      "sha256": sha256_file(real / "volumes" / f"v{i}.nii.gz")})
     write_manifest(real, rows, list(rows[0]))
     return real
@@ -227,14 +220,7 @@ def test_insert_lesions_writes_marked_training_volumes(cohort: dict, tmp_path: P
 
 
 def test_insertion_counts_fill_the_gap_and_classes_merge(cohort: dict, tmp_path: Path) -> None:
-    real = tmp_path / "ingest"
-    rows = []
-    for i, (s, h) in enumerate(zip(cohort["subs"], cohort["cts"], strict=True)):
-        write_nifti(h.astype(np.int16), s.affine, real / "volumes" / f"v{i}.nii.gz")
-        write_nifti(s.tumor_mask, s.affine, real / "labels" / f"v{i}.nii.gz")
-        rows.append({"path": f"volumes/v{i}.nii.gz", "label_path": f"labels/v{i}.nii.gz", "subject_id": f"anon{i:02d}",
-                     "modality": "CT", "split": "train", "class": s.tumor_class, "sha256": sha256_file(real / "volumes" / f"v{i}.nii.gz")})
-    write_manifest(real, rows, list(rows[0]))
+    real = _ingest_folder(cohort, tmp_path / "ingest", 9, n_train=9)
     # 3 necrotic (i = 0, 3, 6) and 6 round training volumes: a gap of 3, times 1.25, rounded up
     assert I.insertion_counts(real, 1.25) == {"necrotic": 4}
     lesions = _patch_folder(tmp_path / "samples", cohort["real"][:4], synthetic=True)

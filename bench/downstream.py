@@ -448,7 +448,6 @@ def build_insertion_inputs(work: Path, inputs: dict[str, Any], seed: int, patch_
     """
     from pipeline.insertion import gate_insertions, insert_lesions
     from pipeline.manifest import read_manifest
-    from pipeline.patches import extract_patches, write_patch_folder
 
     timings, timed = stage_clock(work)
     ingest = work / "ingest"
@@ -463,12 +462,10 @@ def build_insertion_inputs(work: Path, inputs: dict[str, Any], seed: int, patch_
         insert_lesions(ingest, inputs["synthetic"], out, n, MINORITY, seed=seed, patch_gate=patch_gate)
     timed("insertion", t0)
 
-    lesions = work / "patches_real_lesions"
     gate_cfg, gate_hash = deployment_gate("tumor-insertion.yaml", seed)
     gate = out.with_name(f"{out.name}_gate-{gate_hash}")
     t0 = time.perf_counter()
-    if not (lesions / "manifest.csv").is_file():
-        write_patch_folder(extract_patches([ingest], patch_size=patch_size, dims=2, seed=seed, neighbours=2, healthy_per_volume=0), lesions)
+    lesions = real_lesion_patches(work, patch_size, seed)
     if not (gate / "gate_report.json").is_file():
         gate_insertions(lesions, out, gate, gate_cfg, patch_size=patch_size)
     timed("insertion_gate", t0)
@@ -479,19 +476,29 @@ def build_insertion_inputs(work: Path, inputs: dict[str, Any], seed: int, patch_
                      "n_rejected": report["n_rejected"], "n_inserted": n, "timings": timings}
 
 
+def real_lesion_patches(work: Path, patch_size: int, seed: int) -> Path:
+    """Lesion-centred patches (no healthy ones) of every real volume of work/ingest, all splits,
+    cut once per size and seed (the largest-lesion slice +-2): the insertion gate's reference."""
+    from pipeline.patches import extract_patches, write_patch_folder
+
+    out = work / f"patches_real_lesions{patch_size}_s{seed}"
+    if not (out / "manifest.csv").is_file():
+        write_patch_folder(extract_patches([work / "ingest"], patch_size=patch_size, dims=2, seed=seed, neighbours=2,
+                                           healthy_per_volume=0), out)
+    return out
+
+
 def oracle_lesion_inputs(work: Path, inputs: dict[str, Any], patch_size: int, seed: int) -> dict[str, Any]:
     """Diagnostic, not a product mode: the real necrotic TRAINING lesion patches stand in for the
     GAN's, so insertion places real lesions (a perfect lesion generator's upper bound). Test-split
     patches are left out. Returns `inputs` with synthetic = that patch folder, no patch gate."""
     from pipeline.manifest import read_manifest, write_manifest
-    from pipeline.patches import extract_patches, write_patch_folder
 
-    lesions = work / "patches_real_lesions"
-    if not (lesions / "manifest.csv").is_file():
-        write_patch_folder(extract_patches([work / "ingest"], patch_size=patch_size, dims=2, seed=seed, neighbours=2,
-                                           healthy_per_volume=0), lesions)
+    lesions = real_lesion_patches(work, patch_size, seed)
     derived = work / "oracle-real-lesions"
     rows = [r for r in read_manifest(lesions) if r["class"] == MINORITY and r["split"] == "train"]
+    if not rows:
+        raise SystemExit(f"--oracle-lesions: {lesions} holds no {MINORITY} training lesion patch to insert")
     # the "generator" is the set of real lesions: named by their hashes, with a card listing their
     # subjects, so the dataset writer's provenance rules hold for the diagnostic too
     source = hashlib.sha256("".join(sorted(r["source_sha256"] for r in rows)).encode()).hexdigest()
@@ -542,8 +549,8 @@ def cyclegan_config(steps: int | None, seed: int) -> tuple[Any, Any]:
 
 def deployment_gate(config: str, seed: int) -> tuple[Any, str]:
     """The gate section of configs/CONFIG (with what it includes) at this seed, as the deployment
-    gates, and a short hash of it: gate folders are named by it, so a changed gate never reuses
-    an old verdict."""
+    gates, and a short hash of it: gate folders are named by it, so a changed gate config never
+    reuses an old verdict (a changed gate code does: start a fresh work folder)."""
     from medaug.config import load_section
     from pipeline.gate.config import GateConfig
 
@@ -1069,6 +1076,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="Delete the work folder first.")
     parser.add_argument("--record", action="store_true", help="Append the result section to bench/RESULTS.md.")
     args = parser.parse_args(argv)
+    if args.oracle_lesions and args.synthesis != "insertion":
+        parser.error("--oracle-lesions inserts real lesions: it needs --synthesis insertion")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.fresh and args.work.exists():

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.downstream import real_lesion_patches  # noqa: E402
 from pipeline import insertion as ins  # noqa: E402
 from pipeline.gate.config import SEAM_MAX_RATIO, GateConfig  # noqa: E402
 from pipeline.manifest import read_manifest  # noqa: E402
@@ -51,9 +52,9 @@ def blend_scores(work: Path, derived: Path, n_hosts: int, seed: int) -> dict[str
     stats = ins.lesion_stats(masks)
     samples = derived / "synthetic"
     lesions = [r for r in read_manifest(samples) if r["class"] == "necrotic" and (_arr(samples / r["label_path"]) > 0).sum() >= ins.MIN_LESION_PX]
-    real_rows = [r for r in read_manifest(work / "patches_real_lesions") if r["split"] == "train"]
-    real = np.array([ins.seam_score(_arr(work / "patches_real_lesions" / r["path"])[..., 0],
-                                    _arr(work / "patches_real_lesions" / r["label_path"])[..., 0]) for r in real_rows])
+    lesions = real_lesion_patches(work, 32, seed)
+    real_rows = [r for r in read_manifest(lesions) if r["split"] == "train"]
+    real = np.array([ins.seam_score(_arr(lesions / r["path"])[..., 0], _arr(lesions / r["label_path"])[..., 0]) for r in real_rows])
     base = float(np.median(real))
     item_ratio = GateConfig().seam_item_ratio
     out: dict[str, Any] = {"real": {"n": len(real), "median": base, "q05_q95": np.quantile(real / base, [0.05, 0.95]).round(2).tolist()}}
@@ -81,7 +82,7 @@ def figure(work: Path, gate: Path, out: Path, n: int) -> Path:
     """PNG of n real necrotic training lesions beside n inserted ones, with the insertion gate's verdicts."""
     from pipeline.gate.report import image_grid
 
-    real_dir = work / "patches_real_lesions"
+    real_dir = real_lesion_patches(work, 32, 0)
     real = [r for r in read_manifest(real_dir) if r["class"] == "necrotic" and r["split"] == "train"]
     report = json.loads((gate / "gate_report.json").read_text())
     verdict = {s["sha256"]: s["decision"] for s in report["samples"]}

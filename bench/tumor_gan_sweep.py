@@ -15,8 +15,9 @@ DiffAugment translation + cutout, EMA 0.99); --set changes one TumorGANConfig fi
 `--lesions` trains a lesion-scale GAN instead: on lesion-centred crops only (no healthy
 patches; crop side --set patch_size=16 holds every phantom lesion, at most 12 px wide), gated
 against those crops. `--insert N` then inserts N of its necrotic lesions into real CT training
-volumes (pipeline/insertion.py) and runs the insertion gate, as bench/downstream.py's
-insertion mode does (lesion-centred 32 px crops of the inserted volumes against the real ones):
+volumes (pipeline/insertion.py) and runs the insertion gate on them (lesion-centred 32 px crops
+of the inserted volumes against the real ones; the default gate with the seam check on, where
+bench/downstream.py uses the deployment's, with class and lesion HU checks):
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/tumor_gan_sweep.py --work bench/_work/ins280 \
         --name lesion16 --lesions --set patch_size=16 --steps 3000 --insert 91
@@ -43,12 +44,13 @@ BASE = {"patch_size": 32, "latent_dim": 64, "g_channels": 16, "d_channels": 16, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bench.downstream import real_lesion_patches
     from models.train_tumor_gan import TumorGANConfig, train_tumor_gan
     from pipeline.gate.config import GateConfig
     from pipeline.gate.run import run_gate
     from pipeline.insertion import gate_insertions, insert_lesions
     from pipeline.manifest import read_manifest
-    from pipeline.patches import extract_patches, read_patch_folder, to_train_data, write_patch_folder
+    from pipeline.patches import read_patch_folder, to_train_data
     from pipeline.sample_tumors import sample_tumors
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -70,10 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     real = args.work / "patches_real"
     ingest = args.work / "ingest"
     if args.lesions:  # lesion-centred crops of the GAN's patch size, cut once per work folder
-        real = args.work / f"patches_real_lesions{options['patch_size']}"
-        if not (real / "manifest.csv").is_file():
-            write_patch_folder(extract_patches([ingest], patch_size=options["patch_size"], dims=2, seed=0, neighbours=2,
-                                               healthy_per_volume=0), real)
+        real = real_lesion_patches(args.work, options["patch_size"], 0)
     t0 = time.perf_counter()
     train_tumor_gan(TumorGANConfig.model_validate(options), to_train_data(read_patch_folder(real, synthetic=False), modality="CT"),
                     out / "run", device="cpu")
@@ -91,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
               "checks": {c.name: round(c.value, 3) if c.value is not None else None for c in report.checks}}
     if args.insert:
         # the insertion gate's reference: lesion-centred 32 px crops of the real training volumes (as bench/downstream.py)
-        lesions = args.work / "patches_real_lesions"
-        if not (lesions / "manifest.csv").is_file():
-            write_patch_folder(extract_patches([ingest], patch_size=32, dims=2, seed=0, neighbours=2, healthy_per_volume=0), lesions)
+        lesions = real_lesion_patches(args.work, 32, 0)
         t1 = time.perf_counter()
         patch_gate = out / "gate" if report.verdict == "accept" else None
         insert_lesions(ingest, out / "synthetic", out / "insertion", args.insert, "necrotic", seed=0, patch_gate=patch_gate)

@@ -103,8 +103,9 @@ class InsertionOptions:
         none is that close; 0 places anywhere in the brain). Real lesions of a class are not
         spread evenly through the brain, and what surrounds a lesion (skull, ventricles, the
         side the skull is on) is what a lesion-centred patch shows most of.
-    mirror: carry the real lesion's position to the other hemisphere (left-right, axis 0 of the
-        canonical volume) half of the time: the brain is near symmetric.
+    mirror: the real lesion's place may also be taken in the other hemisphere (left-right, axis 0
+        of the canonical volume): both sides are tried in random order and the first with room
+        is used (the brain is near symmetric).
     lesion_margin_mm: least distance from the host's own lesion (30 mm: it stays out of the
         central 55 mm of the inserted lesion's axial patches, what the downstream classifier sees).
     feather_px: Gaussian sigma (pixels) of the blending alpha's fall-off outside the mask;
@@ -430,20 +431,24 @@ def insert_lesions(
     masks = [np.asarray(_load(real / h["label_path"]).dataobj) for h in hosts]
     # a necrotic lesion is sized and placed like the real necrotic lesions, not like the pool of
     # all lesions (mostly the majority class's, smaller and elsewhere)
-    own = [k for k, h in enumerate(hosts) if h.get("class") == klass] or list(range(len(hosts)))
-    if len(own) == len(hosts) and not any(h.get("class") == klass for h in hosts):
-        log.warning("no %s training volume: inserted lesions are sized and placed like every class's lesions", klass)
+    lesioned = [k for k in range(len(hosts)) if np.any(masks[k])]
+    if not lesioned:
+        raise PatchError(f"{real}: no training volume has a lesion in its mask to size and place inserted lesions from")
+    own = [k for k in lesioned if hosts[k].get("class") == klass]
+    sized_from_class = bool(own)
+    if not own:
+        own = lesioned
+        log.warning("no %s training lesion: inserted lesions are sized and placed like every class's lesions", klass)
     # places: those of the class's own lesions; of every lesion when the class has too few
-    place_from = own if len(own) >= MIN_PLACE_LESIONS else list(range(len(hosts)))
-    if len(own) < MIN_PLACE_LESIONS:
+    placed_from_class = sized_from_class and len(own) >= MIN_PLACE_LESIONS
+    place_from = own if placed_from_class else lesioned
+    if sized_from_class and not placed_from_class:
         log.warning("%d real %s lesions (under %d): inserted lesions are placed where any class's lesions sit",
                     len(own), klass, MIN_PLACE_LESIONS)
-    places = {k: lesion_position(np.asarray(_load(real / hosts[k]["path"]).dataobj, np.float32), masks[k])
-              for k in place_from if np.any(masks[k])}
-    stats = lesion_stats([masks[k] for k in own])
+    places = [lesion_position(np.asarray(_load(real / hosts[k]["path"]).dataobj, np.float32), masks[k]) for k in place_from]
+    stats = lesion_stats([masks[k] for k in own])  # raises in draw() when there is no lesion at all
     if places:
-        pooled = [places[k] for k in own if k in places] if place_from is own else list(places.values())
-        stats = LesionStats(stats.areas, stats.slices, tuple(pooled))
+        stats = LesionStats(stats.areas, stats.slices, tuple(places))
     order = np.random.default_rng([seed, 0x1E5]).permutation(len(hosts))
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
@@ -498,9 +503,9 @@ def insert_lesions(
     prov["calls"][klass] = {
         "seed": seed, "n": n, "options": opts.__dict__, "patch_checkpoints": sorted(ckpt),
         "patch_gate": json.loads((patch_gate / "gate_report.json").read_text()).get("report_id") if patch_gate is not None else None,
-        "lesion_sizes": {"n_real_lesions": len(stats.areas), "of_class": klass if len(own) < len(hosts) else "all",
+        "lesion_sizes": {"n_real_lesions": len(stats.areas), "of_class": klass if sized_from_class else "all",
                          "area_voxels": [min(stats.areas), max(stats.areas)], "slices": [min(stats.slices), max(stats.slices)],
-                         "places_of_class": klass if place_from is own else "all",
+                         "places_of_class": klass if placed_from_class else "all",
                          "positions": [[round(v, 3) for v in u] for u in stats.positions]},
         "placed_away_from_real_places": unplaced}
     path.write_text(json.dumps(prov, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")

@@ -62,7 +62,7 @@ def test_downstream_bench_insertion_smoke(tmp_path: Path) -> None:
     assert result["verdict"] in ("accept", "reject") and "class" in result["checks"]  # the class check ran
     assert result["insertion"]["n"] == 8 and result["insertion"]["verdict"] in ("accept", "reject")
     assert "seam" in result["insertion"]["checks"]
-    assert (tmp_path / "work" / "patches_real_lesions16" / "manifest.csv").is_file()
+    assert (tmp_path / "work" / "patches_real_lesions16_s0" / "manifest.csv").is_file()
 
 
 def test_paired_bootstrap_known_answers() -> None:

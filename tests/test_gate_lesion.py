@@ -110,3 +110,18 @@ def test_run_gate_rejects_a_batch_whose_lesions_have_the_wrong_hu(lesions: dict,
     report = run_gate(real, syn, tmp_path / "gate", cfg)
     assert report.verdict == "reject" and report.failed_checks == ["lesion"]
     assert "lesion_hu" in report.metrics and report.metrics["lesion_hu"]["value"] == pytest.approx(35.0, abs=5.0)
+
+
+def test_a_class_subset_is_judged_on_its_own_items(lesions: dict, tmp_path: Path) -> None:
+    """The class checks gate GateSet.subset()s: a subset's lesion values are its own items' only,
+    so a bad class does not fail a good one; a (s, s) mask beside an (s, s, 1) patch is read too."""
+    ref, syn = _sets(tmp_path, lesions, 0.0)
+    rows = [i for i, c in enumerate(syn.classes) if c == "round"]
+    assert set(lesion_values_hu(syn.subset(np.asarray(rows)))) == {"round"}
+    folder = syn.folder
+    before = sum(len(v) for v in lesion_values_hu(syn).values())
+    for item in syn.items[:3]:  # masks written without the trailing axis
+        mask = np.asarray(I._load(folder / item.row["label_path"]).dataobj)[..., 0]
+        write_nifti(mask.astype(np.uint8), np.eye(4), folder / item.row["label_path"])
+    values = lesion_values_hu(load_gate_set(folder, GateConfig(), "synthetic", cap=False))
+    assert sum(len(v) for v in values.values()) == before  # no item left out

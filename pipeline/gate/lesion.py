@@ -20,6 +20,7 @@ computed (and passes: there is nothing to compare).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, cast
 
 import nibabel as nib
@@ -30,30 +31,49 @@ from pipeline.gate.images import GateSet
 from pipeline.gate.metrics import intensity_w1
 from pipeline.gate.report import CheckResult
 
+log = logging.getLogger(__name__)
+
 INSERTED_LABEL = 2
 """An inserted volume's label map marks its host's own lesion 1 and the inserted one 2 (pipeline/insertion.py)."""
 
 
-def lesion_values_hu(s: GateSet) -> dict[str, NDArray[np.float32]]:
-    """Class -> the pooled HU values inside the lesion masks of the set's CT items with a mask.
+def _squeezed(arr: NDArray[Any]) -> NDArray[Any]:
+    """Trailing singleton axes dropped (a patch stored (s, s, 1) is (s, s)), as the gate reads images."""
+    while arr.ndim > 2 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return arr
 
-    A synthetic volume whose label map holds INSERTED_LABEL is scored on that lesion only
-    (the host's own lesion is real).
+
+def lesion_values_hu(s: GateSet) -> dict[str, NDArray[np.float32]]:
+    """Class -> the pooled HU values inside the lesion masks of the set's scored CT items with a mask.
+
+    Only items with scored slices count (so a class subset, `GateSet.subset`, is judged on its
+    own items). An item in [-1, 1] is a patch through the tumor patches' HU window; anything
+    else is HU already. A synthetic volume whose label map holds INSERTED_LABEL is scored on
+    that lesion only (the host's own lesion is real). An item whose mask is empty or does not
+    match its image is left out, with a log line.
     """
     from pipeline.patches import DEFAULT_TUMOR_HU_WINDOW
     from pipeline.preprocess import unit_to_ct
 
     pooled: dict[str, list[NDArray[np.float32]]] = {}
-    for item in s.items:
+    for index in sorted(set(s.item_of.tolist())):
+        item = s.items[index]
         rel = (item.row.get("label_path") or "").strip()
-        if item.modality != "CT" or not rel or not (s.folder / rel).is_file() or item.skipped:
+        if item.modality != "CT" or not rel:
             continue
-        img = np.asarray(cast(nib.Nifti1Image, nib.load(item.abs_path)).dataobj, np.float32)
-        label = np.asarray(cast(nib.Nifti1Image, nib.load(s.folder / rel)).dataobj)
+        if not (s.folder / rel).is_file():
+            log.warning("lesion check: %s: its mask %s is missing; left out", item.path, rel)
+            continue
+        img = _squeezed(np.asarray(cast(nib.Nifti1Image, nib.load(item.abs_path)).dataobj, np.float32))
+        label = _squeezed(np.asarray(cast(nib.Nifti1Image, nib.load(s.folder / rel)).dataobj))
+        if label.shape != img.shape:
+            log.warning("lesion check: %s: mask shape %s is not the image's %s; left out", item.path, label.shape, img.shape)
+            continue
         mask = label == INSERTED_LABEL if (label == INSERTED_LABEL).any() else label > 0
-        if not mask.any() or mask.shape != img.shape:
+        if not mask.any():
             continue
-        if item.kind == "patch" or float(np.abs(img).max()) <= 1.001:  # a patch in [-1, 1] through the tumor window
+        if float(np.abs(img).max()) <= 1.001:  # a patch in [-1, 1] through the tumor window
             img = unit_to_ct(img, DEFAULT_TUMOR_HU_WINDOW)
         pooled.setdefault(item.klass, []).append(img[mask])
     return {k: np.concatenate(v) for k, v in pooled.items()}
@@ -72,6 +92,8 @@ def lesion_gate(ref: GateSet, syn: GateSet, max_hu: float | None) -> tuple[Check
         per_class[klass] = {"w1_hu": intensity_w1(synth[klass], real[klass]), "real_median_hu": float(np.median(real[klass])),
                             "synthetic_median_hu": float(np.median(synth[klass]))}
     if not per_class:
+        if synth:
+            log.warning("lesion check not computed: no real CT lesion of the synthetic classes (%s)", ", ".join(sorted(synth)))
         detail = ("lesion HU: no class has CT items with a lesion mask on both sides "
                   f"(real: {', '.join(sorted(real)) or 'none'}; synthetic: {', '.join(sorted(synth)) or 'none'}); not computed")
         return CheckResult("lesion", None, max_hu, "<=", True, detail), {"classes": {}}

@@ -128,23 +128,26 @@ class InsertionOptions:
 @dataclass(frozen=True)
 class LesionStats:
     """Real lesions, one entry each: largest axial area (voxels), slices holding lesion and, when
-    known, where the lesion's centre sits in its brain (lesion_position; empty when not measured).
-    `positions` holds one place per lesion (drawn with its size) or, when its length differs, a
-    pool of places drawn on their own (a class with too few lesions to place from)."""
+    known, where the lesion's centre sits in its brain (`positions`, lesion_position: drawn with
+    its size). `place_pool` is used instead when `positions` is empty: places drawn on their own
+    (a class with too few lesions to place from takes every class's). Neither: no place."""
 
     areas: tuple[float, ...]
     slices: tuple[int, ...]
     positions: tuple[tuple[float, float, float], ...] = ()
+    place_pool: tuple[tuple[float, float, float], ...] = ()
 
     def draw(self, rng: np.random.Generator) -> tuple[float, int, tuple[float, float, float] | None]:
         """(area in voxels, half extent in slices, position or None) of one real lesion drawn at random."""
         if not self.areas:
             raise PatchError("no real lesion to size inserted lesions from (the real volumes have empty masks)")
         k = int(rng.integers(len(self.areas)))
-        if not self.positions:
-            return self.areas[k], max(0, (self.slices[k] - 1) // 2), None
-        j = k if len(self.positions) == len(self.areas) else int(rng.integers(len(self.positions)))
-        return self.areas[k], max(0, (self.slices[k] - 1) // 2), self.positions[j]
+        half_z = max(0, (self.slices[k] - 1) // 2)
+        if self.positions:
+            return self.areas[k], half_z, self.positions[k]
+        if self.place_pool:
+            return self.areas[k], half_z, self.place_pool[int(rng.integers(len(self.place_pool)))]
+        return self.areas[k], half_z, None
 
 
 def brain_box(hu: NDArray[Any]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -178,7 +181,7 @@ def lesion_stats(masks: Sequence[NDArray[Any]], positions: Sequence[tuple[float,
 
     >>> m = np.zeros((8, 8, 5), bool); m[2:5, 2:4, 1:4] = True
     >>> lesion_stats([m])
-    LesionStats(areas=(6.0,), slices=(3,), positions=())
+    LesionStats(areas=(6.0,), slices=(3,), positions=(), place_pool=())
     """
     areas, slices, kept = [], [], []
     for i, m in enumerate(masks):
@@ -446,9 +449,9 @@ def insert_lesions(
         log.warning("%d real %s lesions (under %d): inserted lesions are placed where any class's lesions sit",
                     len(own), klass, MIN_PLACE_LESIONS)
     places = [lesion_position(np.asarray(_load(real / hosts[k]["path"]).dataobj, np.float32), masks[k]) for k in place_from]
-    stats = lesion_stats([masks[k] for k in own])  # raises in draw() when there is no lesion at all
-    if places:
-        stats = LesionStats(stats.areas, stats.slices, tuple(places))
+    stats = lesion_stats([masks[k] for k in own], places if placed_from_class else None)
+    if not placed_from_class:
+        stats = replace(stats, place_pool=tuple(places))
     order = np.random.default_rng([seed, 0x1E5]).permutation(len(hosts))
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, str]] = []
@@ -506,7 +509,7 @@ def insert_lesions(
         "lesion_sizes": {"n_real_lesions": len(stats.areas), "of_class": klass if sized_from_class else "all",
                          "area_voxels": [min(stats.areas), max(stats.areas)], "slices": [min(stats.slices), max(stats.slices)],
                          "places_of_class": klass if placed_from_class else "all",
-                         "positions": [[round(v, 3) for v in u] for u in stats.positions]},
+                         "positions": [[round(v, 3) for v in u] for u in stats.positions or stats.place_pool]},
         "placed_away_from_real_places": unplaced}
     path.write_text(json.dumps(prov, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     log.info("inserted %d %s lesions into %d host volumes -> %s", n, klass, min(n, len(hosts)), out)

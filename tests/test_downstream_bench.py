@@ -134,3 +134,22 @@ def test_minority_train_keeps_k_necrotic_training_subjects(tmp_path: Path) -> No
     for bad in (0, 4):
         with pytest.raises(SystemExit, match="3 necrotic CT training subjects"):
             keep_minority(src, tmp_path / f"bad{bad}", bad)
+
+
+def test_oracle_lesions_needs_insertion_and_real_minority_lesions(tmp_path: Path) -> None:
+    """--oracle-lesions without --synthesis insertion is a usage error; a work folder with no real
+    necrotic training lesion patch is refused with one line, before anything is written."""
+    sys.path.insert(0, str(ROOT))
+    from bench.downstream import main, oracle_lesion_inputs
+    from pipeline.manifest import write_manifest
+
+    with pytest.raises(SystemExit) as usage:
+        main(["--oracle-lesions", "--work", str(tmp_path / "w")])
+    assert usage.value.code == 2
+    lesions = tmp_path / "work" / "patches_real_lesions32_s0"
+    write_manifest(lesions, [{"path": "p.nii.gz", "label_path": "m.nii.gz", "class": "necrotic", "split": "test",
+                              "subject_id": "s", "source_sha256": "ab"}], ["path", "label_path", "class", "split", "subject_id",
+                                                                            "source_sha256"])
+    with pytest.raises(SystemExit, match="no necrotic training lesion patch"):
+        oracle_lesion_inputs(tmp_path / "work", {}, 32, 0)
+    assert not (tmp_path / "work" / "oracle-real-lesions").exists()

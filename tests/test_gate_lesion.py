@@ -125,3 +125,15 @@ def test_a_class_subset_is_judged_on_its_own_items(lesions: dict, tmp_path: Path
         write_nifti(mask.astype(np.uint8), np.eye(4), folder / item.row["label_path"])
     values = lesion_values_hu(load_gate_set(folder, GateConfig(), "synthetic", cap=False))
     assert sum(len(v) for v in values.values()) == before  # no item left out
+
+
+def test_a_mask_that_does_not_fit_its_image_is_left_out_with_a_log_line(lesions: dict, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    ref, syn = _sets(tmp_path, lesions, 0.0)
+    before = {k: len(v) for k, v in lesion_values_hu(syn).items()}
+    item = syn.items[0]
+    write_nifti(np.ones((8, 8, 1), np.uint8), np.eye(4), syn.folder / item.row["label_path"])  # 8x8 mask, 32x32 patch
+    with caplog.at_level("WARNING", logger="pipeline.gate.lesion"):
+        after = {k: len(v) for k, v in lesion_values_hu(load_gate_set(syn.folder, GateConfig(), "synthetic", cap=False)).items()}
+    assert "mask shape (8, 8) is not the image's (32, 32); left out" in caplog.text
+    assert after[item.klass] < before[item.klass] and sum(after.values()) < sum(before.values())

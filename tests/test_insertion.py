@@ -217,6 +217,11 @@ def test_insert_lesions_writes_marked_training_volumes(cohort: dict, tmp_path: P
         assert sha256_file(tmp_path / "ins_a" / r["path"]) == r["sha256"]
     with pytest.raises(PatchError, match="no round lesion patch"):
         I.insert_lesions(real, lesions, tmp_path / "ins_c", 1, "round")
+    for r in read_manifest(real):  # no real lesion left to size and place from
+        if r["split"] == "train":
+            write_nifti(np.zeros_like(cohort["masks"][0]), cohort["subs"][0].affine, real / r["label_path"])
+    with pytest.raises(PatchError, match="no training volume has a lesion in its mask"):
+        I.insert_lesions(real, lesions, tmp_path / "ins_d", 1, "necrotic")
 
 
 def test_insertion_counts_fill_the_gap_and_classes_merge(cohort: dict, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -156,6 +156,17 @@ def _decode(data: bytes, name: str) -> NDArray[np.float32]:
     return np.asarray(nib.as_closest_canonical(klass.from_bytes(raw)).dataobj, dtype=np.float32)
 
 
+def squeeze_trailing(arr: NDArray[Any]) -> NDArray[Any]:
+    """`arr` without trailing axes of length 1 beyond the second: a patch stored (s, s, 1) is (s, s).
+
+    >>> squeeze_trailing(np.zeros((4, 4, 1, 1))).shape, squeeze_trailing(np.zeros((4, 4, 3))).shape
+    ((4, 4), (4, 4, 3))
+    """
+    while arr.ndim > 2 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return arr
+
+
 def _read_item(path: Path) -> tuple[NDArray[np.float32], str]:
     """A file's array and the sha256 of its bytes, both from one read.
 
@@ -169,10 +180,7 @@ def _read_item(path: Path) -> tuple[NDArray[np.float32], str]:
         arr = _decode(data, path.name)
     except Exception as exc:  # numpy, nibabel and gzip raise several types for a bad file
         raise DatasetError(f"{path.name}: not a readable NIfTI or .npy file ({type(exc).__name__}); fix or leave it out") from None
-    while arr.ndim > 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[..., 0]
+    arr = squeeze_trailing(arr)
     if arr.ndim not in (2, 3):
         raise DatasetError(f"{path.name}: expected a 2-D patch or a 3-D volume, got shape {arr.shape}")
     if not np.isfinite(arr).all():

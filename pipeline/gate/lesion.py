@@ -27,22 +27,11 @@ import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.gate.images import GateSet
+from pipeline.gate.images import GateSet, squeeze_trailing
 from pipeline.gate.metrics import intensity_w1
 from pipeline.gate.report import CheckResult
 
 log = logging.getLogger(__name__)
-
-INSERTED_LABEL = 2
-"""An inserted volume's label map marks its host's own lesion 1 and the inserted one 2 (pipeline/insertion.py)."""
-
-
-def _squeezed(arr: NDArray[Any]) -> NDArray[Any]:
-    """Trailing singleton axes dropped (a patch stored (s, s, 1) is (s, s)), as the gate reads images."""
-    while arr.ndim > 2 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    return arr
-
 
 def lesion_values_hu(s: GateSet) -> dict[str, NDArray[np.float32]]:
     """Class -> the pooled HU values inside the lesion masks of the set's scored CT items with a mask.
@@ -53,6 +42,7 @@ def lesion_values_hu(s: GateSet) -> dict[str, NDArray[np.float32]]:
     that lesion only (the host's own lesion is real). An item whose mask is empty or does not
     match its image is left out, with a log line.
     """
+    from pipeline.insertion import INSERTED_LABEL  # here: pipeline.insertion imports the gate
     from pipeline.patches import DEFAULT_TUMOR_HU_WINDOW
     from pipeline.preprocess import unit_to_ct
 
@@ -65,8 +55,8 @@ def lesion_values_hu(s: GateSet) -> dict[str, NDArray[np.float32]]:
         if not (s.folder / rel).is_file():
             log.warning("lesion check: %s: its mask %s is missing; left out", item.path, rel)
             continue
-        img = _squeezed(np.asarray(cast(nib.Nifti1Image, nib.load(item.abs_path)).dataobj, np.float32))
-        label = _squeezed(np.asarray(cast(nib.Nifti1Image, nib.load(s.folder / rel)).dataobj))
+        img = squeeze_trailing(np.asarray(cast(nib.Nifti1Image, nib.load(item.abs_path)).dataobj, np.float32))
+        label = squeeze_trailing(np.asarray(cast(nib.Nifti1Image, nib.load(s.folder / rel)).dataobj))
         if label.shape != img.shape:
             log.warning("lesion check: %s: mask shape %s is not the image's %s; left out", item.path, label.shape, img.shape)
             continue

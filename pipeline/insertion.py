@@ -49,6 +49,9 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from pipeline.errors import PatchError
+from pipeline.gate.lesion import (
+    INSERTED_LABEL as INSERTED_LABEL,  # the label value of the inserted lesion; the gate reads it
+)
 from pipeline.gate.seam import seam_score as seam_score  # re-exported: the metric lives with the gate
 from pipeline.manifest import manifest_sha256, read_manifest, sha256_file, write_manifest
 from pipeline.preprocess import fill_holes_per_slice, unit_to_ct
@@ -57,8 +60,6 @@ log = logging.getLogger(__name__)
 
 HOST_LABEL = 1
 """Label value of the host volume's own lesion in an inserted volume's label map."""
-INSERTED_LABEL = 2
-"""Label value of the inserted lesion."""
 
 BONE_HU = 300.0
 """CT voxels above this are bone (diploe ~700 HU, tables ~1150 HU; brain and tumor < 100 HU)."""

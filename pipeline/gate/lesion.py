@@ -33,6 +33,10 @@ from pipeline.gate.report import CheckResult
 
 log = logging.getLogger(__name__)
 
+INSERTED_LABEL = 2
+"""Label value of an inserted lesion in an inserted volume's label map (1 is the host's own lesion;
+pipeline/insertion.py writes them, and imports this)."""
+
 def lesion_values_hu(s: GateSet) -> dict[str, NDArray[np.float32]]:
     """Class -> the pooled HU values inside the lesion masks of the set's scored CT items with a mask.
 
@@ -42,7 +46,6 @@ def lesion_values_hu(s: GateSet) -> dict[str, NDArray[np.float32]]:
     that lesion only (the host's own lesion is real). An item whose mask is empty or does not
     match its image is left out, with a log line.
     """
-    from pipeline.insertion import INSERTED_LABEL  # here: pipeline.insertion imports the gate
     from pipeline.patches import DEFAULT_TUMOR_HU_WINDOW
     from pipeline.preprocess import unit_to_ct
 
